@@ -1,0 +1,1 @@
+"""Thin Click layer over `perpeft.engine`."""

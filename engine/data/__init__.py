@@ -1,0 +1,1 @@
+"""Datasets in, a `Dataset` (catalog + chronological user sequences) out."""
