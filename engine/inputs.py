@@ -1,8 +1,22 @@
 """Item inputs for CLIP, prepared once: token ids and preprocessed uint8 pixels."""
 
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
+
+from .cache import cache_root, publish_directory, staging_directory
+from .data.dataset import Dataset
+from .errors import InputError
+
+Tokenizer = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 
 
 def preprocess_image(image: Image.Image, size: int) -> np.ndarray:
@@ -22,3 +36,96 @@ def preprocess_image(image: Image.Image, size: int) -> np.ndarray:
 def normalize_pixels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 ``[N, 3, S, S]`` → CLIP-normalised float; done on the device, after the (cheap) uint8 copy."""
     return (pixels.float().div_(255.0) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+@dataclass
+class ItemInputs:
+    """Token ids, attention masks and uint8 pixels of every item (row 0 is padding), memory-mapped."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    pixels: np.ndarray
+    directory: Path
+
+    def batch(self, items: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs of ``items`` on ``device``; pixels stay uint8 until they are on the device."""
+        index = items.cpu().numpy()
+        tensors = [
+            torch.from_numpy(np.ascontiguousarray(array[index]))
+            for array in (self.input_ids, self.attention_mask, self.pixels)
+        ]
+        if device.type == "cuda":
+            return tuple(tensor.pin_memory().to(device, non_blocking=True) for tensor in tensors)
+        return tuple(tensors)
+
+
+def input_cache_key(dataset: Dataset, tokenizer_id: str, image_size: int) -> str:
+    """Content key of the item inputs: titles, image files (name, size, mtime), tokenizer, image size."""
+    digest = hashlib.sha256()
+    digest.update(f"{tokenizer_id}\n{image_size}\n".encode())
+    for title, image in zip(dataset.titles, dataset.image_paths, strict=True):
+        digest.update(title.encode())
+        if image is not None:
+            stat = image.stat()
+            digest.update(f"\0{image.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:20]
+
+
+def load_item_inputs(
+    dataset: Dataset, tokenizer: Tokenizer, tokenizer_id: str, image_size: int, progress: bool = True
+) -> ItemInputs:
+    """Build the cache once per (catalog, tokenizer, image size) and memory-map it on every later call."""
+    key = input_cache_key(dataset, tokenizer_id, image_size)
+    directory = cache_root() / "inputs" / f"{dataset.name}-{key}"
+    if not (directory / "meta.json").is_file():
+        _build_item_inputs(dataset, tokenizer, image_size, directory, progress)
+    return ItemInputs(
+        np.load(directory / "input_ids.npy", mmap_mode="r"),
+        np.load(directory / "attention_mask.npy", mmap_mode="r"),
+        np.load(directory / "pixels.npy", mmap_mode="r"),
+        directory,
+    )
+
+
+def _build_item_inputs(
+    dataset: Dataset, tokenizer: Tokenizer, image_size: int, directory: Path, progress: bool
+) -> None:
+    staging = staging_directory(directory)
+    try:
+        input_ids, attention_mask = tokenizer(dataset.titles)
+        np.save(staging / "input_ids.npy", input_ids)
+        np.save(staging / "attention_mask.npy", attention_mask)
+        pixels = np.lib.format.open_memmap(
+            staging / "pixels.npy", mode="w+", dtype=np.uint8, shape=(dataset.num_items + 1, 3, image_size, image_size)
+        )
+        pixels[0] = 0
+        images = tqdm(
+            enumerate(dataset.image_paths[1:], start=1),
+            total=dataset.num_items,
+            desc=f"Caching {dataset.name} images",
+            unit="img",
+            disable=not progress,
+            leave=False,
+        )
+        for index, path in images:
+            pixels[index] = _decode(path, image_size)
+        pixels.flush()
+        del pixels
+        (staging / "meta.json").write_text(
+            json.dumps({"dataset": dataset.name, "items": dataset.num_items, "image_size": image_size})
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_directory(staging, directory)
+
+
+def _decode(path: Path | None, image_size: int) -> np.ndarray:
+    if path is None:
+        return np.zeros((3, image_size, image_size), dtype=np.uint8)
+    try:
+        with Image.open(path) as image:
+            return preprocess_image(image, image_size)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(f"{path}: unreadable image ({type(error).__name__}: {error})") from None

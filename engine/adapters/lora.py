@@ -1,0 +1,38 @@
+"""LoRA with all C groups stacked in one module per adapted ``nn.Linear``."""
+
+import math
+
+import torch
+from torch import nn
+
+from perpeft.kernels import grouped_lora
+
+from .context import GroupContext
+
+
+class GroupedLoRALinear(nn.Module):
+    """``base(x) + scaling · B_g A_g dropout(x)`` with ``g`` the row's group (HF peft LoRA semantics).
+
+    ``lora_A`` is ``[C, r, in]`` (kaiming-uniform, a=√5, as peft), ``lora_B`` is ``[C, out, r]`` (zeros).
+    """
+
+    def __init__(
+        self, base: nn.Linear, groups: int, rank: int, alpha: float, dropout: float, context: GroupContext
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.context = context
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.lora_A = nn.Parameter(torch.empty(groups, rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(groups, base.out_features, rank))
+        for group in range(groups):
+            nn.init.kaiming_uniform_(self.lora_A.data[group], a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        rows = self.dropout(x).reshape(-1, x.shape[-1])
+        delta = grouped_lora(
+            rows, self.lora_A.to(rows.dtype), self.lora_B.to(rows.dtype), self.context.row_groups(x), self.scaling
+        )
+        return out + delta.view(out.shape).to(out.dtype)

@@ -1,0 +1,178 @@
+"""Dataset file formats: RecBole atomic files in, a `Dataset` out."""
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from perpeft.engine.data.dataset import Dataset
+from perpeft.engine.errors import InputError
+
+USER_COLUMN = "user_id:token"
+ITEM_COLUMN = "item_id:token"
+TIME_COLUMN = "timestamp:float"
+TITLE_COLUMN = "title:token_seq"
+IMAGE_SUFFIXES = (".jpg", ".png")  # in order of preference
+
+
+def load_recbole(directory: Path) -> Dataset:
+    """Load ``D/NAME.inter``, ``D/NAME.item`` and ``D/images/ITEM_ID.{jpg,png}`` (NAME = D's base name).
+
+    Items are numbered in item-file order, users in order of first appearance in the interaction file;
+    each user's items are ordered by timestamp, ties kept in file order. Empty lines are skipped.
+    Raises `InputError` on any malformed or missing input. Images are located, not decoded.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"{directory}: dataset directory not found")
+    name = directory.resolve().name
+    item_ids, titles = _read_items(directory / f"{name}.item")
+    image_paths = _locate_images(directory / "images", item_ids)
+    item_index = {item_id: index for index, item_id in enumerate(item_ids, start=1)}
+    user_ids, sequences = _read_interactions(directory / f"{name}.inter", item_index)
+    return Dataset(
+        name=name,
+        root=directory,
+        item_ids=[None, *item_ids],
+        titles=["", *titles],
+        image_paths=[None, *image_paths],
+        user_ids=[None, *user_ids],
+        sequences=sequences,
+    )
+
+
+def check_image(path: Path) -> None:
+    """Open and fully decode an image; raise `InputError` naming the file if that fails."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise InputError(f"{path}: unreadable image ({reason})") from error
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    """All lines of a UTF-8 text file, without line endings (a final newline adds no line)."""
+    if not path.is_file():
+        raise InputError(f"{path}: {what} file not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({error.strerror})") from error
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise InputError(f"{path}: file is empty")
+    return lines
+
+
+def _header(path: Path, line: str, required: tuple[str, ...], exact: bool) -> tuple[list[str], list[int]]:
+    """Columns of a header line and the positions of ``required`` among them."""
+    columns = line.split("\t")
+    missing = [column for column in required if column not in columns]
+    if missing:
+        raise InputError(f"{path}: line 1: header lacks column(s) {', '.join(missing)} (found: {', '.join(columns)})")
+    repeated = sorted({column for column in columns if columns.count(column) > 1})
+    if repeated:
+        raise InputError(f"{path}: line 1: header repeats column(s) {', '.join(repeated)}")
+    unexpected = [column for column in columns if column not in required]
+    if exact and unexpected:
+        raise InputError(
+            f"{path}: line 1: header has unexpected column(s) {', '.join(unexpected)}"
+            f" (expected exactly {', '.join(required)})"
+        )
+    return columns, [columns.index(column) for column in required]
+
+
+def _wrong_width(path: Path, line_number: int, expected: int, found: int) -> InputError:
+    return InputError(f"{path}: line {line_number}: expected {expected} tab-separated fields, found {found}")
+
+
+def _read_items(path: Path) -> tuple[list[str], list[str]]:
+    """Item ids and titles in file order."""
+    lines = _read_lines(path, "item")
+    columns, (id_column, title_column) = _header(path, lines[0], (ITEM_COLUMN, TITLE_COLUMN), exact=False)
+    first_line_of: dict[str, int] = {}
+    item_ids: list[str] = []
+    titles: list[str] = []
+    for line_number, line in enumerate(lines[1:], start=2):
+        if not line:
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(columns):
+            raise _wrong_width(path, line_number, len(columns), len(fields))
+        item_id = fields[id_column]
+        if item_id in first_line_of:
+            raise InputError(
+                f"{path}: line {line_number}: duplicate item id {item_id!r} (first on line {first_line_of[item_id]})"
+            )
+        first_line_of[item_id] = line_number
+        item_ids.append(item_id)
+        titles.append(fields[title_column])
+    if not item_ids:
+        raise InputError(f"{path}: no items after the header")
+    return item_ids, titles
+
+
+def _locate_images(images: Path, item_ids: list[str]) -> list[Path]:
+    """The image file of every item, ``.jpg`` preferred over ``.png``."""
+    if not images.is_dir():
+        raise InputError(f"{images}: image directory not found")
+    # One directory listing instead of a stat per item.
+    present = set(os.listdir(images))
+    paths = []
+    for item_id in item_ids:
+        name = next((item_id + suffix for suffix in IMAGE_SUFFIXES if item_id + suffix in present), None)
+        if name is None:
+            raise InputError(
+                f"{images / (item_id + IMAGE_SUFFIXES[0])}: missing image for item {item_id!r}"
+                f" (neither {' nor '.join(item_id + suffix for suffix in IMAGE_SUFFIXES)} exists)"
+            )
+        paths.append(images / name)
+    return paths
+
+
+def _read_interactions(path: Path, item_index: dict[str, int]) -> tuple[list[str], list[np.ndarray]]:
+    """User ids in order of first appearance and each user's items in time order (index 0 empty)."""
+    lines = _read_lines(path, "interaction")
+    columns, (user_column, item_column, time_column) = _header(
+        path, lines[0], (USER_COLUMN, ITEM_COLUMN, TIME_COLUMN), exact=True
+    )
+    user_index: dict[str, int] = {}
+    users: list[int] = []
+    items: list[int] = []
+    stamps: list[float] = []
+    for line_number, line in enumerate(lines[1:], start=2):
+        if not line:
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(columns):
+            raise _wrong_width(path, line_number, len(columns), len(fields))
+        item = item_index.get(fields[item_column])
+        if item is None:
+            raise InputError(f"{path}: line {line_number}: item {fields[item_column]!r} is not in the item file")
+        try:
+            stamp = float(fields[time_column])
+        except ValueError:
+            stamp = math.nan
+        if not math.isfinite(stamp):
+            raise InputError(f"{path}: line {line_number}: timestamp {fields[time_column]!r} is not a finite number")
+        users.append(user_index.setdefault(fields[user_column], len(user_index) + 1))
+        items.append(item)
+        stamps.append(stamp)
+    if not users:
+        raise InputError(f"{path}: no interactions after the header")
+
+    user_array = np.array(users, dtype=np.int64)
+    # Two stable sorts: by time, then by user, so equal timestamps keep their file order.
+    order = np.argsort(np.array(stamps, dtype=np.float64), kind="stable")
+    order = order[np.argsort(user_array[order], kind="stable")]
+    ordered_items = np.array(items, dtype=np.int64)[order]
+    counts = np.bincount(user_array, minlength=len(user_index) + 1)
+    sequences = np.split(ordered_items, np.cumsum(counts)[:-1])
+    return list(user_index), sequences

@@ -1,0 +1,184 @@
+"""CLIP as the item encoder: loading, grouped-adapter injection, and the two-tower forward."""
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import CLIPConfig, CLIPModel
+
+from .adapters.context import GroupContext
+from .adapters.ia3 import GroupedIA3Linear
+from .adapters.lora import GroupedLoRALinear
+from .errors import InputError
+from .inputs import Tokenizer, normalize_pixels
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PEFT_TYPES = ("lora", "ia3", "none")
+
+# Paper settings (§4.1.4, App. A): LoRA on q/v; (IA)3 on k/v outputs and fc1 inputs; both towers.
+LORA_TARGETS = ("q_proj", "v_proj")
+IA3_OUTPUT_TARGETS = ("k_proj", "v_proj")
+IA3_INPUT_TARGETS = ("fc1",)
+ADAPTED_LAYER = re.compile(r"^(text_model|vision_model)\.encoder\.layers\.\d+\.(self_attn|mlp)\.(\w+)$")
+
+
+@dataclass
+class ClipBundle:
+    """A loaded CLIP with what it needs to turn titles and images into inputs."""
+
+    model: CLIPModel
+    tokenizer: Tokenizer
+    tokenizer_id: str
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    source: str
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of concat(image_embeds, text_embeds), the projector's input."""
+        return 2 * self.model.config.projection_dim
+
+
+def architecture_config(name: str) -> CLIPConfig:
+    """Built-in architecture aliases (no weights): ``vit-b-32`` is ``openai/clip-vit-base-patch32``."""
+    if name == "vit-b-32":
+        return CLIPConfig()
+    if name == "tiny":
+        from .tiny_clip import tiny_clip_config
+
+        return tiny_clip_config()
+    raise InputError(f"--clip {name}: unknown architecture alias (known: vit-b-32, tiny)")
+
+
+def load_clip(spec: str) -> ClipBundle:
+    """``tiny`` (the shipped small CLIP), a local HF CLIP directory, or a model id in the local HF cache."""
+    if spec == "tiny":
+        from .tiny_clip import TINY_CLIP_DIR
+
+        return _load_directory(TINY_CLIP_DIR, "tiny")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_directory(path, str(path.resolve()))
+    try:
+        from huggingface_hub import snapshot_download
+
+        cached = Path(snapshot_download(spec, local_files_only=True))
+    except Exception as error:
+        raise InputError(
+            f"--clip {spec}: not 'tiny', not a local directory, and not found in the local HF cache "
+            f"(no network is used) ({type(error).__name__})"
+        ) from None
+    return _load_directory(cached, spec)
+
+
+def _load_directory(path: Path, source: str) -> ClipBundle:
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: not a CLIP checkpoint directory (no config.json)")
+    try:
+        model = CLIPModel.from_pretrained(path, local_files_only=True)
+    except Exception as error:
+        raise InputError(f"{path}: cannot load a CLIPModel ({type(error).__name__}: {error})") from None
+    image_size = model.config.vision_config.image_size
+    mean, std = CLIP_MEAN, CLIP_STD
+    preprocessor = path / "preprocessor_config.json"
+    if preprocessor.is_file():
+        settings = json.loads(preprocessor.read_text())
+        mean = tuple(settings.get("image_mean", mean))
+        std = tuple(settings.get("image_std", std))
+    hashed = path / "perpeft_tokenizer.json"
+    if hashed.is_file():
+        from .tiny_clip import HashWordTokenizer
+
+        tokenizer = HashWordTokenizer.from_json(hashed)
+        tokenizer_id = hashed.read_text()
+    else:
+        tokenizer, tokenizer_id = _hf_tokenizer(path, model.config.text_config.max_position_embeddings)
+    return ClipBundle(model, tokenizer, tokenizer_id, image_size, mean, std, source)
+
+
+def _hf_tokenizer(path: Path, max_length: int) -> tuple[Tokenizer, str]:
+    from transformers import AutoTokenizer
+
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as error:
+        raise InputError(f"{path}: cannot load the CLIP tokenizer ({type(error).__name__})") from None
+
+    def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encoded = hf_tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+        return encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
+
+    return tokenize, f"{type(hf_tokenizer).__name__}:{len(hf_tokenizer)}:{max_length}:{path.name}"
+
+
+def inject_adapters(
+    clip: nn.Module,
+    peft: str,
+    groups: int,
+    context: GroupContext,
+    lora_rank: int = 4,
+    lora_alpha: float = 8.0,
+    lora_dropout: float = 0.1,
+) -> None:
+    """Replace the paper's target ``nn.Linear`` layers of both towers by grouped adapters, in place."""
+    if peft not in PEFT_TYPES:
+        raise InputError(f"--peft {peft}: unknown PEFT type (known: {', '.join(PEFT_TYPES)})")
+    if peft == "none":
+        return
+    for name, module in list(clip.named_modules()):
+        match = ADAPTED_LAYER.match(name)
+        if match is None or not isinstance(module, nn.Linear):
+            continue
+        target = match.group(3)
+        if peft == "lora" and target in LORA_TARGETS:
+            wrapped = GroupedLoRALinear(module, groups, lora_rank, lora_alpha, lora_dropout, context)
+        elif peft == "ia3" and target in IA3_OUTPUT_TARGETS + IA3_INPUT_TARGETS:
+            wrapped = GroupedIA3Linear(module, groups, target in IA3_INPUT_TARGETS, context)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(clip.get_submodule(parent_name), child, wrapped)
+
+
+class GroupedClipEncoder(nn.Module):
+    """Frozen CLIP with grouped adapters: items of any mix of groups encoded in one batch.
+
+    Returns concat(image_embeds, text_embeds) (each L2-normalised by CLIPModel), the projector's input.
+    """
+
+    def __init__(self, bundle: ClipBundle, peft: str, groups: int, **adapter_settings: float) -> None:
+        super().__init__()
+        self.clip = bundle.model
+        self.clip.requires_grad_(False)
+        self.context = GroupContext()
+        inject_adapters(self.clip, peft, groups, self.context, **adapter_settings)
+        self.register_buffer("image_mean", torch.tensor(bundle.image_mean), persistent=False)
+        self.register_buffer("image_std", torch.tensor(bundle.image_std), persistent=False)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Only the adapter parameters (what training changes), keyed by module path."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixels: torch.Tensor,
+        group_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        self.context.set(group_ids)
+        try:
+            output = self.clip(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=normalize_pixels(pixels, self.image_mean, self.image_std),
+            )
+        finally:
+            self.context.clear()
+        return torch.cat([output.image_embeds, output.text_embeds], dim=-1)

@@ -1,0 +1,151 @@
+"""Projector(s), transductive ID and position embeddings, SASRec, and the item table z = 0.5·m + h."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYER_NORM_EPS = 1e-8
+MULTIMODAL_WEIGHT = 0.5
+
+
+class GroupedProjector(nn.Module):
+    """Per-group MLP: Linear(in→64) → LayerNorm → ReLU → Linear(64→d) → LayerNorm, all C groups stacked.
+
+    Each row picks its own group's weights, so a mixed-group batch needs no loop over groups.
+    """
+
+    def __init__(self, groups: int, in_features: int, hidden: int = 64, out_features: int = 32) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(groups, hidden, in_features))
+        self.b1 = nn.Parameter(torch.empty(groups, hidden))
+        self.ln1_weight = nn.Parameter(torch.ones(groups, hidden))
+        self.ln1_bias = nn.Parameter(torch.zeros(groups, hidden))
+        self.w2 = nn.Parameter(torch.empty(groups, out_features, hidden))
+        self.b2 = nn.Parameter(torch.empty(groups, out_features))
+        self.ln2_weight = nn.Parameter(torch.ones(groups, out_features))
+        self.ln2_bias = nn.Parameter(torch.zeros(groups, out_features))
+        for group in range(groups):
+            for weight, bias in ((self.w1, self.b1), (self.w2, self.b2)):
+                # nn.Linear's default initialisation, per group.
+                nn.init.kaiming_uniform_(weight.data[group], a=math.sqrt(5))
+                bound = 1.0 / math.sqrt(weight.shape[-1])
+                nn.init.uniform_(bias.data[group], -bound, bound)
+
+    @property
+    def groups(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.w1.shape[1]
+        if self.groups == 1:
+            h = F.linear(x, self.w1[0], self.b1[0])
+            h = F.layer_norm(h, (hidden,), self.ln1_weight[0], self.ln1_bias[0], LAYER_NORM_EPS)
+            h = F.linear(F.relu(h), self.w2[0], self.b2[0])
+            return F.layer_norm(h, h.shape[-1:], self.ln2_weight[0], self.ln2_bias[0], LAYER_NORM_EPS)
+        # First layer for all groups in one GEMM, then each row keeps its group's slice: the projector is
+        # tiny next to CLIP, so C× its FLOPs beat a gather of per-row weight matrices.
+        rows = torch.arange(x.shape[0], device=x.device)
+        h = (x @ self.w1.reshape(-1, x.shape[-1]).T).view(x.shape[0], self.groups, hidden)[rows, group_ids]
+        h = h + self.b1[group_ids]
+        h = F.layer_norm(h, (hidden,), eps=LAYER_NORM_EPS) * self.ln1_weight[group_ids] + self.ln1_bias[group_ids]
+        h = torch.bmm(self.w2[group_ids], F.relu(h).unsqueeze(-1)).squeeze(-1) + self.b2[group_ids]
+        return F.layer_norm(h, h.shape[-1:], eps=LAYER_NORM_EPS) * self.ln2_weight[group_ids] + self.ln2_bias[group_ids]
+
+
+class PointWiseFeedForward(nn.Module):
+    """SASRec's FFN: Linear → dropout → ReLU → Linear → dropout, with the residual added."""
+
+    def __init__(self, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(hidden, hidden)
+        self.linear2 = nn.Linear(hidden, hidden)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.dropout2(self.linear2(F.relu(self.dropout1(self.linear1(x)))))
+
+
+class SASRec(nn.Module):
+    """Self-attentive sequential recommender (Kang & McAuley 2018) as configured by PerPEFT (App. C.2).
+
+    The input is the already-scaled embedding sequence ``z·√d + position`` (see ``Recommender``); the
+    output is one predictive vector per position. No padding mask, as in the authors' code.
+    """
+
+    def __init__(self, hidden: int = 32, blocks: int = 2, heads: int = 4, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.attention_norms = nn.ModuleList(nn.LayerNorm(hidden, eps=LAYER_NORM_EPS) for _ in range(blocks))
+        self.attentions = nn.ModuleList(
+            nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True) for _ in range(blocks)
+        )
+        self.forward_norms = nn.ModuleList(nn.LayerNorm(hidden, eps=LAYER_NORM_EPS) for _ in range(blocks))
+        self.feed_forwards = nn.ModuleList(PointWiseFeedForward(hidden, dropout) for _ in range(blocks))
+        self.last_norm = nn.LayerNorm(hidden, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        for norm, attention, forward_norm, feed_forward in zip(
+            self.attention_norms, self.attentions, self.forward_norms, self.feed_forwards, strict=True
+        ):
+            query = norm(x)
+            attended, _ = attention(query, x, x, attn_mask=causal, need_weights=False)
+            x = forward_norm(query + attended)
+            x = feed_forward(x)
+        return self.last_norm(x)
+
+
+class Recommender(nn.Module):
+    """Everything trainable beside the CLIP adapters: projector(s), ID/position embeddings, SASRec."""
+
+    def __init__(
+        self,
+        num_items: int,
+        groups: int,
+        multimodal_dim: int | None,
+        hidden: int = 32,
+        maxlen: int = 10,
+        blocks: int = 2,
+        heads: int = 4,
+        dropout: float = 0.3,
+    ) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.maxlen = maxlen
+        self.item_embeddings = nn.Embedding(num_items + 1, hidden, padding_idx=0)
+        self.position_embeddings = nn.Embedding(maxlen + 1, hidden, padding_idx=0)
+        self.projector = GroupedProjector(groups, multimodal_dim, 64, hidden) if multimodal_dim else None
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.sasrec = SASRec(hidden, blocks, heads, dropout)
+        for module in (self.sasrec, self.item_embeddings, self.position_embeddings):
+            for parameter in module.parameters():
+                if parameter.dim() >= 2:
+                    nn.init.xavier_normal_(parameter)
+        with torch.no_grad():
+            self.item_embeddings.weight[0].zero_()
+            self.position_embeddings.weight[0].zero_()
+
+    def item_vectors(
+        self, items: torch.Tensor, multimodal: torch.Tensor | None, group_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """z = 0.5·MLP_g(multimodal) + h for ``items`` (padding rows are zero)."""
+        ids = self.item_embeddings(items)
+        if self.projector is None or multimodal is None:
+            return ids
+        z = MULTIMODAL_WEIGHT * self.projector(multimodal, group_ids) + ids
+        return z * (items != 0).unsqueeze(-1).to(z.dtype)
+
+    def sequence_output(self, sequence_items: torch.Tensor, sequence_vectors: torch.Tensor) -> torch.Tensor:
+        """SASRec over ``[B, L]`` item ids with their vectors ``[B, L, d]`` → ``[B, L, d]``."""
+        length = sequence_items.shape[1]
+        positions = torch.arange(1, length + 1, device=sequence_items.device).expand_as(sequence_items)
+        positions = positions * (sequence_items != 0)
+        x = sequence_vectors * math.sqrt(self.hidden) + self.position_embeddings(positions)
+        return self.sasrec(self.embedding_dropout(x))
+
+    def id_norm(self) -> torch.Tensor:
+        """‖ID-embedding weight‖₂ (the norm, not squared), the loss's 1e-6 regulariser."""
+        return self.item_embeddings.weight.norm(2)

@@ -1,0 +1,52 @@
+"""Parameter counts of every component (paper §3.4, Table 8), computed on the meta device: no weights load."""
+
+from pathlib import Path
+
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from .adapters.context import GroupContext
+from .encoder import architecture_config, inject_adapters
+from .errors import InputError
+from .model import Recommender
+
+
+def clip_config(spec: str) -> CLIPConfig:
+    """An architecture alias (``vit-b-32``, ``tiny``) or the ``config.json`` of a local CLIP directory."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{path}: not a CLIP checkpoint directory (no config.json)")
+        return CLIPConfig.from_pretrained(path)
+    return architecture_config(spec)
+
+
+def _count(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def parameter_counts(
+    clip: str, peft: str, groups: int, items: int, hidden: int = 32, maxlen: int = 10, lora_rank: int = 4
+) -> dict[str, int]:
+    """Counts keyed as the ``params`` command's JSON: frozen CLIP, per-group PEFT and projector, SASRec,
+    transductive (ID + position embeddings), and the Global PEFT and PerPEFT totals."""
+    config = clip_config(clip)
+    with torch.device("meta"):
+        model = CLIPModel(config)
+        frozen = _count(model)
+        model.requires_grad_(False)
+        inject_adapters(model, peft, 1, GroupContext(), lora_rank=lora_rank)
+        peft_per_group = _count(model, trainable_only=True)
+        recommender = Recommender(items, 1, 2 * config.projection_dim, hidden=hidden, maxlen=maxlen)
+    projector = _count(recommender.projector)
+    sasrec = _count(recommender.sasrec)
+    transductive = _count(recommender.item_embeddings) + _count(recommender.position_embeddings)
+    return {
+        "clip_frozen": frozen,
+        "peft_per_group": peft_per_group,
+        "projector_per_group": projector,
+        "sasrec": sasrec,
+        "transductive": transductive,
+        "global_peft_total": peft_per_group + projector + sasrec + transductive,
+        "perpeft_total": groups * (peft_per_group + projector) + sasrec + transductive,
+    }

@@ -1,0 +1,393 @@
+"""The stage loop every method shares, and the PerPEFT pipeline: Global PEFT → grouping → PerPEFT."""
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from perpeft.kernels import bce_with_negatives
+
+from .config import RunConfig
+from .data.dataset import Dataset
+from .data.sampler import Batch, TrainSampler
+from .data.split import Split, last_window, leave_one_out
+from .encoder import ClipBundle, GroupedClipEncoder
+from .evaluate import HistoryIndex, full_ranking_metrics
+from .grouping import fit_groups
+from .inputs import ItemInputs
+from .model import Recommender
+from .run import RunDirectory, load_tensors, optimizer_tensors, restore_optimizer, save_tensors
+
+ID_NORM_WEIGHT = 1e-6
+SELECTION_METRIC = "HR@30"
+STAGE_INDEX = {"global": 1, "perpeft": 2}
+SNAPSHOT = "global/snapshot-e1.safetensors"
+GROUPING = "grouping.safetensors"
+Report = Callable[[str], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class PerpeftModel(nn.Module):
+    """CLIP with grouped adapters (optional) + projector + ID embeddings + SASRec, for C groups.
+
+    ``C = 1`` is Global PEFT. Items are encoded from the cached inputs; only adapter, projector,
+    embedding and SASRec parameters train.
+    """
+
+    def __init__(
+        self, config: RunConfig, bundle: ClipBundle | None, inputs: ItemInputs | None, num_items: int, groups: int
+    ):
+        super().__init__()
+        self.groups = groups
+        self.inputs = inputs
+        self.encoder = (
+            GroupedClipEncoder(
+                bundle,
+                config.peft,
+                groups,
+                lora_rank=config.lora_rank,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+            )
+            if bundle is not None
+            else None
+        )
+        self.recommender = Recommender(
+            num_items,
+            groups,
+            bundle.embed_dim if bundle is not None else None,
+            hidden=config.hidden,
+            maxlen=config.maxlen,
+            dropout=config.dropout,
+        )
+        self.autocast = config.precision == "bf16" or (
+            config.precision == "auto" and resolve_device(config.device).type == "cuda"
+        )
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: parameter for name, parameter in self.named_parameters() if parameter.requires_grad}
+
+    def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        state = self.trainable_state()
+        missing = sorted(set(state) - set(tensors))
+        if missing:
+            raise KeyError(f"checkpoint lacks {missing[:3]}…")
+        with torch.no_grad():
+            for name, parameter in state.items():
+                parameter.copy_(tensors[name])
+
+    def init_from_single_group(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Every group's adapter and projector start as copies of the Global PEFT ones (paper §3.3.3)."""
+        with torch.no_grad():
+            for name, parameter in self.trainable_state().items():
+                source = tensors[name]
+                if source.shape == parameter.shape:
+                    parameter.copy_(source)
+                else:
+                    parameter.copy_(source.expand_as(parameter))
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        device = self.recommender.item_embeddings.weight.device
+        if self.autocast and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def item_vectors(self, items: torch.Tensor, group: int) -> torch.Tensor:
+        """z for ``items`` (``[N]``, 0 allowed: padding gives zeros) as seen by group ``group``."""
+        device = self.recommender.item_embeddings.weight.device
+        group_ids = torch.full((items.shape[0],), group, dtype=torch.long, device=device)
+        if self.encoder is None:
+            return self.recommender.item_vectors(items, None, group_ids)
+        real = items != 0
+        multimodal = torch.zeros(items.shape[0], self.encoder.clip.config.projection_dim * 2, device=device)
+        if bool(real.any()):
+            input_ids, attention_mask, pixels = self.inputs.batch(items[real], device)
+            with self._precision():
+                encoded = self.encoder(input_ids, attention_mask, pixels, group_ids[real])
+            multimodal = multimodal.index_put((real.nonzero().squeeze(1),), encoded.float())
+        return self.recommender.item_vectors(items, multimodal, group_ids)
+
+    def training_loss(self, batch: Batch, device: torch.device) -> torch.Tensor:
+        seq, pos, neg = (
+            torch.from_numpy(array).to(device, non_blocking=True) for array in (batch.seq, batch.pos, batch.neg)
+        )
+        unique, inverse = torch.unique(torch.stack([seq, pos, neg]), return_inverse=True)
+        vectors = self.item_vectors(unique, max(batch.group, 0))[inverse]
+        output = self.recommender.sequence_output(seq, vectors[0])
+        width = output.shape[-1]
+        loss = bce_with_negatives(
+            output.reshape(-1, width),
+            vectors[1].reshape(-1, width),
+            vectors[2].reshape(-1, width),
+            (pos != 0).reshape(-1),
+        )
+        return loss + ID_NORM_WEIGHT * self.recommender.id_norm()
+
+    @torch.no_grad()
+    def item_tables(self, num_items: int, chunk: int) -> torch.Tensor:
+        """Every group's item table ``[C, I+1, d]`` (row 0 is padding)."""
+        device = self.recommender.item_embeddings.weight.device
+        items = torch.arange(num_items + 1, device=device)
+        return torch.stack(
+            [torch.cat([self.item_vectors(part, group) for part in items.split(chunk)]) for group in range(self.groups)]
+        )
+
+    @torch.no_grad()
+    def user_vectors(
+        self, windows: torch.Tensor, user_groups: torch.Tensor, tables: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
+        """SASRec's last-position output for each ``[L]`` window, read through the user's group table."""
+        outputs = []
+        for window, groups in zip(windows.split(chunk), user_groups.split(chunk), strict=True):
+            vectors = tables[groups.unsqueeze(1), window]
+            outputs.append(self.recommender.sequence_output(window, vectors)[:, -1])
+        return torch.cat(outputs)
+
+
+@dataclass
+class EvaluationData:
+    """Everything evaluation needs that does not change between epochs."""
+
+    users: np.ndarray
+    windows: dict[str, torch.Tensor]
+    targets: dict[str, torch.Tensor]
+    histories: dict[str, HistoryIndex]
+
+    @classmethod
+    def build(cls, split: Split, maxlen: int, device: torch.device) -> "EvaluationData":
+        users = split.eval_users
+        windows, targets, histories = {}, {}, {}
+        for stage, target in (("valid", split.valid_target), ("test", split.test_target)):
+            stage_history = split.history(stage)
+            history = [stage_history[user] for user in users]
+            windows[stage] = torch.from_numpy(last_window(history, maxlen)).to(device)
+            targets[stage] = torch.from_numpy(target[users]).to(device)
+            histories[stage] = HistoryIndex.from_sequences(history).to(device)
+        return cls(users, windows, targets, histories)
+
+
+def evaluate_model(
+    model: PerpeftModel, data: EvaluationData, user_groups: np.ndarray, num_items: int, config: RunConfig
+) -> dict[str, dict[str, float]]:
+    """Validation and test metrics with full ranking, each user scored with its group's table."""
+    model.eval()
+    device = model.recommender.item_embeddings.weight.device
+    tables = model.item_tables(num_items, config.encode_batch_size)
+    groups = torch.from_numpy(user_groups[data.users]).to(device)
+    results = {}
+    for stage in ("valid", "test"):
+        vectors = model.user_vectors(data.windows[stage], groups, tables, config.eval_batch_size)
+        results[stage] = full_ranking_metrics(
+            vectors, tables, groups, data.targets[stage], data.histories[stage], batch_size=config.eval_batch_size
+        )
+    return results
+
+
+def train_epoch(
+    model: PerpeftModel,
+    optimizer: torch.optim.Optimizer,
+    sampler: TrainSampler,
+    rng: np.random.Generator,
+    device: torch.device,
+    description: str,
+    progress: bool,
+) -> float:
+    model.train()
+    total, steps = 0.0, 0
+    bar = tqdm(
+        sampler.epoch(rng), desc=description, unit="batch", disable=not progress, leave=False, dynamic_ncols=True
+    )
+    for batch in bar:
+        loss = model.training_loss(batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        steps += 1
+        bar.set_postfix(loss=f"{total / steps:.4f}")
+    return total / max(steps, 1)
+
+
+class StageRunner:
+    """Trains one stage epoch by epoch with per-epoch evaluation, best-epoch selection and checkpoints."""
+
+    def __init__(
+        self,
+        name: str,
+        run: RunDirectory,
+        config: RunConfig,
+        model: PerpeftModel,
+        sampler: TrainSampler,
+        evaluation: EvaluationData,
+        user_groups: np.ndarray,
+        num_items: int,
+        device: torch.device,
+        report: Report,
+        progress: bool,
+    ) -> None:
+        self.name, self.run, self.config, self.model = name, run, config, model
+        self.sampler, self.evaluation, self.user_groups = sampler, evaluation, user_groups
+        self.num_items, self.device, self.report, self.progress = num_items, device, report, progress
+        self.optimizer = torch.optim.AdamW(
+            [parameter for parameter in model.parameters() if parameter.requires_grad],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
+
+    def _checkpoint_name(self, epoch: int) -> str:
+        return f"{self.name}/epoch-{epoch:03d}.safetensors"
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Load model and optimizer from the stage's last completed epoch."""
+        completed = state.get("completed_epochs", 0)
+        if completed:
+            tensors, metadata = load_tensors(self.run.file(self._checkpoint_name(completed)))
+            self.model.load_trainable_state(tensors)
+            restore_optimizer(self.optimizer, tensors, metadata["param_groups"])
+
+    def train(
+        self, epochs: int, state: dict[str, Any], save_state: Callable[[], None], on_epoch: Callable[[int], None]
+    ) -> None:
+        """Run epochs ``completed+1 .. epochs``, updating ``state`` (history, best) after each."""
+        state.setdefault("completed_epochs", 0)
+        state.setdefault("history", [])
+        for epoch in range(state["completed_epochs"] + 1, epochs + 1):
+            started = time.perf_counter()
+            seed = [self.config.seed, STAGE_INDEX[self.name], epoch]
+            torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+            loss = train_epoch(
+                self.model,
+                self.optimizer,
+                self.sampler,
+                np.random.default_rng(seed),
+                self.device,
+                f"{self.name} epoch {epoch}/{epochs}",
+                self.progress,
+            )
+            metrics = evaluate_model(self.model, self.evaluation, self.user_groups, self.num_items, self.config)
+            record = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - started, **metrics}
+            state["history"].append(record)
+            best = state.get("best")
+            improved = best is None or metrics["valid"][SELECTION_METRIC] > best["valid"][SELECTION_METRIC]
+            if improved:
+                state["best"] = {"epoch": epoch, "valid": metrics["valid"], "test": metrics["test"]}
+                save_tensors(
+                    self.run.file(f"{self.name}/best.safetensors"), self.model.trainable_state(), {"epoch": epoch}
+                )
+            on_epoch(epoch)
+            tensors, param_groups = optimizer_tensors(self.optimizer)
+            save_tensors(
+                self.run.file(self._checkpoint_name(epoch)),
+                {**self.model.trainable_state(), **tensors},
+                {"epoch": epoch, "param_groups": param_groups},
+            )
+            previous = state["completed_epochs"]
+            state["completed_epochs"] = epoch
+            save_state()
+            if previous:
+                self.run.file(self._checkpoint_name(previous)).unlink(missing_ok=True)
+            self.report(
+                f"{self.name} epoch {epoch}/{epochs}  loss {loss:.4f}  valid HR@30 {metrics['valid']['HR@30']:.4f}  "
+                f"test NDCG@20 {metrics['test']['NDCG@20']:.4f}{'  *' if improved else ''}"
+            )
+
+
+def stage_summary(stage_state: dict[str, Any], epochs: int) -> dict[str, Any]:
+    best = stage_state["best"]
+    return {"best_epoch": best["epoch"], "epochs": epochs, "valid": best["valid"], "test": best["test"]}
+
+
+def run_pipeline(
+    run: RunDirectory,
+    dataset: Dataset,
+    bundle: ClipBundle | None,
+    inputs: ItemInputs | None,
+    report: Report = print,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Global PEFT (E1 [+E2] epochs) → K-Means grouping on the epoch-E1 snapshot → PerPEFT (E2 epochs).
+
+    Resumable: every epoch ends with an atomic checkpoint and ``state.json``; a rerun on the same
+    directory continues where it stopped and reproduces an uninterrupted run's metrics on CPU.
+    """
+    config = run.config
+    device = resolve_device(config.device)
+    split = leave_one_out(dataset.sequences)
+    evaluation = EvaluationData.build(split, config.maxlen, device)
+    state = run.read_state()
+    state.setdefault("global", {})
+    state.setdefault("perpeft", {})
+
+    def save_state() -> None:
+        run.write_state(state)
+
+    e1, e2 = config.epochs_global, config.epochs_perpeft
+    global_epochs = e1 + e2 if config.baseline else e1
+
+    def stage(name: str, groups: int, sampler: TrainSampler, user_groups: np.ndarray) -> StageRunner:
+        model = PerpeftModel(config, bundle, inputs, dataset.num_items, groups).to(device)
+        runner = StageRunner(
+            name, run, config, model, sampler, evaluation, user_groups, dataset.num_items, device, report, progress
+        )
+        return runner
+
+    global_stage = stage(
+        "global",
+        1,
+        TrainSampler(split.train, dataset.num_items, config.maxlen, config.batch_size),
+        np.zeros(dataset.num_users + 1, dtype=np.int64),
+    )
+    global_stage.resume(state["global"])
+
+    def save_snapshot(epoch: int) -> None:
+        if epoch == e1:
+            save_tensors(run.file(SNAPSHOT), global_stage.model.trainable_state(), {"epoch": epoch})
+
+    global_stage.train(global_epochs, state["global"], save_state, save_snapshot)
+
+    if "grouping" not in state:
+        global_stage.model.load_trainable_state(load_tensors(run.file(SNAPSHOT))[0])
+        assignment, centroids = fit_groups(global_stage.model, split, dataset.num_items, config)
+        save_tensors(run.file(GROUPING), {"assignment": torch.from_numpy(assignment), "centroids": centroids})
+        sizes = np.bincount(assignment[1:], minlength=config.groups).tolist()
+        state["grouping"] = {"sizes": sizes}
+        save_state()
+        report(f"grouping: {config.groups} groups of sizes {sizes}")
+    global_stage = None
+    assignment = load_tensors(run.file(GROUPING))[0]["assignment"].numpy()
+    sampler = TrainSampler(
+        split.train, dataset.num_items, config.maxlen, config.batch_size, assignment, config.group_negatives
+    )
+    perpeft_stage = stage("perpeft", config.groups, sampler, assignment)
+    if not state["perpeft"].get("completed_epochs"):
+        perpeft_stage.model.init_from_single_group(load_tensors(run.file(SNAPSHOT))[0])
+    perpeft_stage.resume(state["perpeft"])
+    perpeft_stage.train(e2, state["perpeft"], save_state, lambda epoch: None)
+
+    metrics = {
+        "dataset": dataset.name,
+        "peft": config.peft,
+        "groups": config.groups,
+        "seed": config.seed,
+        "global": {
+            **stage_summary(state["global"], global_epochs),
+            "model": "baseline" if config.baseline else "stage1",
+        },
+        "perpeft": stage_summary(state["perpeft"], e2),
+    }
+    run.write_metrics(metrics)
+    state["done"] = True
+    save_state()
+    return metrics
