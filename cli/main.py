@@ -1,8 +1,132 @@
-"""The `perpeft-engine` command."""
+"""The ``perpeft-engine`` command: parse, call ``perpeft.engine``, print."""
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
+from tqdm.auto import tqdm
+
+from perpeft.engine.config import RunConfig
+from perpeft.engine.errors import InputError
+
+METRIC_ORDER = ("HR@10", "HR@20", "HR@30", "NDCG@10", "NDCG@20", "NDCG@30")
 
 
-@click.group()
+def reports_input_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input → one line on stderr and exit status 2, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except InputError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def cli() -> None:
     """PerPEFT: personalized PEFT of CLIP for multimodal sequential recommendation."""
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """Test metrics of Global PEFT and PerPEFT side by side, with PerPEFT's relative change."""
+    glob, per = metrics["global"]["test"], metrics["perpeft"]["test"]
+    label = "Global PEFT" if metrics["global"].get("model") == "baseline" else "Global PEFT (stage 1)"
+    rows = [
+        f"{metrics['dataset']} · {metrics['peft']} · C={metrics['groups']} · seed {metrics['seed']}  (test, best epoch by valid HR@30)",
+        f"{'':<22}" + "".join(f"{name:>10}" for name in METRIC_ORDER),
+        f"{label:<22}" + "".join(f"{glob[name]:>10.4f}" for name in METRIC_ORDER),
+        f"{'PerPEFT':<22}" + "".join(f"{per[name]:>10.4f}" for name in METRIC_ORDER),
+        f"{'change':<22}"
+        + "".join(
+            f"{(per[name] / glob[name] - 1) * 100:>+9.1f}%" if glob[name] else f"{'n/a':>10}" for name in METRIC_ORDER
+        ),
+    ]
+    return "\n".join(rows)
+
+
+@cli.command()
+@click.option("--data", default="demo", show_default=True, help="'demo' or a RecBole-style dataset directory.")
+@click.option(
+    "--clip", default=None, help="'tiny', a local HF CLIP directory, or a model id in the local HF cache. [demo: tiny]"
+)
+@click.option("--peft", type=click.Choice(["lora", "ia3"]), default="lora", show_default=True)
+@click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True, help="Number of user groups C.")
+@click.option(
+    "--epochs-global",
+    type=click.IntRange(min=1),
+    default=None,
+    help="E1, Global PEFT epochs before grouping. [demo: 4, else 10]",
+)
+@click.option(
+    "--epochs-perpeft", type=click.IntRange(min=1), default=None, help="E2, PerPEFT epochs. [demo: 6, else 20]"
+)
+@click.option("--no-baseline", is_flag=True, help="Stop Global PEFT at E1 instead of training the E1+E2 baseline.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Users per batch.")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate. [demo: 1e-3, else 1e-4]")
+@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay. [1e-4]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--device", default="auto", show_default=True, help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'…"
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 autocast on CUDA, fp32 on CPU.",
+)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory. [runs/DATA-PEFT-seedN]")
+@click.option(
+    "--resume", type=click.Path(path_type=Path), default=None, help="Continue the interrupted run in this directory."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+@reports_input_errors
+def train(
+    resume: Path | None, out: Path | None, overwrite: bool, quiet: bool, no_baseline: bool, **options: Any
+) -> None:
+    """Train Global PEFT and PerPEFT end to end and print their test metrics."""
+    from perpeft.engine.train import resume_run, train_new_run
+
+    report = (lambda line: None) if quiet else tqdm.write
+    if resume is not None:
+        run, metrics = resume_run(resume, report, progress=not quiet)
+    else:
+        config = RunConfig(baseline=not no_baseline, **options)
+        if out is None:
+            out = Path("runs") / f"{Path(config.data).name}-{config.peft}-seed{config.seed}"
+        run, metrics = train_new_run(config, out, overwrite, report, progress=not quiet)
+    click.echo(metrics_table(metrics))
+    click.echo(f"run directory: {run.path}")
+
+
+@cli.command()
+@click.option(
+    "--clip",
+    default="vit-b-32",
+    show_default=True,
+    help="Architecture alias (vit-b-32, tiny) or a local CLIP directory.",
+)
+@click.option("--peft", type=click.Choice(["lora", "ia3"]), default="lora", show_default=True)
+@click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--items", type=click.IntRange(min=1), required=True, help="Number of items in the catalog.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@reports_input_errors
+def params(clip: str, peft: str, groups: int, items: int, as_json: bool) -> None:
+    """Parameter count of each component, without loading weights (paper Table 8)."""
+    from perpeft.engine.params import parameter_counts
+
+    counts = parameter_counts(clip, peft, groups, items)
+    if as_json:
+        click.echo(json.dumps(counts, indent=2))
+        return
+    for name, count in counts.items():
+        click.echo(f"{name:<22}{count:>14,}")

@@ -1,5 +1,6 @@
 """CLIP as the item encoder: loading, grouped-adapter injection, and the two-tower forward."""
 
+import copy
 import json
 import re
 from dataclasses import dataclass
@@ -15,9 +16,8 @@ from .adapters.ia3 import GroupedIA3Linear
 from .adapters.lora import GroupedLoRALinear
 from .errors import InputError
 from .inputs import Tokenizer, normalize_pixels
+from .tiny_clip import CLIP_MEAN, CLIP_STD, TINY_CLIP_DIR, HashWordTokenizer, tiny_clip_config
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PEFT_TYPES = ("lora", "ia3", "none")
 
 # Paper settings (§4.1.4, App. A): LoRA on q/v; (IA)3 on k/v outputs and fc1 inputs; both towers.
@@ -50,8 +50,6 @@ def architecture_config(name: str) -> CLIPConfig:
     if name == "vit-b-32":
         return CLIPConfig()
     if name == "tiny":
-        from .tiny_clip import tiny_clip_config
-
         return tiny_clip_config()
     raise InputError(f"--clip {name}: unknown architecture alias (known: vit-b-32, tiny)")
 
@@ -59,8 +57,6 @@ def architecture_config(name: str) -> CLIPConfig:
 def load_clip(spec: str) -> ClipBundle:
     """``tiny`` (the shipped small CLIP), a local HF CLIP directory, or a model id in the local HF cache."""
     if spec == "tiny":
-        from .tiny_clip import TINY_CLIP_DIR
-
         return _load_directory(TINY_CLIP_DIR, "tiny")
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -93,10 +89,11 @@ def _load_directory(path: Path, source: str) -> ClipBundle:
         std = tuple(settings.get("image_std", std))
     hashed = path / "perpeft_tokenizer.json"
     if hashed.is_file():
-        from .tiny_clip import HashWordTokenizer
-
-        tokenizer = HashWordTokenizer.from_json(hashed)
         tokenizer_id = hashed.read_text()
+        try:
+            tokenizer = HashWordTokenizer.from_json(tokenizer_id)
+        except ValueError as error:
+            raise InputError(f"{hashed}: {error}") from None
     else:
         tokenizer, tokenizer_id = _hf_tokenizer(path, model.config.text_config.max_position_embeddings)
     return ClipBundle(model, tokenizer, tokenizer_id, image_size, mean, std, source)
@@ -154,7 +151,9 @@ class GroupedClipEncoder(nn.Module):
 
     def __init__(self, bundle: ClipBundle, peft: str, groups: int, **adapter_settings: float) -> None:
         super().__init__()
-        self.clip = bundle.model
+        # A private copy: adapters are injected in place, and one bundle may serve several encoders
+        # (the Global PEFT and PerPEFT stages of a run).
+        self.clip = copy.deepcopy(bundle.model)
         self.clip.requires_grad_(False)
         self.context = GroupContext()
         inject_adapters(self.clip, peft, groups, self.context, **adapter_settings)

@@ -4,6 +4,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,11 +17,12 @@ from perpeft.kernels import bce_with_negatives
 from .config import RunConfig
 from .data.dataset import Dataset
 from .data.sampler import Batch, TrainSampler
+from .data.sources import load_dataset
 from .data.split import Split, last_window, leave_one_out
-from .encoder import ClipBundle, GroupedClipEncoder
+from .encoder import ClipBundle, GroupedClipEncoder, load_clip
 from .evaluate import HistoryIndex, full_ranking_metrics
 from .grouping import fit_groups
-from .inputs import ItemInputs
+from .inputs import ItemInputs, load_item_inputs
 from .model import Recommender
 from .run import RunDirectory, load_tensors, optimizer_tensors, restore_optimizer, save_tensors
 
@@ -391,3 +393,28 @@ def run_pipeline(
     state["done"] = True
     save_state()
     return metrics
+
+
+def load_run_inputs(config: RunConfig, progress: bool) -> tuple[Dataset, ClipBundle, ItemInputs]:
+    """Dataset, CLIP and the cached item inputs of a run: every user-input error surfaces here."""
+    dataset = load_dataset(config.data, config.seed)
+    bundle = load_clip(config.clip)
+    inputs = load_item_inputs(dataset, bundle.tokenizer, bundle.tokenizer_id, bundle.image_size, progress)
+    return dataset, bundle, inputs
+
+
+def train_new_run(
+    config: RunConfig, out: Path, overwrite: bool, report: Report = print, progress: bool = True
+) -> tuple[RunDirectory, dict[str, Any]]:
+    """Validate the inputs, then create ``out`` (refusing an existing run unless ``overwrite``) and train."""
+    config = config.resolved()
+    dataset, bundle, inputs = load_run_inputs(config, progress)
+    run = RunDirectory.create(out, config, overwrite)
+    return run, run_pipeline(run, dataset, bundle, inputs, report, progress)
+
+
+def resume_run(path: Path, report: Report = print, progress: bool = True) -> tuple[RunDirectory, dict[str, Any]]:
+    """Continue an interrupted run from its last completed epoch."""
+    run = RunDirectory.open(path)
+    dataset, bundle, inputs = load_run_inputs(run.config, progress)
+    return run, run_pipeline(run, dataset, bundle, inputs, report, progress)

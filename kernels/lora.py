@@ -1,0 +1,333 @@
+"""Grouped (multi-adapter) LoRA in Triton: segmented shrink/expand forward and a segmented backward.
+
+Rows are visited in group-sorted order (:class:`~perpeft.kernels.segments.GroupSegments`); a row tile
+never straddles two groups, so each program loads one adapter's weights. Tiles are located on the device
+from the per-group counts (a prefix sum over ``C`` values), so the grid is sized from shapes alone
+(``cdiv(N, BLOCK_M) + C`` tiles, the surplus exits at once) and no layer needs a host sync. When row
+tiles alone cannot fill the device, the shrinks split K and the weight-gradient reductions split each
+group's rows over more programs; their fp32 partials are added by one torch sum (deterministic, no atomics).
+
+Every ``tl.dot`` runs on operands upcast to fp32 with fp32 accumulation: for bf16/fp16 inputs TF32 is
+exact on the upcast values (10 mantissa bits hold 7 or 10), for fp32 inputs IEEE keeps the reference's
+precision. At LoRA ranks the kernels are bandwidth bound, so the slower TF32 MMA costs nothing that
+matters, and it is the path Triton's interpreter computes correctly (it multiplies bf16 bit patterns).
+Ranks below 16 are padded to 16 inside the kernels by masked loads; stored weights are never padded.
+"""
+
+import torch
+
+from ._triton import dot_precision, target_programs, tl, triton
+from .segments import GroupSegments, segment_groups
+
+_BLOCK_K_SHRINK = 64
+_BLOCK_N_EXPAND = 128
+_BLOCK_WIDE = 128
+
+
+@triton.jit
+def _locate_tile(tile, counts_ptr, rows_per_id, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Group of row tile ``tile`` and its [start, group end) in sorted row positions (group >= C: no tile)."""
+    cs = tl.arange(0, BLOCK_C)
+    rows = tl.load(counts_ptr + cs, mask=cs < C, other=0) * rows_per_id
+    tiles = tl.cdiv(rows, BLOCK_M)
+    ends = tl.cumsum(tiles, 0)
+    group = tl.sum((ends <= tile).to(tl.int32), 0)
+    here = cs == group
+    first_tile = tl.sum(tl.where(here, ends - tiles, 0), 0)
+    group_start = tl.sum(tl.where(cs < group, rows, 0), 0)
+    group_end = group_start + tl.sum(tl.where(here, rows, 0), 0)
+    return group, group_start + (tile - first_tile) * BLOCK_M, group_end
+
+
+@triton.jit
+def _sorted_rows(positions, end, order_ptr, rows_per_id):
+    """Input rows at sorted ``positions`` (token ``t`` of the ``i``-th sorted id) and their validity."""
+    valid = positions < end
+    ids = tl.load(order_ptr + positions // rows_per_id, mask=valid, other=0)
+    return ids * rows_per_id + positions % rows_per_id, valid
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    order_ptr,
+    counts_ptr,
+    N,
+    K,
+    R,
+    C,
+    rows_per_id,
+    stride_wg,
+    stride_wr,
+    stride_wk,
+    K_PER_SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``out[split, n, :R] = x[n, k-split] @ w[g(n), :R, k-split].T`` for one row tile and one K split."""
+    group, start, end = _locate_tile(tl.program_id(0), counts_ptr, rows_per_id, C, BLOCK_M, BLOCK_C)
+    if group < C:
+        split = tl.program_id(1)
+        rows, valid = _sorted_rows(start + tl.arange(0, BLOCK_M), end, order_ptr, rows_per_id)
+        rr = tl.arange(0, BLOCK_R)
+        w_base = w_ptr + group.to(tl.int64) * stride_wg + rr[None, :] * stride_wr
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(split * K_PER_SPLIT, (split + 1) * K_PER_SPLIT, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=valid[:, None] & (ks[None, :] < K), other=0.0)
+            w = tl.load(w_base + ks[:, None] * stride_wk, mask=(rr[None, :] < R) & (ks[:, None] < K), other=0.0)
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
+        out = out_ptr + split.to(tl.int64) * N * R + rows[:, None] * R + rr[None, :]
+        tl.store(out, acc, mask=valid[:, None] & (rr[None, :] < R))
+
+
+@triton.jit
+def _expand_kernel(
+    s_ptr,
+    w_ptr,
+    out_ptr,
+    order_ptr,
+    counts_ptr,
+    M,
+    R,
+    C,
+    rows_per_id,
+    scaling,
+    stride_wg,
+    stride_wm,
+    stride_wr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``out[n, m-block] = scaling * s[n, :R] @ w[g(n), m-block, :R].T`` for one row tile."""
+    group, start, end = _locate_tile(tl.program_id(0), counts_ptr, rows_per_id, C, BLOCK_M, BLOCK_C)
+    if group < C:
+        rows, valid = _sorted_rows(start + tl.arange(0, BLOCK_M), end, order_ptr, rows_per_id)
+        rr = tl.arange(0, BLOCK_R)
+        ms = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        s = tl.load(s_ptr + rows[:, None] * R + rr[None, :], mask=valid[:, None] & (rr[None, :] < R), other=0.0)
+        w_ptrs = w_ptr + group.to(tl.int64) * stride_wg + rr[:, None] * stride_wr + ms[None, :] * stride_wm
+        w = tl.load(w_ptrs, mask=(rr[:, None] < R) & (ms[None, :] < M), other=0.0)
+        acc = tl.dot(s, w.to(tl.float32), input_precision=PRECISION) * scaling
+        out = out_ptr + rows[:, None] * M + ms[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (ms[None, :] < M))
+
+
+@triton.jit
+def _segment_outer_kernel(
+    p_ptr,
+    q_ptr,
+    out_ptr,
+    order_ptr,
+    offsets_ptr,
+    WIDTH_P,
+    WIDTH_Q,
+    C,
+    rows_per_id,
+    scaling,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``out[split, g, p-block, q-block] = scaling * sum_{n in g, this split} p[n, :] q[n, :]``."""
+    group = tl.program_id(0)
+    tiles_q = tl.cdiv(WIDTH_Q, BLOCK_Q)
+    pp = (tl.program_id(1) // tiles_q) * BLOCK_P + tl.arange(0, BLOCK_P)
+    qq = (tl.program_id(1) % tiles_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    split = tl.program_id(2)
+    start = tl.load(offsets_ptr + group) * rows_per_id
+    end = tl.load(offsets_ptr + group + 1) * rows_per_id
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for first in range(start + split * BLOCK_M, end, NUM_SPLITS * BLOCK_M):
+        rows, valid = _sorted_rows(first + tl.arange(0, BLOCK_M), end, order_ptr, rows_per_id)
+        p = tl.load(
+            p_ptr + rows[None, :] * WIDTH_P + pp[:, None], mask=valid[None, :] & (pp[:, None] < WIDTH_P), other=0.0
+        )
+        q = tl.load(
+            q_ptr + rows[:, None] * WIDTH_Q + qq[None, :], mask=valid[:, None] & (qq[None, :] < WIDTH_Q), other=0.0
+        )
+        acc = tl.dot(p.to(tl.float32), q.to(tl.float32), acc, input_precision=PRECISION)
+    out = out_ptr + ((split * C + group).to(tl.int64) * WIDTH_P + pp[:, None]) * WIDTH_Q + qq[None, :]
+    tl.store(out, acc * scaling, mask=(pp[:, None] < WIDTH_P) & (qq[None, :] < WIDTH_Q))
+
+
+def _block_for(width: int) -> int:
+    """Tile size along a reduced-over-rows output dimension: the padded rank, or wide-layer tiles."""
+    return min(_BLOCK_WIDE, max(16, triton.next_power_of_2(width)))
+
+
+class _Launch:
+    """Launch geometry shared by one op's kernels: row tiling, padded rank and the segments' tensors."""
+
+    def __init__(self, segments: GroupSegments, num_rows: int, rank: int, device: torch.device) -> None:
+        self.segments = segments
+        self.num_rows = num_rows
+        self.rows_per_id = segments.rows_per_id(num_rows)
+        self.rank = rank
+        self.block_r = max(16, triton.next_power_of_2(rank))
+        self.block_c = max(16, triton.next_power_of_2(segments.num_groups))
+        per_group = triton.cdiv(num_rows, segments.num_groups)
+        self.block_m = min(64, max(16, triton.next_power_of_2(per_group)))
+        self.num_tiles = triton.cdiv(num_rows, self.block_m) + segments.num_groups
+        self.target = target_programs(device)
+
+    def shrink(self, x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int]) -> torch.Tensor:
+        """``[N, R]`` fp32: ``x[n] @ w[g(n)].T`` with ``w`` read as ``[C, R, K]`` through ``w_strides``."""
+        width = x.shape[1]
+        k_blocks = triton.cdiv(width, _BLOCK_K_SHRINK)
+        splits = max(1, min(k_blocks, self.target // self.num_tiles))
+        k_per_split = triton.cdiv(k_blocks, splits) * _BLOCK_K_SHRINK
+        splits = triton.cdiv(width, k_per_split)
+        out = x.new_empty((splits, self.num_rows, self.rank), dtype=torch.float32)
+        _shrink_kernel[(self.num_tiles, splits)](
+            x,
+            w,
+            out,
+            self.segments.order,
+            self.segments.counts,
+            self.num_rows,
+            width,
+            self.rank,
+            self.segments.num_groups,
+            self.rows_per_id,
+            *w_strides,
+            K_PER_SPLIT=k_per_split,
+            BLOCK_M=self.block_m,
+            BLOCK_R=self.block_r,
+            BLOCK_K=_BLOCK_K_SHRINK,
+            BLOCK_C=self.block_c,
+            PRECISION=dot_precision(x, w),
+        )
+        return out[0] if splits == 1 else out.sum(0)
+
+    def expand(
+        self,
+        s: torch.Tensor,
+        w: torch.Tensor,
+        w_strides: tuple[int, int, int],
+        width: int,
+        scaling: float,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``[N, width]`` in ``dtype``: ``scaling * s[n] @ w[g(n)].T``, ``w`` read as ``[C, width, R]``."""
+        out = s.new_empty((self.num_rows, width), dtype=dtype)
+        grid = (self.num_tiles, triton.cdiv(width, _BLOCK_N_EXPAND))
+        _expand_kernel[grid](
+            s,
+            w,
+            out,
+            self.segments.order,
+            self.segments.counts,
+            width,
+            self.rank,
+            self.segments.num_groups,
+            self.rows_per_id,
+            scaling,
+            *w_strides,
+            BLOCK_M=self.block_m,
+            BLOCK_R=self.block_r,
+            BLOCK_N=_BLOCK_N_EXPAND,
+            BLOCK_C=self.block_c,
+            PRECISION=dot_precision(s, w),
+        )
+        return out
+
+    def segment_outer(self, p: torch.Tensor, q: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+        """``[C, P, Q]`` in ``dtype``: per group, ``scaling * p[rows].T @ q[rows]`` (fp32 accumulation)."""
+        groups, width_p, width_q = self.segments.num_groups, p.shape[1], q.shape[1]
+        block_p, block_q = _block_for(width_p), _block_for(width_q)
+        tiles = triton.cdiv(width_p, block_p) * triton.cdiv(width_q, block_q)
+        row_blocks = triton.cdiv(self.num_rows, self.block_m)
+        splits = max(1, min(row_blocks, self.target // (groups * tiles)))
+        out = p.new_empty((splits, groups, width_p, width_q), dtype=torch.float32)
+        _segment_outer_kernel[(groups, tiles, splits)](
+            p,
+            q,
+            out,
+            self.segments.order,
+            self.segments.offsets,
+            width_p,
+            width_q,
+            groups,
+            self.rows_per_id,
+            scaling,
+            NUM_SPLITS=splits,
+            BLOCK_M=self.block_m,
+            BLOCK_P=block_p,
+            BLOCK_Q=block_q,
+            PRECISION=dot_precision(p, q),
+        )
+        return (out[0] if splits == 1 else out.sum(0)).to(dtype)
+
+
+class _GroupedLoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        segments: GroupSegments,
+        scaling: float,
+    ) -> torch.Tensor:
+        rank, width_in = lora_a.shape[1:]
+        width_out = lora_b.shape[1]
+        launch = _Launch(segments, x.shape[0], rank, x.device)
+        shrunk = launch.shrink(x, lora_a, (rank * width_in, width_in, 1))
+        out = launch.expand(shrunk, lora_b, (width_out * rank, rank, 1), width_out, scaling, x.dtype)
+        ctx.save_for_backward(x, lora_a, lora_b, shrunk)
+        ctx.launch, ctx.scaling = launch, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, lora_a, lora_b, shrunk = ctx.saved_tensors
+        launch, scaling = ctx.launch, ctx.scaling
+        rank, width_in = lora_a.shape[1:]
+        width_out = lora_b.shape[1]
+        grad_out = grad_out.contiguous()
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_a = grad_b = None
+        if need_x or need_a:
+            # dS = dY @ B[g], B read as [C, R, M]; dX = scaling * dS @ A[g], A read as [C, K, R].
+            grad_shrunk = launch.shrink(grad_out, lora_b, (width_out * rank, 1, rank))
+            if need_x:
+                a_strides = (rank * width_in, 1, width_in)
+                grad_x = launch.expand(grad_shrunk, lora_a, a_strides, width_in, scaling, x.dtype)
+            if need_a:
+                grad_a = launch.segment_outer(grad_shrunk, x, scaling, lora_a.dtype)
+        if need_b:
+            grad_b = launch.segment_outer(grad_out, shrunk, scaling, lora_b.dtype)
+        return grad_x, grad_a, grad_b, None, None
+
+
+def grouped_lora_triton(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    group_ids: torch.Tensor,
+    scaling: float,
+    *,
+    segments: GroupSegments | None = None,
+) -> torch.Tensor:
+    """Triton ``grouped_lora``: output in ``x.dtype``, gradients in their inputs' dtypes."""
+    groups, rank, width_in = lora_a.shape
+    if x.dim() != 2 or x.shape[1] != width_in or lora_b.shape[0] != groups or lora_b.shape[2] != rank:
+        raise ValueError(
+            f"grouped_lora shapes: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
+        )
+    if segments is None:
+        segments = segment_groups(group_ids, groups)
+    elif segments.num_groups != groups:
+        raise ValueError(f"segments cover {segments.num_groups} groups, lora_a has {groups}")
+    return _GroupedLoRA.apply(x.contiguous(), lora_a.contiguous(), lora_b.contiguous(), segments, float(scaling))

@@ -1,0 +1,73 @@
+"""The dispatch: which path each op takes under PERPEFT_KERNELS, and the segment metadata it accepts."""
+
+import os
+
+import pytest
+import torch
+
+from perpeft.kernels import bce_with_negatives, grouped_ia3, grouped_lora, kernel_backend, segment_groups
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _grad_fn_names() -> list[str]:
+    """Names of the grad_fns of one call of each op on small inputs that need gradients."""
+    x = torch.randn(4, 16, requires_grad=True)
+    ids = torch.tensor([1, 0, 1, 1])
+    outs = [
+        grouped_lora(x, torch.randn(2, 4, 16), torch.randn(2, 8, 4), ids, 2.0),
+        grouped_ia3(x, torch.randn(2, 16), ids),
+        bce_with_negatives(x, torch.randn(4, 16), torch.randn(4, 16), ids.bool()),
+    ]
+    return [out.grad_fn.name() for out in outs]
+
+
+def test_auto_takes_the_reference_for_cpu_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERPEFT_KERNELS", "auto")
+    assert kernel_backend(torch.zeros(1)) == "torch"
+    assert not any(name.startswith("_") for name in _grad_fn_names())
+
+
+def test_auto_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PERPEFT_KERNELS")
+    assert kernel_backend(torch.zeros(1)) == "torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_takes_triton_for_cuda_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERPEFT_KERNELS", "auto")
+    assert kernel_backend(torch.zeros(1, device="cuda")) == "triton"
+
+
+def test_torch_forces_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERPEFT_KERNELS", "torch")
+    assert kernel_backend(torch.zeros(1, device=DEVICE)) == "torch"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter serves CPU tensors only without CUDA")
+def test_triton_runs_cpu_tensors_in_the_interpreter() -> None:
+    assert kernel_backend(torch.zeros(1)) == "triton"
+    assert _grad_fn_names() == ["_GroupedLoRABackward", "_GroupedIA3Backward", "_BCEWithNegativesBackward"]
+    assert os.environ["TRITON_INTERPRET"] == "1"
+
+
+@pytest.mark.parametrize("value", ["cuda", "TRITON!", "reference"])
+def test_unknown_value_is_an_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("PERPEFT_KERNELS", value)
+    with pytest.raises(ValueError, match="PERPEFT_KERNELS"):
+        grouped_ia3(torch.ones(2, 3), torch.ones(1, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_values_are_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERPEFT_KERNELS", " Torch ")
+    assert kernel_backend(torch.zeros(1)) == "torch"
+
+
+def test_segments_sort_stably_and_count_empty_groups() -> None:
+    segments = segment_groups(torch.tensor([2, 0, 2, 3, 0]), 5)
+    assert segments.order.tolist() == [1, 4, 0, 2, 3]
+    assert segments.counts.tolist() == [2, 0, 2, 1, 0]
+    assert segments.offsets.tolist() == [0, 2, 2, 4, 5, 5]
+    assert segments.rows_per_id(15) == 3
+    with pytest.raises(ValueError, match="evenly"):
+        segments.rows_per_id(7)
