@@ -63,10 +63,10 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     "--epochs-global",
     type=click.IntRange(min=1),
     default=None,
-    help="E1, Global PEFT epochs before grouping. [demo: 4, else 10]",
+    help="E1, Global PEFT epochs before grouping. [demo: 6, else 10]",
 )
 @click.option(
-    "--epochs-perpeft", type=click.IntRange(min=1), default=None, help="E2, PerPEFT epochs. [demo: 6, else 20]"
+    "--epochs-perpeft", type=click.IntRange(min=1), default=None, help="E2, PerPEFT epochs. [demo: 12, else 20]"
 )
 @click.option("--no-baseline", is_flag=True, help="Stop Global PEFT at E1 instead of training the E1+E2 baseline.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Users per batch.")

@@ -10,7 +10,7 @@ from .errors import InputError
 # The paper's settings (App. C.2) apply to real data; the demo is ~20× smaller, so it takes fewer,
 # larger-step epochs to converge inside the three-minute budget.
 PAPER_DEFAULTS = {"epochs_global": 10, "epochs_perpeft": 20, "lr": 1e-4, "weight_decay": 1e-4, "clip": None}
-DEMO_DEFAULTS = {"epochs_global": 4, "epochs_perpeft": 6, "lr": 1e-3, "weight_decay": 1e-4, "clip": "tiny"}
+DEMO_DEFAULTS = {"epochs_global": 6, "epochs_perpeft": 12, "lr": 1e-3, "weight_decay": 1e-4, "clip": "tiny"}
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,12 @@ GROUPING = "grouping.safetensors"
 Report = Callable[[str], None]
 
 
+def seed_torch(key: list[int]) -> None:
+    """Seed torch's RNG from a (run seed, stage, epoch) key, so every epoch's randomness is reproducible
+    on its own and a resumed run draws exactly what an uninterrupted one would."""
+    torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present."""
     if name == "auto":
@@ -268,7 +274,7 @@ class StageRunner:
         for epoch in range(state["completed_epochs"] + 1, epochs + 1):
             started = time.perf_counter()
             seed = [self.config.seed, STAGE_INDEX[self.name], epoch]
-            torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+            seed_torch(seed)
             loss = train_epoch(
                 self.model,
                 self.optimizer,
@@ -339,6 +345,7 @@ def run_pipeline(
     global_epochs = e1 + e2 if config.baseline else e1
 
     def stage(name: str, groups: int, sampler: TrainSampler, user_groups: np.ndarray) -> StageRunner:
+        seed_torch([config.seed, STAGE_INDEX[name], 0])
         model = PerpeftModel(config, bundle, inputs, dataset.num_items, groups).to(device)
         runner = StageRunner(
             name, run, config, model, sampler, evaluation, user_groups, dataset.num_items, device, report, progress

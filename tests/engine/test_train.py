@@ -1,0 +1,79 @@
+"""The pipeline end to end on a small demo: run directory contents, metrics schema, resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from perpeft.engine.config import RunConfig
+from perpeft.engine.data.demo import DemoSpec, generate_demo
+from perpeft.engine.train import resume_run, train_new_run
+
+METRIC_KEYS = {"HR@10", "HR@20", "HR@30", "NDCG@10", "NDCG@20", "NDCG@30"}
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory) -> Path:
+    spec = DemoSpec(num_domains=2, num_users=96, items_per_domain=24, min_seq_len=5, max_seq_len=8)
+    return generate_demo(tmp_path_factory.mktemp("data") / "shop", seed=3, spec=spec)
+
+
+def small_config(data: Path, **changes) -> RunConfig:
+    settings = dict(
+        data=str(data), clip="tiny", groups=2, epochs_global=2, epochs_perpeft=2, lr=1e-3, weight_decay=1e-4
+    )
+    return RunConfig(**{**settings, **changes})
+
+
+def interrupt_at(line_start: str):
+    def report(line: str) -> None:
+        if line.startswith(line_start):
+            raise Interrupt(line)
+
+    return report
+
+
+def test_run_directory_and_metrics_schema(small_demo, tmp_path):
+    run, metrics = train_new_run(small_config(small_demo), tmp_path / "run", False, lambda line: None, progress=False)
+    on_disk = json.loads((run.path / "metrics.json").read_text())
+    assert on_disk == metrics
+    assert {"dataset", "peft", "groups", "seed", "global", "perpeft"} <= set(metrics)
+    assert (metrics["dataset"], metrics["peft"], metrics["groups"], metrics["seed"]) == ("shop", "lora", 2, 0)
+    assert metrics["global"]["epochs"] == 4 and metrics["perpeft"]["epochs"] == 2
+    for stage in ("global", "perpeft"):
+        assert 1 <= metrics[stage]["best_epoch"] <= metrics[stage]["epochs"]
+        for split in ("valid", "test"):
+            assert set(metrics[stage][split]) == METRIC_KEYS
+            assert all(0.0 <= value <= 1.0 for value in metrics[stage][split].values())
+    for name in (
+        "config.json",
+        "global/best.safetensors",
+        "global/snapshot-e1.safetensors",
+        "grouping.safetensors",
+        "perpeft/best.safetensors",
+    ):
+        assert (run.path / name).is_file(), name
+    assert RunConfig.from_json_file(run.path / "config.json") == small_config(small_demo).resolved()
+
+
+def test_no_baseline_stops_global_at_e1(small_demo, tmp_path):
+    _, metrics = train_new_run(
+        small_config(small_demo, baseline=False), tmp_path / "run", False, lambda line: None, progress=False
+    )
+    assert metrics["global"]["epochs"] == 2
+    assert metrics["global"]["model"] == "stage1"
+
+
+@pytest.mark.parametrize("stop_at", ["global epoch 3/4", "perpeft epoch 1/2"])
+def test_resume_equals_uninterrupted(small_demo, tmp_path, stop_at):
+    config = small_config(small_demo)
+    _, uninterrupted = train_new_run(config, tmp_path / "whole", False, lambda line: None, progress=False)
+    with pytest.raises(Interrupt):
+        train_new_run(config, tmp_path / "cut", False, interrupt_at(stop_at), progress=False)
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    _, resumed = resume_run(tmp_path / "cut", lambda line: None, progress=False)
+    assert resumed == uninterrupted
