@@ -39,11 +39,6 @@ class ClipBundle:
     image_std: tuple[float, float, float]
     source: str
 
-    @property
-    def embed_dim(self) -> int:
-        """Width of concat(image_embeds, text_embeds), the projector's input."""
-        return 2 * self.model.config.projection_dim
-
 
 def architecture_config(name: str) -> CLIPConfig:
     """Built-in architecture aliases (no weights): ``vit-b-32`` is ``openai/clip-vit-base-patch32``."""
@@ -159,6 +154,11 @@ class GroupedClipEncoder(nn.Module):
         inject_adapters(self.clip, peft, groups, self.context, **adapter_settings)
         self.register_buffer("image_mean", torch.tensor(bundle.image_mean), persistent=False)
         self.register_buffer("image_std", torch.tensor(bundle.image_std), persistent=False)
+
+    @property
+    def out_features(self) -> int:
+        """Width of concat(image_embeds, text_embeds), the projector's input."""
+        return 2 * self.clip.config.projection_dim
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Only the adapter parameters (what training changes), keyed by module path."""

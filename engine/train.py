@@ -5,7 +5,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from .data.split import Split, last_window, leave_one_out
 from .encoder import ClipBundle, GroupedClipEncoder, load_clip
 from .evaluate import HistoryIndex, full_ranking_metrics
 from .grouping import fit_groups
-from .inputs import ItemInputs, load_item_inputs
+from .inputs import load_item_inputs
 from .model import Recommender
 from .run import RunDirectory, load_tensors, optimizer_tensors, restore_optimizer, save_tensors
 
@@ -47,35 +47,54 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class PerpeftModel(nn.Module):
-    """CLIP with grouped adapters (optional) + projector + ID embeddings + SASRec, for C groups.
+class ItemInputSource(Protocol):
+    """Where an item encoder's inputs come from: cached tokens/pixels, or cached CLIP hidden states."""
 
-    ``C = 1`` is Global PEFT. Items are encoded from the cached inputs; only adapter, projector,
-    embedding and SASRec parameters train.
+    def batch(self, items: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]: ...
+
+
+EncoderFactory = Callable[[int], nn.Module]
+
+
+def clip_encoder_factory(config: RunConfig, bundle: ClipBundle) -> EncoderFactory:
+    """Builds the grouped-adapter CLIP encoder for a given number of groups."""
+
+    def build(groups: int) -> nn.Module:
+        return GroupedClipEncoder(
+            bundle,
+            config.peft,
+            groups,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+        )
+
+    return build
+
+
+class PerpeftModel(nn.Module):
+    """Item encoder with grouped PEFT (optional) + projector + ID embeddings + SASRec, for C groups.
+
+    ``C = 1`` is Global PEFT. The encoder is called as ``encoder(*inputs.batch(items), group_ids)`` and
+    exposes ``out_features``; only adapter, projector, embedding and SASRec parameters train.
     """
 
     def __init__(
-        self, config: RunConfig, bundle: ClipBundle | None, inputs: ItemInputs | None, num_items: int, groups: int
+        self,
+        config: RunConfig,
+        make_encoder: EncoderFactory | None,
+        inputs: ItemInputSource | None,
+        num_items: int,
+        groups: int,
     ):
         super().__init__()
         self.groups = groups
         self.inputs = inputs
-        self.encoder = (
-            GroupedClipEncoder(
-                bundle,
-                config.peft,
-                groups,
-                lora_rank=config.lora_rank,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout,
-            )
-            if bundle is not None
-            else None
-        )
+        self.encoder = make_encoder(groups) if make_encoder is not None else None
         self.recommender = Recommender(
             num_items,
             groups,
-            bundle.embed_dim if bundle is not None else None,
+            self.encoder.out_features if self.encoder is not None else None,
             hidden=config.hidden,
             maxlen=config.maxlen,
             dropout=config.dropout,
@@ -119,11 +138,10 @@ class PerpeftModel(nn.Module):
         if self.encoder is None:
             return self.recommender.item_vectors(items, None, group_ids)
         real = items != 0
-        multimodal = torch.zeros(items.shape[0], self.encoder.clip.config.projection_dim * 2, device=device)
+        multimodal = torch.zeros(items.shape[0], self.encoder.out_features, device=device)
         if bool(real.any()):
-            input_ids, attention_mask, pixels = self.inputs.batch(items[real], device)
             with self._precision():
-                encoded = self.encoder(input_ids, attention_mask, pixels, group_ids[real])
+                encoded = self.encoder(*self.inputs.batch(items[real], device), group_ids[real])
             multimodal = multimodal.index_put((real.nonzero().squeeze(1),), encoded.float())
         return self.recommender.item_vectors(items, multimodal, group_ids)
 
@@ -317,13 +335,17 @@ def stage_summary(stage_state: dict[str, Any], epochs: int) -> dict[str, Any]:
     return {"best_epoch": best["epoch"], "epochs": epochs, "valid": best["valid"], "test": best["test"]}
 
 
+@dataclass
+class RunInputs:
+    """What a run trains on: the dataset, how to build its item encoder for C groups, and the encoder's inputs."""
+
+    dataset: Dataset
+    make_encoder: EncoderFactory | None
+    inputs: ItemInputSource | None
+
+
 def run_pipeline(
-    run: RunDirectory,
-    dataset: Dataset,
-    bundle: ClipBundle | None,
-    inputs: ItemInputs | None,
-    report: Report = print,
-    progress: bool = True,
+    run: RunDirectory, run_inputs: RunInputs, report: Report = print, progress: bool = True
 ) -> dict[str, Any]:
     """Global PEFT (E1 [+E2] epochs) → K-Means grouping on the epoch-E1 snapshot → PerPEFT (E2 epochs).
 
@@ -331,6 +353,7 @@ def run_pipeline(
     directory continues where it stopped and reproduces an uninterrupted run's metrics on CPU.
     """
     config = run.config
+    dataset = run_inputs.dataset
     device = resolve_device(config.device)
     split = leave_one_out(dataset.sequences)
     evaluation = EvaluationData.build(split, config.maxlen, device)
@@ -346,7 +369,7 @@ def run_pipeline(
 
     def stage(name: str, groups: int, sampler: TrainSampler, user_groups: np.ndarray) -> StageRunner:
         seed_torch([config.seed, STAGE_INDEX[name], 0])
-        model = PerpeftModel(config, bundle, inputs, dataset.num_items, groups).to(device)
+        model = PerpeftModel(config, run_inputs.make_encoder, run_inputs.inputs, dataset.num_items, groups).to(device)
         runner = StageRunner(
             name, run, config, model, sampler, evaluation, user_groups, dataset.num_items, device, report, progress
         )
@@ -402,12 +425,12 @@ def run_pipeline(
     return metrics
 
 
-def load_run_inputs(config: RunConfig, progress: bool) -> tuple[Dataset, ClipBundle, ItemInputs]:
-    """Dataset, CLIP and the cached item inputs of a run: every user-input error surfaces here."""
+def load_run_inputs(config: RunConfig, progress: bool) -> RunInputs:
+    """Dataset, item encoder and cached item inputs of a run: every user-input error surfaces here."""
     dataset = load_dataset(config.data, config.seed)
     bundle = load_clip(config.clip)
     inputs = load_item_inputs(dataset, bundle.tokenizer, bundle.tokenizer_id, bundle.image_size, progress)
-    return dataset, bundle, inputs
+    return RunInputs(dataset, clip_encoder_factory(config, bundle), inputs)
 
 
 def train_new_run(
@@ -415,13 +438,12 @@ def train_new_run(
 ) -> tuple[RunDirectory, dict[str, Any]]:
     """Validate the inputs, then create ``out`` (refusing an existing run unless ``overwrite``) and train."""
     config = config.resolved()
-    dataset, bundle, inputs = load_run_inputs(config, progress)
+    run_inputs = load_run_inputs(config, progress)
     run = RunDirectory.create(out, config, overwrite)
-    return run, run_pipeline(run, dataset, bundle, inputs, report, progress)
+    return run, run_pipeline(run, run_inputs, report, progress)
 
 
 def resume_run(path: Path, report: Report = print, progress: bool = True) -> tuple[RunDirectory, dict[str, Any]]:
     """Continue an interrupted run from its last completed epoch."""
     run = RunDirectory.open(path)
-    dataset, bundle, inputs = load_run_inputs(run.config, progress)
-    return run, run_pipeline(run, dataset, bundle, inputs, report, progress)
+    return run, run_pipeline(run, load_run_inputs(run.config, progress), report, progress)
