@@ -83,6 +83,13 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     show_default=True,
     help="auto: bf16 autocast on CUDA, fp32 on CPU.",
 )
+@click.option(
+    "--compile",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="torch.compile SASRec; auto: on CUDA only.",
+)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory. [runs/DATA-PEFT-seedN]")
 @click.option(
     "--resume", type=click.Path(path_type=Path), default=None, help="Continue the interrupted run in this directory."

@@ -30,6 +30,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    compile: str = "auto"
     maxlen: int = 10
     hidden: int = 32
     dropout: float = 0.3
@@ -47,6 +48,8 @@ class RunConfig:
         config = dataclasses.replace(self, **filled)
         if config.clip is None:
             raise InputError("--clip is required for real data: a local HF CLIP directory or a cached model id")
+        if config.compile not in ("auto", "on", "off"):
+            raise InputError(f"--compile {config.compile}: expected auto, on or off")
         if config.groups < 1 or config.epochs_global < 1 or config.epochs_perpeft < 0 or config.batch_size < 1:
             raise InputError("--groups, --epochs-global and --batch-size must be positive")
         return config

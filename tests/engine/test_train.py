@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from perpeft.engine.config import RunConfig
 from perpeft.engine.data.demo import DemoSpec, generate_demo
@@ -77,3 +78,12 @@ def test_resume_equals_uninterrupted(small_demo, tmp_path, stop_at):
     assert not (tmp_path / "cut" / "metrics.json").exists()
     _, resumed = resume_run(tmp_path / "cut", lambda line: None, progress=False)
     assert resumed == uninterrupted
+
+
+def test_sasrec_compiles_on_cuda_only_by_default():
+    from perpeft.engine.train import compiles_sasrec
+
+    assert not compiles_sasrec("auto", torch.device("cpu"))
+    assert compiles_sasrec("auto", torch.device("cuda"))
+    assert compiles_sasrec("on", torch.device("cpu"))
+    assert not compiles_sasrec("off", torch.device("cuda"))
