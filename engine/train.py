@@ -29,6 +29,7 @@ from .run import RunDirectory, load_tensors, optimizer_tensors, restore_optimize
 ID_NORM_WEIGHT = 1e-6
 SELECTION_METRIC = "HR@30"
 STAGE_INDEX = {"global": 1, "perpeft": 2}
+STAGE_TITLES = {"global": "Global PEFT", "perpeft": "PerPEFT"}
 SNAPSHOT = "global/snapshot-e1.safetensors"
 GROUPING = "grouping.safetensors"
 Report = Callable[[str], None]
@@ -294,6 +295,15 @@ class StageRunner:
         """Run epochs ``completed+1 .. epochs``, updating ``state`` (history, best) after each."""
         state.setdefault("completed_epochs", 0)
         state.setdefault("history", [])
+        stage_bar = tqdm(
+            total=epochs,
+            initial=state["completed_epochs"],
+            desc=STAGE_TITLES[self.name],
+            unit="epoch",
+            disable=not self.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for epoch in range(state["completed_epochs"] + 1, epochs + 1):
             started = time.perf_counter()
             seed = [self.config.seed, STAGE_INDEX[self.name], epoch]
@@ -333,6 +343,8 @@ class StageRunner:
                 f"{self.name} epoch {epoch}/{epochs}  loss {loss:.4f}  valid HR@30 {metrics['valid']['HR@30']:.4f}  "
                 f"test NDCG@20 {metrics['test']['NDCG@20']:.4f}{'  *' if improved else ''}"
             )
+            stage_bar.update(1)
+        stage_bar.close()
 
 
 def stage_summary(stage_state: dict[str, Any], epochs: int) -> dict[str, Any]:
