@@ -10,6 +10,7 @@ from typing import Any
 import click
 from tqdm.auto import tqdm
 
+from perpeft.cli.prepare import fetch_images, prepare
 from perpeft.engine.config import RunConfig
 from perpeft.engine.errors import InputError
 
@@ -53,7 +54,17 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 
 
 @cli.command()
-@click.option("--data", default="demo", show_default=True, help="'demo' or a RecBole-style dataset directory.")
+@click.option(
+    "--data",
+    default="demo",
+    show_default=True,
+    help="'demo', a prepared named dataset (arts, sports, toys, beauty) or a RecBole-style dataset directory.",
+)
+@click.option(
+    "--data-dir",
+    default=None,
+    help="Where named datasets live. [$PERPEFT_DATA, else ~/.cache/perpeft-engine/data]",
+)
 @click.option(
     "--clip", default=None, help="'tiny', a local HF CLIP directory, or a model id in the local HF cache. [demo: tiny]"
 )
@@ -137,3 +148,7 @@ def params(clip: str, peft: str, groups: int, items: int, as_json: bool) -> None
         return
     for name, count in counts.items():
         click.echo(f"{name:<22}{count:>14,}")
+
+
+cli.add_command(prepare)
+cli.add_command(fetch_images)

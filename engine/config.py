@@ -18,6 +18,7 @@ class RunConfig:
     """Every hyperparameter, path and switch of a training run; ``None`` fields take the dataset's preset."""
 
     data: str = "demo"
+    data_dir: str | None = None
     clip: str | None = None
     peft: str = "lora"
     groups: int = 8

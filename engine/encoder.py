@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
+from transformers.utils import logging as transformers_logging
 
 from .adapters.context import GroupContext
 from .adapters.ia3 import GroupedIA3Linear
@@ -71,6 +72,7 @@ def load_clip(spec: str) -> ClipBundle:
 def _load_directory(path: Path, source: str) -> ClipBundle:
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a CLIP checkpoint directory (no config.json)")
+    transformers_logging.disable_progress_bar()
     try:
         model = CLIPModel.from_pretrained(path, local_files_only=True)
     except Exception as error:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from perpeft.kernels import bce_with_negatives
 
+from .adapters.iisan import GroupedIISAN
 from .config import RunConfig
 from .data.dataset import Dataset
 from .data.sampler import Batch, TrainSampler
@@ -22,6 +23,7 @@ from .data.split import Split, last_window, leave_one_out
 from .encoder import ClipBundle, GroupedClipEncoder, load_clip
 from .evaluate import HistoryIndex, full_ranking_metrics
 from .grouping import fit_groups
+from .hidden_cache import HiddenStates, load_hidden_states
 from .inputs import load_item_inputs
 from .model import Recommender
 from .run import RunDirectory, load_tensors, optimizer_tensors, restore_optimizer, save_tensors
@@ -74,6 +76,15 @@ def clip_encoder_factory(config: RunConfig, bundle: ClipBundle) -> EncoderFactor
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
         )
+
+    return build
+
+
+def iisan_encoder_factory(states: HiddenStates) -> EncoderFactory:
+    """Builds the grouped IISAN side network over ``states``' cached hidden states for a number of groups."""
+
+    def build(groups: int) -> nn.Module:
+        return GroupedIISAN(groups, states.text_dim, states.image_dim, states.layers)
 
     return build
 
@@ -446,9 +457,14 @@ def run_pipeline(
 
 def load_run_inputs(config: RunConfig, progress: bool) -> RunInputs:
     """Dataset, item encoder and cached item inputs of a run: every user-input error surfaces here."""
-    dataset = load_dataset(config.data, config.seed)
+    dataset = load_dataset(config.data, config.seed, Path(config.data_dir) if config.data_dir else None)
     bundle = load_clip(config.clip)
     inputs = load_item_inputs(dataset, bundle.tokenizer, bundle.tokenizer_id, bundle.image_size, progress)
+    if config.peft == "iisan":
+        # The side network reads cached hidden states: training never runs CLIP.
+        device = resolve_device(config.device)
+        states = load_hidden_states(bundle, inputs, device, config.encode_batch_size, progress)
+        return RunInputs(dataset, iisan_encoder_factory(states), states)
     return RunInputs(dataset, clip_encoder_factory(config, bundle), inputs)
 
 

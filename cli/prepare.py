@@ -1,0 +1,139 @@
+"""``perpeft-engine prepare authors|amazon2023`` and ``perpeft-engine fetch-images``: real data in."""
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from perpeft.engine.data.sources import MISSING_IMAGES, NAMED_DATASETS, default_data_dir
+
+AUTHORS_NAMES = [*NAMED_DATASETS, *(named.authors_prefix for named in NAMED_DATASETS.values())]
+
+
+def _reports_input_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`perpeft.cli.main.reports_input_errors`, looked up when the command runs: main imports this module."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from perpeft.cli.main import reports_input_errors
+
+        return reports_input_errors(command)(*args, **kwargs)
+
+    return wrapper
+
+
+def stats_summary(stats: dict[str, Any], out: Path) -> str:
+    """The paper's Table 1 columns, missing modalities and every drop, for the terminal."""
+    rows = [
+        f"{'# Users':>10}{'# Items':>10}{'Avg. Seq. Len.':>16}{'Density':>10}",
+        f"{stats['users']:>10,}{stats['items']:>10,}{stats['avg_seq_len']:>16.4f}{stats['density']:>10.4f}",
+        f"items without title: {stats['items_without_title']:,}; without image: {stats['items_without_image']:,}"
+        f" (unreadable: {stats['images_unreadable']:,})",
+        "dropped: " + ", ".join(f"{reason} {count:,}" for reason, count in stats["dropped"].items()),
+        f"written: {out} (statistics in {out / 'stats.json'})",
+    ]
+    if stats["items_without_image"]:
+        rows.append(
+            f"note: items without image are listed in {out / MISSING_IMAGES}; the loader needs an image per item"
+            " (fetch them with `perpeft-engine fetch-images --items` and prepare again with --overwrite)"
+        )
+    return "\n".join(rows)
+
+
+@click.group()
+def prepare() -> None:
+    """Convert a real dataset into the engine's directory format (RecBole files, images/, stats.json)."""
+
+
+@prepare.command()
+@click.option(
+    "--src",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Directory of the authors' PREFIX_final.txt, PREFIX_*_final.pickle and PREFIX_images/.",
+)
+@click.option("--name", type=click.Choice(AUTHORS_NAMES), required=True, help="Dataset (short name or file prefix).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory. [DATA_DIR/NAME]")
+@click.option("--skip-bad-images", is_flag=True, help="Keep items whose image is unreadable, without image.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_reports_input_errors
+def authors(src: Path, name: str, out: Path | None, skip_bad_images: bool, overwrite: bool, quiet: bool) -> None:
+    """The authors' released files → a dataset directory (timestamps: line numbers, which keep the order)."""
+    from perpeft.engine.data.authors import AUTHORS_PREFIXES, prepare_authors
+
+    if out is None:
+        out = default_data_dir() / AUTHORS_PREFIXES.get(name, name)
+    stats = prepare_authors(src, name, out, skip_bad_images, overwrite, progress=not quiet)
+    click.echo(stats_summary(stats, out))
+
+
+@prepare.command()
+@click.option("--reviews", type=click.Path(path_type=Path), required=True, help="Reviews JSONL, gzip'ed or not.")
+@click.option("--meta", type=click.Path(path_type=Path), required=True, help="Item metadata JSONL, gzip'ed or not.")
+@click.option(
+    "--images", type=click.Path(path_type=Path), required=True, help="Directory of PARENT_ASIN.jpg (fetch-images)."
+)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option(
+    "--user-fraction",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=0.4,
+    show_default=True,
+    help="Users kept by the seeded subsample (paper: 0.4 Arts; 0.2 Sports, Toys, Beauty).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the user subsample.")
+@click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed lines and records.")
+@click.option("--skip-bad-images", is_flag=True, help="Keep items whose image is unreadable, without image.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_reports_input_errors
+def amazon2023(out: Path, quiet: bool, **options: Any) -> None:
+    """Raw Amazon Reviews 2023 → a dataset directory: user subsample, dedupe, 5-core, time order (App. B.2)."""
+    from perpeft.engine.data.amazon import prepare_amazon2023
+
+    stats = prepare_amazon2023(out=out, progress=not quiet, **options)
+    click.echo(stats_summary(stats, out))
+
+
+@click.command("fetch-images")
+@click.option("--meta", type=click.Path(path_type=Path), required=True, help="Item metadata JSONL, gzip'ed or not.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Image directory (PARENT_ASIN.jpg).")
+@click.option(
+    "--items",
+    type=click.Path(path_type=Path),
+    default=None,
+    help=f"Only these item ids (one a line), e.g. a prepared dataset's {MISSING_IMAGES}.",
+)
+@click.option("--workers", type=click.IntRange(1, 64), default=8, show_default=True, help="Concurrent downloads.")
+@click.option("--timeout", type=click.FloatRange(0.0, min_open=True), default=10.0, show_default=True, help="Seconds.")
+@click.option("--retries", type=click.IntRange(min=0), default=3, show_default=True, help="On 5xx, 429 and timeouts.")
+@click.option("--backoff", type=click.FloatRange(min=0.0), default=0.5, show_default=True, help="First wait (s).")
+@click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed meta lines.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_reports_input_errors
+def fetch_images(
+    meta: Path,
+    out: Path,
+    items: Path | None,
+    workers: int,
+    timeout: float,
+    retries: int,
+    backoff: float,
+    skip_bad_lines: bool,
+    quiet: bool,
+) -> None:
+    """Download each item's MAIN image (verified, resumable); failures go to OUT/fetch_report.json."""
+    from perpeft.engine.data.fetch import REPORT, FetchSettings, read_item_list
+    from perpeft.engine.data.fetch import fetch_images as fetch
+
+    wanted = read_item_list(items) if items is not None else None
+    settings = FetchSettings(workers, timeout, retries, backoff)
+    report = fetch(meta, out, settings, wanted, skip_bad_lines, progress=not quiet)
+    click.echo(
+        f"downloaded {report['downloaded']:,}, already present {report['present']:,}, failed {report['failed']:,},"
+        f" without MAIN image URL {report['without_url']:,}, not in meta {report['not_in_meta']:,};"
+        f" report: {out / REPORT}"
+    )
