@@ -162,6 +162,12 @@ class GroupedClipEncoder(nn.Module):
         """Width of concat(image_embeds, text_embeds), the projector's input."""
         return 2 * self.clip.config.projection_dim
 
+    @property
+    def modality_columns(self) -> dict[str, slice]:
+        """Which output columns come from the image and which from the title, in ``present`` order."""
+        width = self.clip.config.projection_dim
+        return {"image": slice(0, width), "title": slice(width, 2 * width)}
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Only the adapter parameters (what training changes), keyed by module path."""
         return {name: p for name, p in self.named_parameters() if p.requires_grad}

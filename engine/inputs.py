@@ -40,12 +40,27 @@ def normalize_pixels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
 
 @dataclass
 class ItemInputs:
-    """Token ids, attention masks and uint8 pixels of every item (row 0 is padding), memory-mapped."""
+    """Token ids, attention masks and uint8 pixels of every item (row 0 is padding), memory-mapped.
+
+    ``present`` is bool ``[I+1, 2]``: whether each item has an image (column 0) and a title (column 1).
+    A missing image is stored as black pixels and a missing title as an empty text; the model swaps in
+    a learned placeholder for the missing modality's embedding (see ``GroupedProjector``).
+    """
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     pixels: np.ndarray
+    present: np.ndarray
     directory: Path
+
+    @property
+    def has_missing(self) -> bool:
+        """Whether any real item lacks its image or its title."""
+        return not bool(self.present[1:].all())
+
+    def modalities(self, items: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """bool ``[N, 2]``: image and title presence of ``items``."""
+        return torch.from_numpy(self.present[items.cpu().numpy()]).to(device)
 
     def batch(self, items: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inputs of ``items`` on ``device``; pixels stay uint8 until they are on the device."""
@@ -57,6 +72,14 @@ class ItemInputs:
         if device.type == "cuda":
             return tuple(tensor.pin_memory().to(device, non_blocking=True) for tensor in tensors)
         return tuple(tensors)
+
+
+def modality_presence(dataset: Dataset) -> np.ndarray:
+    """bool ``[I+1, 2]``: (has image, has title) per item; the padding row counts as complete."""
+    present = np.ones((dataset.num_items + 1, 2), dtype=bool)
+    present[1:, 0] = [path is not None for path in dataset.image_paths[1:]]
+    present[1:, 1] = [bool(title.strip()) for title in dataset.titles[1:]]
+    return present
 
 
 def input_cache_key(dataset: Dataset, tokenizer_id: str, image_size: int) -> str:
@@ -84,6 +107,7 @@ def load_item_inputs(
         np.load(directory / "input_ids.npy", mmap_mode="r"),
         np.load(directory / "attention_mask.npy", mmap_mode="r"),
         np.load(directory / "pixels.npy", mmap_mode="r"),
+        modality_presence(dataset),
         directory,
     )
 

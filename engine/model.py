@@ -14,10 +14,27 @@ class GroupedProjector(nn.Module):
     """Per-group MLP: Linear(in→64) → LayerNorm → ReLU → Linear(64→d) → LayerNorm, all C groups stacked.
 
     Each row picks its own group's weights, so a mixed-group batch needs no loop over groups.
+    ``placeholders`` (modality name → columns of the input) adds, per group, a learned vector for each
+    modality that replaces those columns of items lacking it (the paper drops such items; App. D.3.2
+    names this as a limitation). Initialised to zeros.
     """
 
-    def __init__(self, groups: int, in_features: int, hidden: int = 64, out_features: int = 32) -> None:
+    def __init__(
+        self,
+        groups: int,
+        in_features: int,
+        hidden: int = 64,
+        out_features: int = 32,
+        placeholders: dict[str, slice] | None = None,
+    ) -> None:
         super().__init__()
+        self.placeholder_columns = dict(placeholders or {})
+        self.placeholders = nn.ParameterDict(
+            {
+                name: nn.Parameter(torch.zeros(groups, len(range(in_features)[columns])))
+                for name, columns in self.placeholder_columns.items()
+            }
+        )
         self.w1 = nn.Parameter(torch.empty(groups, hidden, in_features))
         self.b1 = nn.Parameter(torch.empty(groups, hidden))
         self.ln1_weight = nn.Parameter(torch.ones(groups, hidden))
@@ -37,7 +54,18 @@ class GroupedProjector(nn.Module):
     def groups(self) -> int:
         return self.w1.shape[0]
 
-    def forward(self, x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    def fill_missing(self, x: torch.Tensor, group_ids: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """Replace each missing modality's columns by the group's placeholder; ``present`` is bool ``[N, M]``
+        with one column per placeholder, in order."""
+        x = x.clone()
+        for column, (name, columns) in enumerate(self.placeholder_columns.items()):
+            missing = ~present[:, column : column + 1]
+            x[:, columns] = torch.where(missing, self.placeholders[name][group_ids].to(x.dtype), x[:, columns])
+        return x
+
+    def forward(self, x: torch.Tensor, group_ids: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        if present is not None and self.placeholder_columns:
+            x = self.fill_missing(x, group_ids, present)
         hidden = self.w1.shape[1]
         if self.groups == 1:
             h = F.linear(x, self.w1[0], self.b1[0])
@@ -111,13 +139,14 @@ class Recommender(nn.Module):
         blocks: int = 2,
         heads: int = 4,
         dropout: float = 0.3,
+        placeholders: dict[str, slice] | None = None,
     ) -> None:
         super().__init__()
         self.hidden = hidden
         self.maxlen = maxlen
         self.item_embeddings = nn.Embedding(num_items + 1, hidden, padding_idx=0)
         self.position_embeddings = nn.Embedding(maxlen + 1, hidden, padding_idx=0)
-        self.projector = GroupedProjector(groups, multimodal_dim, 64, hidden) if multimodal_dim else None
+        self.projector = GroupedProjector(groups, multimodal_dim, 64, hidden, placeholders) if multimodal_dim else None
         self.embedding_dropout = nn.Dropout(dropout)
         self.sasrec = SASRec(hidden, blocks, heads, dropout)
         for module in (self.sasrec, self.item_embeddings, self.position_embeddings):
@@ -129,13 +158,18 @@ class Recommender(nn.Module):
             self.position_embeddings.weight[0].zero_()
 
     def item_vectors(
-        self, items: torch.Tensor, multimodal: torch.Tensor | None, group_ids: torch.Tensor
+        self,
+        items: torch.Tensor,
+        multimodal: torch.Tensor | None,
+        group_ids: torch.Tensor,
+        present: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """z = 0.5·MLP_g(multimodal) + h for ``items`` (padding rows are zero)."""
+        """z = 0.5·MLP_g(multimodal) + h for ``items`` (padding rows are zero); ``present`` marks which
+        modalities each item has, when the projector holds placeholders."""
         ids = self.item_embeddings(items)
         if self.projector is None or multimodal is None:
             return ids
-        z = MULTIMODAL_WEIGHT * self.projector(multimodal, group_ids) + ids
+        z = MULTIMODAL_WEIGHT * self.projector(multimodal, group_ids, present) + ids
         return z * (items != 0).unsqueeze(-1).to(z.dtype)
 
     def sequence_output(self, sequence_items: torch.Tensor, sequence_vectors: torch.Tensor) -> torch.Tensor:

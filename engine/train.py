@@ -108,6 +108,8 @@ class PerpeftModel(nn.Module):
         self.groups = groups
         self.inputs = inputs
         self.encoder = make_encoder(groups) if make_encoder is not None else None
+        # Learned placeholders stand in for missing images/titles, only when the catalog has such items.
+        self.fills_missing = hasattr(self.encoder, "modality_columns") and bool(getattr(inputs, "has_missing", False))
         self.recommender = Recommender(
             num_items,
             groups,
@@ -115,6 +117,7 @@ class PerpeftModel(nn.Module):
             hidden=config.hidden,
             maxlen=config.maxlen,
             dropout=config.dropout,
+            placeholders=self.encoder.modality_columns if self.fills_missing else None,
         )
         self.autocast = config.precision == "bf16" or (
             config.precision == "auto" and resolve_device(config.device).type == "cuda"
@@ -160,7 +163,8 @@ class PerpeftModel(nn.Module):
             with self._precision():
                 encoded = self.encoder(*self.inputs.batch(items[real], device), group_ids[real])
             multimodal = multimodal.index_put((real.nonzero().squeeze(1),), encoded.float())
-        return self.recommender.item_vectors(items, multimodal, group_ids)
+        present = self.inputs.modalities(items, device) if self.fills_missing else None
+        return self.recommender.item_vectors(items, multimodal, group_ids, present)
 
     def training_loss(self, batch: Batch, device: torch.device) -> torch.Tensor:
         seq, pos, neg = (

@@ -15,10 +15,14 @@ ITEM_COLUMN = "item_id:token"
 TIME_COLUMN = "timestamp:float"
 TITLE_COLUMN = "title:token_seq"
 IMAGE_SUFFIXES = (".jpg", ".png")  # in order of preference
+MISSING_IMAGES = "missing_images.txt"  # items declared to have no image (one id a line)
 
 
 def load_recbole(directory: Path) -> Dataset:
     """Load ``D/NAME.inter``, ``D/NAME.item`` and ``D/images/ITEM_ID.{jpg,png}`` (NAME = D's base name).
+
+    An item listed in ``D/missing_images.txt`` may lack its image file (its image path is None, and the
+    model uses a learned placeholder); any other item without an image file is an error.
 
     Items are numbered in item-file order, users in order of first appearance in the interaction file;
     each user's items are ordered by timestamp, ties kept in file order. Empty lines are skipped.
@@ -29,7 +33,7 @@ def load_recbole(directory: Path) -> Dataset:
         raise InputError(f"{directory}: dataset directory not found")
     name = directory.resolve().name
     item_ids, titles = _read_items(directory / f"{name}.item")
-    image_paths = _locate_images(directory / "images", item_ids)
+    image_paths = _locate_images(directory / "images", item_ids, _declared_missing(directory / MISSING_IMAGES))
     item_index = {item_id: index for index, item_id in enumerate(item_ids, start=1)}
     user_ids, sequences = _read_interactions(directory / f"{name}.inter", item_index)
     return Dataset(
@@ -119,21 +123,33 @@ def _read_items(path: Path) -> tuple[list[str], list[str]]:
     return item_ids, titles
 
 
-def _locate_images(images: Path, item_ids: list[str]) -> list[Path]:
-    """The image file of every item, ``.jpg`` preferred over ``.png``."""
+def _declared_missing(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    try:
+        return {line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read ({error})") from None
+
+
+def _locate_images(images: Path, item_ids: list[str], declared_missing: set[str]) -> list[Path | None]:
+    """The image file of every item, ``.jpg`` preferred over ``.png``; None for declared missing images."""
     if not images.is_dir():
+        if len(declared_missing) >= len(item_ids):
+            return [None] * len(item_ids)
         raise InputError(f"{images}: image directory not found")
     # One directory listing instead of a stat per item.
     present = set(os.listdir(images))
-    paths = []
+    paths: list[Path | None] = []
     for item_id in item_ids:
         name = next((item_id + suffix for suffix in IMAGE_SUFFIXES if item_id + suffix in present), None)
-        if name is None:
+        if name is None and item_id not in declared_missing:
             raise InputError(
                 f"{images / (item_id + IMAGE_SUFFIXES[0])}: missing image for item {item_id!r}"
-                f" (neither {' nor '.join(item_id + suffix for suffix in IMAGE_SUFFIXES)} exists)"
+                f" (neither {' nor '.join(item_id + suffix for suffix in IMAGE_SUFFIXES)} exists;"
+                f" list it in {MISSING_IMAGES} to train without its image)"
             )
-        paths.append(images / name)
+        paths.append(images / name if name else None)
     return paths
 
 

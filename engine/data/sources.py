@@ -23,11 +23,10 @@ from ..cache import cache_root, staging_directory
 from ..errors import InputError
 from .dataset import Dataset
 from .demo import generate_demo
-from .formats import ITEM_COLUMN, TIME_COLUMN, TITLE_COLUMN, USER_COLUMN, check_image, load_recbole
+from .formats import ITEM_COLUMN, MISSING_IMAGES, TIME_COLUMN, TITLE_COLUMN, USER_COLUMN, check_image, load_recbole
 
 DEMO = "demo"
 _BAD_ID = re.compile(r"^\.|[\s/\\\x00-\x1f\x7f]")
-MISSING_IMAGES = "missing_images.txt"
 STATS = "stats.json"
 
 

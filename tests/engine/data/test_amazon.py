@@ -260,8 +260,10 @@ def test_missing_image_is_kept_counted_and_listed(tmp_path: Path) -> None:
     assert (stats["items"], stats["items_without_image"], stats["images_unreadable"]) == (5, 1, 0)
     assert (tmp_path / "out" / "missing_images.txt").read_text() == "I0\n"
     assert sorted(path.name for path in (tmp_path / "out" / "images").iterdir()) == [f"{i}.jpg" for i in ITEMS5[1:]]
-    # The loader needs an image per item, for now.
-    assert "missing image for item 'I0'" in error_of(load_recbole, tmp_path / "out")
+    # The loader keeps the declared missing-image item, with no image path.
+    dataset = load_recbole(tmp_path / "out")
+    assert [path is None for path in dataset.image_paths[1:]].count(True) == 1
+    assert dataset.image_paths[dataset.item_ids.index("I0")] is None
 
 
 @pytest.mark.parametrize("content", [b"not an image at all", jpeg()[:40]], ids=["text", "truncated-jpeg"])
