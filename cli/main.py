@@ -1,34 +1,18 @@
 """The ``perpeft-engine`` command: parse, call ``perpeft.engine``, print."""
 
-import functools
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 from tqdm.auto import tqdm
 
+from perpeft.cli.errors import reports_input_errors
+from perpeft.cli.inference import embed, evaluate, export, recommend
 from perpeft.cli.prepare import fetch_images, prepare
 from perpeft.engine.config import RunConfig
-from perpeft.engine.errors import InputError
 
 METRIC_ORDER = ("HR@10", "HR@20", "HR@30", "NDCG@10", "NDCG@20", "NDCG@30")
-
-
-def reports_input_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input → one line on stderr and exit status 2, no traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except InputError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -151,4 +135,8 @@ def params(clip: str, peft: str, groups: int, items: int, as_json: bool) -> None
 
 
 cli.add_command(prepare)
+cli.add_command(embed)
+cli.add_command(evaluate)
+cli.add_command(recommend)
+cli.add_command(export)
 cli.add_command(fetch_images)

@@ -1,27 +1,14 @@
 """``perpeft-engine prepare authors|amazon2023`` and ``perpeft-engine fetch-images``: real data in."""
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from perpeft.cli.errors import reports_input_errors
 from perpeft.engine.data.sources import MISSING_IMAGES, NAMED_DATASETS, default_data_dir
 
 AUTHORS_NAMES = [*NAMED_DATASETS, *(named.authors_prefix for named in NAMED_DATASETS.values())]
-
-
-def _reports_input_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """`perpeft.cli.main.reports_input_errors`, looked up when the command runs: main imports this module."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from perpeft.cli.main import reports_input_errors
-
-        return reports_input_errors(command)(*args, **kwargs)
-
-    return wrapper
 
 
 def stats_summary(stats: dict[str, Any], out: Path) -> str:
@@ -59,7 +46,7 @@ def prepare() -> None:
 @click.option("--skip-bad-images", is_flag=True, help="Keep items whose image is unreadable, without image.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@_reports_input_errors
+@reports_input_errors
 def authors(src: Path, name: str, out: Path | None, skip_bad_images: bool, overwrite: bool, quiet: bool) -> None:
     """The authors' released files → a dataset directory (timestamps: line numbers, which keep the order)."""
     from perpeft.engine.data.authors import AUTHORS_PREFIXES, prepare_authors
@@ -89,7 +76,7 @@ def authors(src: Path, name: str, out: Path | None, skip_bad_images: bool, overw
 @click.option("--skip-bad-images", is_flag=True, help="Keep items whose image is unreadable, without image.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@_reports_input_errors
+@reports_input_errors
 def amazon2023(out: Path, quiet: bool, **options: Any) -> None:
     """Raw Amazon Reviews 2023 → a dataset directory: user subsample, dedupe, 5-core, time order (App. B.2)."""
     from perpeft.engine.data.amazon import prepare_amazon2023
@@ -113,7 +100,7 @@ def amazon2023(out: Path, quiet: bool, **options: Any) -> None:
 @click.option("--backoff", type=click.FloatRange(min=0.0), default=0.5, show_default=True, help="First wait (s).")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip and count malformed meta lines.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_reports_input_errors
+@reports_input_errors
 def fetch_images(
     meta: Path,
     out: Path,

@@ -121,5 +121,17 @@ class RunDirectory:
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         atomic_write_json(self.path / "metrics.json", metrics)
 
+    def read_metrics(self) -> dict[str, Any]:
+        """``metrics.json``, written when the run finishes; InputError before that."""
+        path = self.path / "metrics.json"
+        if not path.is_file():
+            raise InputError(f"{self.path}: run not finished (no metrics.json); finish it with `train --resume`")
+        return json.loads(path.read_text())
+
+    def best_checkpoint(self, stage: str) -> Path:
+        """The selected best-epoch weights of ``stage`` ("global" or "perpeft") of a finished run."""
+        self.read_metrics()
+        return self.file(f"{stage}/best.safetensors")
+
     def file(self, name: str) -> Path:
         return self.path / name

@@ -151,10 +151,15 @@ class PerpeftModel(nn.Module):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def item_vectors(self, items: torch.Tensor, group: int) -> torch.Tensor:
-        """z for ``items`` (``[N]``, 0 allowed: padding gives zeros) as seen by group ``group``."""
+    def item_vectors(self, items: torch.Tensor, group: int | torch.Tensor) -> torch.Tensor:
+        """z for ``items`` (``[N]``, 0 allowed: padding gives zeros), each seen by ``group`` (one group for
+        all, or a per-row ``[N]`` tensor: the grouped encoder serves any mix of groups in one pass)."""
         device = self.recommender.item_embeddings.weight.device
-        group_ids = torch.full((items.shape[0],), group, dtype=torch.long, device=device)
+        items = items.to(device)
+        if isinstance(group, torch.Tensor):
+            group_ids = group.to(device)
+        else:
+            group_ids = torch.full((items.shape[0],), group, dtype=torch.long, device=device)
         if self.encoder is None:
             return self.recommender.item_vectors(items, None, group_ids)
         real = items != 0

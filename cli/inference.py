@@ -1,0 +1,111 @@
+"""``perpeft-engine embed|evaluate|recommend|export``: serve a finished run."""
+
+import json
+from pathlib import Path
+
+import click
+
+from perpeft.cli.errors import reports_input_errors
+
+run_option = click.option(
+    "--run", "run", type=click.Path(path_type=Path), required=True, help="A finished run directory (of `train`)."
+)
+
+
+@click.command()
+@run_option
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="(item, group) pairs per encoder pass, groups mixed. [the run's encode_batch_size]",
+)
+@click.option("--device", default=None, help="'cpu', 'cuda', 'cuda:1'… [the run's device]")
+@click.option("--overwrite", is_flag=True, help="Recompute existing embeddings.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@reports_input_errors
+def embed(run: Path, batch_size: int | None, device: str | None, overwrite: bool, quiet: bool) -> None:
+    """Cache every group's item table and every user's vector in RUN/embeddings (resumable after interruption)."""
+    from perpeft.engine.embed import EMBEDDINGS, embed_run
+
+    embeddings = embed_run(run, batch_size, overwrite, device, progress=not quiet)
+    groups, rows, width = embeddings.items.shape
+    click.echo(
+        f"item tables: {groups} groups × {rows - 1:,} items × {width}; user vectors: {embeddings.users.shape[0] - 1:,};"
+        f" written to {run / EMBEDDINGS}"
+    )
+
+
+@click.command()
+@run_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@reports_input_errors
+def evaluate(run: Path, as_json: bool) -> None:
+    """Recompute PerPEFT's validation and test metrics from the embeddings and compare them with metrics.json."""
+    from perpeft.engine.recommend import evaluate_run
+    from perpeft.engine.run import RunDirectory
+
+    metrics = evaluate_run(run)
+    recorded = RunDirectory.open(run).read_metrics()["perpeft"]
+    difference = max(abs(value - recorded[stage][name]) for stage in metrics for name, value in metrics[stage].items())
+    if as_json:
+        click.echo(json.dumps({**metrics, "max_abs_difference": difference}, indent=2))
+        return
+    names = list(metrics["test"])
+    click.echo(f"{'':<8}" + "".join(f"{name:>10}" for name in names))
+    for stage, values in metrics.items():
+        click.echo(f"{stage:<8}" + "".join(f"{values[name]:>10.4f}" for name in names))
+    click.echo(f"largest difference from metrics.json: {difference:.1e}")
+
+
+@click.command()
+@run_option
+@click.option("--user", default=None, help="A known user's id: scored from everything the user bought.")
+@click.option("--history", default=None, help="A new user's item ids, oldest first, comma-separated.")
+@click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="How many items.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@reports_input_errors
+def recommend(run: Path, user: str | None, history: str | None, k: int, as_json: bool) -> None:
+    """Top-K items for a known user (--user) or a new user's purchases (--history), the user's items excluded.
+
+    Reads RUN/embeddings: run `embed` first. A known user is scored with its group's item table; a new user
+    joins the group of the nearest K-Means centroid under the Global-PEFT snapshot (this loads the item
+    encoder for the history's items) and is then scored the same way.
+    """
+    from perpeft.engine.recommend import recommend as recommend_items
+
+    items = None if history is None else [item.strip() for item in history.split(",") if item.strip()]
+    result = recommend_items(run, k, user=user, history=items)
+    rows = list(zip(result.items, result.titles, result.scores, strict=True))
+    if as_json:
+        ranked = [
+            {"rank": rank, "item": item, "title": title, "score": score}
+            for rank, (item, title, score) in enumerate(rows, start=1)
+        ]
+        click.echo(
+            json.dumps(
+                {"user": result.user, "group": result.group, "history": result.history, "recommendations": ranked},
+                indent=2,
+            )
+        )
+        return
+    who = f"user {result.user}" if result.user is not None else "new user (nearest centroid)"
+    click.echo(f"{who} · group {result.group} · {len(result.history)} history items excluded")
+    width = max([len("item"), *(len(item) for item in result.items)])
+    click.echo(f"{'rank':>4}  {'item':<{width}}  {'score':>9}  title")
+    for rank, (item, title, score) in enumerate(rows, start=1):
+        click.echo(f"{rank:>4}  {item:<{width}}  {score:>9.4f}  {title}")
+
+
+@click.command()
+@run_option
+@click.option("--group", type=click.IntRange(min=0), required=True, help="The group c, in 0..C-1.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Adapter directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace the adapter files in a non-empty --out.")
+@reports_input_errors
+def export(run: Path, group: int, out: Path, overwrite: bool) -> None:
+    """Write one group's LoRA or (IA)3 adapter as a Hugging Face peft directory (`PeftModel.from_pretrained`)."""
+    from perpeft.engine.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapter
+
+    settings = export_adapter(run, group, out, overwrite)
+    click.echo(f"{settings['peft_type']} adapter of group {group}: {out / ADAPTER_CONFIG}, {out / ADAPTER_WEIGHTS}")
