@@ -8,7 +8,8 @@ is the number of remaining items scoring strictly higher than the target (0-base
 
 Users are scored in batches: one ``[batch, I]`` score matrix per step, history entries overwritten with
 ``-inf`` by one ``index_put_``, and the rank counted by one compare and one row sum. Everything stays on
-the item tables' device; the only host reads are one per call (group sizes and input checks).
+the item tables' device; the host reads a few values per call (group sizes, history offsets, input
+checks) and none per batch.
 """
 
 from collections.abc import Sequence
@@ -36,13 +37,14 @@ class HistoryIndex:
     @classmethod
     def from_sequences(cls, sequences: Sequence[np.ndarray]) -> "HistoryIndex":
         """Index one array of item indices per user; padding entries (item 0) are dropped."""
-        kept = [np.asarray(seq, dtype=np.int64) for seq in sequences]
-        kept = [seq[seq != 0] for seq in kept]
-        lengths = np.array([len(seq) for seq in kept], dtype=np.int64)
-        indptr = np.zeros(len(kept) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        indices = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
-        return cls(torch.from_numpy(indptr), torch.from_numpy(indices))
+        arrays = [np.asarray(seq, dtype=np.int64) for seq in sequences]
+        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        flat = np.concatenate([np.zeros(0, dtype=np.int64), *arrays])
+        kept = flat != 0
+        owners = np.repeat(np.arange(len(arrays)), lengths)
+        indptr = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(owners[kept], minlength=len(arrays)), out=indptr[1:])
+        return cls(torch.from_numpy(indptr), torch.from_numpy(flat[kept]))
 
     @property
     def num_users(self) -> int:
@@ -97,7 +99,7 @@ def target_ranks(
     history_cols = (sorted_history.indices - 1).to(device, torch.int64)
     order_on_device = order.to(device)
     vectors = user_vectors.to(device, torch.float32)[order_on_device]
-    target_cols = (targets.to(device) - 1)[order_on_device].unsqueeze(1)
+    target_cols = (targets.to(device, torch.int64) - 1)[order_on_device].unsqueeze(1)
     tables = item_tables.to(torch.float32)
 
     scores_buffer = torch.empty(min(batch_size, num_users), num_items, dtype=torch.float32, device=device)

@@ -6,8 +6,10 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from .adapters.context import GroupContext
+from .adapters.iisan import GroupedIISAN
 from .encoder import architecture_config, inject_adapters
 from .errors import InputError
+from .hidden_cache import iisan_state_count
 from .model import Recommender
 
 
@@ -34,10 +36,16 @@ def parameter_counts(
     with torch.device("meta"):
         model = CLIPModel(config)
         frozen = _count(model)
-        model.requires_grad_(False)
-        inject_adapters(model, peft, 1, GroupContext(), lora_rank=lora_rank)
-        peft_per_group = _count(model, trainable_only=True)
-        recommender = Recommender(items, 1, 2 * config.projection_dim, hidden=hidden, maxlen=maxlen)
+        if peft == "iisan":
+            side = GroupedIISAN(
+                1, config.text_config.hidden_size, config.vision_config.hidden_size, iisan_state_count(config)
+            )
+            peft_per_group, multimodal_dim = _count(side), side.out_features
+        else:
+            model.requires_grad_(False)
+            inject_adapters(model, peft, 1, GroupContext(), lora_rank=lora_rank)
+            peft_per_group, multimodal_dim = _count(model, trainable_only=True), 2 * config.projection_dim
+        recommender = Recommender(items, 1, multimodal_dim, hidden=hidden, maxlen=maxlen)
     projector = _count(recommender.projector)
     sasrec = _count(recommender.sasrec)
     transductive = _count(recommender.item_embeddings) + _count(recommender.position_embeddings)

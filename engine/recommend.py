@@ -30,7 +30,7 @@ def evaluate_run(path: Path) -> dict[str, dict[str, float]]:
     checkpoint = run.best_checkpoint("perpeft")
     config = run.config
     embeddings = load_embeddings(run)
-    dataset = load_dataset(config.data, config.seed)
+    dataset = load_dataset(config.data, config.seed, config.data_dir)
     data = EvaluationData.build(leave_one_out(dataset.sequences), config.maxlen, torch.device("cpu"))
     model = load_model(run, checkpoint, config.groups, dataset.num_items)
     groups = embeddings.groups[data.users]
@@ -119,7 +119,7 @@ def recommend(
     config = run.config
     embeddings = load_embeddings(run)
     if user is not None:
-        dataset = load_dataset(config.data, config.seed)
+        dataset = load_dataset(config.data, config.seed, config.data_dir)
         index = int(engine_indices(dataset.user_ids, [user], "--user")[0])
         sequence = dataset.sequences[index]
         group = int(embeddings.groups[index])

@@ -466,7 +466,7 @@ def run_pipeline(
 
 def load_run_inputs(config: RunConfig, progress: bool) -> RunInputs:
     """Dataset, item encoder and cached item inputs of a run: every user-input error surfaces here."""
-    dataset = load_dataset(config.data, config.seed, Path(config.data_dir) if config.data_dir else None)
+    dataset = load_dataset(config.data, config.seed, config.data_dir)
     bundle = load_clip(config.clip)
     inputs = load_item_inputs(dataset, bundle.tokenizer, bundle.tokenizer_id, bundle.image_size, progress)
     if config.peft == "iisan":

@@ -4,29 +4,43 @@ import torch
 import torch.nn.functional as F
 
 
+def _shared_group(group_ids: torch.Tensor, groups: int) -> int | None:
+    """The group every row belongs to, if one does and finding out needs no device sync; else ``None``."""
+    if groups == 1:
+        return 0
+    if group_ids.device.type != "cpu" or group_ids.numel() == 0:
+        return None
+    first = group_ids[0]
+    return int(first) if bool((group_ids == first).all()) else None
+
+
 def grouped_lora_reference(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, group_ids: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """Row-wise ``scaling * (x[n] @ lora_a[g].T) @ lora_b[g].T`` with ``g = group_ids[n]``.
 
-    All groups are shrunk in one matmul (``[N, C*R]``), the other groups' columns are zeroed, and one
-    matmul expands: two dense GEMMs and no loop over groups, so a mixed-group batch costs what a
-    single adapter costs plus ``C*R`` extra columns.
+    When all rows share one group, that group's two matmuls. Otherwise all groups are shrunk in one
+    matmul (``[N, C*R]``), each row's columns of other groups are zeroed (and its own scaled) by one
+    multiply with a ``[N, C]`` mask, and one matmul expands: two dense GEMMs and no loop over groups,
+    so a mixed-group batch costs what a single adapter costs plus ``C*R`` extra columns. ``scaling``
+    is always applied to the rank-sized intermediate, never to the ``[N, M]`` output.
     """
     groups, rank, in_features = lora_a.shape
     out_features = lora_b.shape[1]
-    shrunk = x @ lora_a.reshape(groups * rank, in_features).T
-    if groups > 1:
-        keep = F.one_hot(group_ids, groups).to(shrunk.dtype)
-        shrunk = (shrunk.view(-1, groups, rank) * keep[:, :, None]).view(-1, groups * rank)
+    shared = _shared_group(group_ids, groups)
+    if shared is not None:
+        return ((x @ lora_a[shared].T) * scaling) @ lora_b[shared].T
+    shrunk = (x @ lora_a.reshape(groups * rank, in_features).T).view(-1, groups, rank)
+    keep = shrunk.new_zeros(shrunk.shape[0], groups, 1).scatter_(1, group_ids.view(-1, 1, 1), scaling)
     expand = lora_b.permute(0, 2, 1).reshape(groups * rank, out_features)
-    return (shrunk @ expand) * scaling
+    return (shrunk * keep).view(-1, groups * rank) @ expand
 
 
 def grouped_ia3_reference(x: torch.Tensor, scales: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """``x * scales[group_ids]``: each row scaled by its group's (IA)3 vector."""
-    if scales.shape[0] == 1:
-        return x * scales[0]
+    shared = _shared_group(group_ids, scales.shape[0])
+    if shared is not None:
+        return x * scales[shared]
     return x * scales[group_ids]
 
 

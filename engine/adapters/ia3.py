@@ -25,7 +25,13 @@ class GroupedIA3Linear(nn.Module):
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        return grouped_ia3(rows, self.ia3_l.to(rows.dtype), self.context.row_groups(x)).view(x.shape)
+        scaled = grouped_ia3(
+            rows,
+            self.ia3_l.to(rows.dtype),
+            self.context.row_groups(x),
+            segments=self.context.segments(self.ia3_l.shape[0]),
+        )
+        return scaled.view(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.feedforward:

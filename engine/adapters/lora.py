@@ -14,16 +14,21 @@ class GroupedLoRALinear(nn.Module):
     """``base(x) + scaling · B_g A_g dropout(x)`` with ``g`` the row's group (HF peft LoRA semantics).
 
     ``lora_A`` is ``[C, r, in]`` (kaiming-uniform, a=√5, as peft), ``lora_B`` is ``[C, out, r]`` (zeros).
+    Dropout (train mode only) zeroes inputs of the LoRA branch with probability ``dropout``; its
+    ``1 / (1 - dropout)`` rescale is folded into ``scaling`` (the branch is linear), so the input is
+    masked by one multiply and never rescaled.
     """
 
     def __init__(
         self, base: nn.Linear, groups: int, rank: int, alpha: float, dropout: float, context: GroupContext
     ) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.base = base
         self.context = context
         self.scaling = alpha / rank
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.lora_A = nn.Parameter(torch.empty(groups, rank, base.in_features))
         self.lora_B = nn.Parameter(torch.zeros(groups, base.out_features, rank))
         for group in range(groups):
@@ -31,8 +36,18 @@ class GroupedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        rows = self.dropout(x).reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        scaling = self.scaling
+        if self.training and self.dropout > 0.0:
+            keep = torch.rand(rows.shape, dtype=torch.float32, device=rows.device) >= self.dropout
+            rows = rows * keep
+            scaling /= 1.0 - self.dropout
         delta = grouped_lora(
-            rows, self.lora_A.to(rows.dtype), self.lora_B.to(rows.dtype), self.context.row_groups(x), self.scaling
+            rows,
+            self.lora_A.to(rows.dtype),
+            self.lora_B.to(rows.dtype),
+            self.context.row_groups(x),
+            scaling,
+            segments=self.context.segments(self.lora_A.shape[0]),
         )
         return out + delta.view(out.shape).to(out.dtype)

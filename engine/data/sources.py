@@ -58,7 +58,7 @@ def default_data_dir() -> Path:
     return Path(configured).expanduser() if configured else cache_root() / "data"
 
 
-def load_dataset(data: str, seed: int, data_dir: Path | None = None) -> Dataset:
+def load_dataset(data: str, seed: int, data_dir: str | Path | None = None) -> Dataset:
     """``demo`` (generated from ``seed``), a named dataset (``arts``, ``sports``, ``toys``, ``beauty``, read
     from ``data_dir/NAME``, default `default_data_dir`) or a RecBole-style dataset directory.
 
@@ -70,7 +70,7 @@ def load_dataset(data: str, seed: int, data_dir: Path | None = None) -> Dataset:
             generate_demo(directory, seed)
         return load_recbole(directory)
     if data in NAMED_DATASETS:
-        directory = (data_dir or default_data_dir()) / data
+        directory = (Path(data_dir).expanduser() if data_dir else default_data_dir()) / data
         if not (directory / f"{data}.inter").is_file():
             raise _not_prepared(data, directory)
         return load_recbole(directory)

@@ -91,6 +91,12 @@ def test_tables_that_require_grad():
     assert target_ranks(**case).tolist() == TOY_RANKS
 
 
+def test_int32_ids_and_moved_history():
+    case = toy_case()
+    case.update(user_groups=case["user_groups"].int(), targets=case["targets"].int(), history=case["history"].to("cpu"))
+    assert target_ranks(**case).tolist() == TOY_RANKS
+
+
 def test_toy_metrics_by_hand():
     metrics = full_ranking_metrics(**toy_case(), ks=(1, 3))
     assert list(metrics) == ["HR@1", "HR@3", "NDCG@1", "NDCG@3"]
