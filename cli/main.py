@@ -52,7 +52,7 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 @click.option(
     "--clip", default=None, help="'tiny', a local HF CLIP directory, or a model id in the local HF cache. [demo: tiny]"
 )
-@click.option("--peft", type=click.Choice(["lora", "ia3"]), default="lora", show_default=True)
+@click.option("--peft", type=click.Choice(["lora", "ia3", "iisan"]), default="lora", show_default=True)
 @click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True, help="Number of user groups C.")
 @click.option(
     "--epochs-global",
@@ -117,7 +117,7 @@ def train(
     show_default=True,
     help="Architecture alias (vit-b-32, tiny) or a local CLIP directory.",
 )
-@click.option("--peft", type=click.Choice(["lora", "ia3"]), default="lora", show_default=True)
+@click.option("--peft", type=click.Choice(["lora", "ia3", "iisan"]), default="lora", show_default=True)
 @click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--items", type=click.IntRange(min=1), required=True, help="Number of items in the catalog.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
