@@ -120,13 +120,16 @@ def train(
 @click.option("--peft", type=click.Choice(["lora", "ia3", "iisan"]), default="lora", show_default=True)
 @click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--items", type=click.IntRange(min=1), required=True, help="Number of items in the catalog.")
+@click.option(
+    "--missing-modalities", is_flag=True, help="Count the placeholders used for items without an image or title."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @reports_input_errors
-def params(clip: str, peft: str, groups: int, items: int, as_json: bool) -> None:
+def params(clip: str, peft: str, groups: int, items: int, missing_modalities: bool, as_json: bool) -> None:
     """Parameter count of each component, without loading weights (paper Table 8)."""
     from perpeft.engine.params import parameter_counts
 
-    counts = parameter_counts(clip, peft, groups, items)
+    counts = parameter_counts(clip, peft, groups, items, missing_modalities=missing_modalities)
     if as_json:
         click.echo(json.dumps(counts, indent=2))
         return

@@ -28,10 +28,20 @@ def _count(module: torch.nn.Module, trainable_only: bool = False) -> int:
 
 
 def parameter_counts(
-    clip: str, peft: str, groups: int, items: int, hidden: int = 32, maxlen: int = 10, lora_rank: int = 4
+    clip: str,
+    peft: str,
+    groups: int,
+    items: int,
+    hidden: int = 32,
+    maxlen: int = 10,
+    lora_rank: int = 4,
+    missing_modalities: bool = False,
 ) -> dict[str, int]:
     """Counts keyed as the ``params`` command's JSON: frozen CLIP, per-group PEFT and projector, SASRec,
-    transductive (ID + position embeddings), and the Global PEFT and PerPEFT totals."""
+    transductive (ID + position embeddings), and the Global PEFT and PerPEFT totals.
+
+    ``missing_modalities`` counts the projector's learned image/title placeholders (present when a
+    catalog has items without an image or title; CLIP-based PEFT only) in ``projector_per_group``."""
     config = clip_config(clip)
     with torch.device("meta"):
         model = CLIPModel(config)
@@ -45,7 +55,13 @@ def parameter_counts(
             model.requires_grad_(False)
             inject_adapters(model, peft, 1, GroupContext(), lora_rank=lora_rank)
             peft_per_group, multimodal_dim = _count(model, trainable_only=True), 2 * config.projection_dim
-        recommender = Recommender(items, 1, multimodal_dim, hidden=hidden, maxlen=maxlen)
+        width = config.projection_dim
+        placeholders = (
+            {"image": slice(0, width), "title": slice(width, 2 * width)}
+            if missing_modalities and peft != "iisan"
+            else None
+        )
+        recommender = Recommender(items, 1, multimodal_dim, hidden=hidden, maxlen=maxlen, placeholders=placeholders)
     projector = _count(recommender.projector)
     sasrec = _count(recommender.sasrec)
     transductive = _count(recommender.item_embeddings) + _count(recommender.position_embeddings)

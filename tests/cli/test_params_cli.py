@@ -33,3 +33,8 @@ def test_unknown_clip_alias_is_one_line_exit_2():
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0
     assert "vit-h-99" in result.output
+
+
+def test_params_counts_missing_modality_placeholders():
+    result = CliRunner().invoke(cli, ["params", "--peft", "ia3", "--items", "18884", "--missing-modalities", "--json"])
+    assert json.loads(result.output)["projector_per_group"] == 67_872 + 2 * 512
