@@ -1,6 +1,16 @@
-"""Every test run keeps its caches (generated demo data, item inputs) in one temporary directory."""
+"""Shared fixtures: one cache directory per test session, and one small trained demo run."""
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+
+from perpeft.engine.config import RunConfig
+from perpeft.engine.data.demo import DemoSpec, generate_demo
+from perpeft.engine.train import train_new_run
+
+SMALL_DEMO = DemoSpec(num_domains=2, num_users=96, items_per_domain=24, min_seq_len=5, max_seq_len=8)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -10,3 +20,38 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory):
     patch.setenv("PERPEFT_CACHE", str(cache))
     yield cache
     patch.undo()
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-domain, 96-user demo dataset directory (read-only for tests)."""
+    return generate_demo(tmp_path_factory.mktemp("data") / "shop", seed=3, spec=SMALL_DEMO)
+
+
+@pytest.fixture(scope="session")
+def small_config() -> Callable[..., RunConfig]:
+    """``small_config(data, **changes)``: a run configuration that trains in seconds."""
+
+    def make(data: Path, **changes: object) -> RunConfig:
+        settings = dict(
+            data=str(data), clip="tiny", groups=2, epochs_global=1, epochs_perpeft=1, lr=1e-3, weight_decay=1e-4
+        )
+        return RunConfig(**{**settings, **changes})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def _trained_run(small_demo: Path, small_config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run, _ = train_new_run(
+        small_config(small_demo), tmp_path_factory.mktemp("trained") / "run", False, lambda line: None, False
+    )
+    return run.path
+
+
+@pytest.fixture(scope="module")
+def demo_run(_trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of one small trained run (E1 = E2 = 1, C = 2), free to modify."""
+    copy = tmp_path_factory.mktemp("run") / "run"
+    shutil.copytree(_trained_run, copy)
+    return copy

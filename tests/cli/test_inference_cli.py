@@ -11,13 +11,11 @@ from peft import PeftModel
 
 from perpeft.cli.inference import embed, evaluate, export, recommend
 from perpeft.cli.main import cli
-from perpeft.engine.config import RunConfig
-from perpeft.engine.data.demo import DemoSpec, generate_demo
 from perpeft.engine.embed import EMBEDDINGS, load_model
 from perpeft.engine.encoder import load_clip
 from perpeft.engine.inputs import normalize_pixels
 from perpeft.engine.run import RunDirectory
-from perpeft.engine.train import load_run_inputs, train_new_run
+from perpeft.engine.train import load_run_inputs
 
 for command in (embed, evaluate, recommend, export):
     if command.name not in cli.commands:
@@ -37,19 +35,12 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    """A trained run, embedded through the CLI."""
-    root = tmp_path_factory.mktemp("cli")
-    spec = DemoSpec(num_domains=2, num_users=96, items_per_domain=24, min_seq_len=5, max_seq_len=8)
-    data = generate_demo(root / "shop", seed=3, spec=spec)
-    config = RunConfig(
-        data=str(data), clip="tiny", groups=2, epochs_global=1, epochs_perpeft=1, lr=1e-3, weight_decay=1e-4
-    )
-    run, _ = train_new_run(config, root / "run", False, lambda line: None, progress=False)
-    result = invoke("embed", "--run", str(run.path), "--batch-size", "16", "--quiet")
+def demo_run(demo_run: Path) -> Path:
+    """The shared small run, embedded through the CLI."""
+    result = invoke("embed", "--run", str(demo_run), "--batch-size", "16", "--quiet")
     assert result.exit_code == 0, result.output
     assert "2 groups × 34 items × 32" in result.stdout
-    return run.path
+    return demo_run
 
 
 def test_evaluate_reproduces_metrics_json(demo_run):

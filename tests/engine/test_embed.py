@@ -8,7 +8,6 @@ import torch
 
 from perpeft.engine import embed as embed_module
 from perpeft.engine.config import RunConfig
-from perpeft.engine.data.demo import DemoSpec, generate_demo
 from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.embed import (
     EMBEDDINGS,
@@ -22,23 +21,11 @@ from perpeft.engine.embed import (
 )
 from perpeft.engine.errors import InputError
 from perpeft.engine.run import RunDirectory, load_tensors
-from perpeft.engine.train import GROUPING, load_run_inputs, train_new_run
+from perpeft.engine.train import GROUPING, load_run_inputs
 
 
 class Interrupt(Exception):
     pass
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("embed")
-    spec = DemoSpec(num_domains=2, num_users=96, items_per_domain=24, min_seq_len=5, max_seq_len=8)
-    data = generate_demo(root / "shop", seed=3, spec=spec)
-    config = RunConfig(
-        data=str(data), clip="tiny", groups=2, epochs_global=1, epochs_perpeft=1, lr=1e-3, weight_decay=1e-4
-    )
-    run, _ = train_new_run(config, root / "run", False, lambda line: None, progress=False)
-    return run.path
 
 
 @pytest.fixture(scope="module")

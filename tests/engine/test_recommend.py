@@ -7,28 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from perpeft.engine.config import RunConfig
-from perpeft.engine.data.demo import DemoSpec, generate_demo
 from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.embed import EMBEDDINGS, embed_run, load_embeddings, load_model
 from perpeft.engine.errors import InputError
 from perpeft.engine.grouping import user_space_vectors
 from perpeft.engine.recommend import evaluate_run, grouping_space_vectors, nearest_centroid, recommend
 from perpeft.engine.run import RunDirectory
-from perpeft.engine.train import SNAPSHOT, load_run_inputs, train_new_run
+from perpeft.engine.train import SNAPSHOT, load_run_inputs
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("recommend")
-    spec = DemoSpec(num_domains=2, num_users=96, items_per_domain=24, min_seq_len=5, max_seq_len=8)
-    data = generate_demo(root / "shop", seed=3, spec=spec)
-    config = RunConfig(
-        data=str(data), clip="tiny", groups=2, epochs_global=1, epochs_perpeft=1, lr=1e-3, weight_decay=1e-4
-    )
-    run, _ = train_new_run(config, root / "run", False, lambda line: None, progress=False)
-    embed_run(run.path, progress=False)
-    return run.path
+def demo_run(demo_run: Path) -> Path:
+    """The shared small run, embedded."""
+    embed_run(demo_run, progress=False)
+    return demo_run
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from perpeft.engine.config import RunConfig
-from perpeft.engine.data.demo import DemoSpec, generate_demo
 from perpeft.engine.train import resume_run, train_new_run
 
 METRIC_KEYS = {"HR@10", "HR@20", "HR@30", "NDCG@10", "NDCG@20", "NDCG@30"}
@@ -17,17 +16,12 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory) -> Path:
-    spec = DemoSpec(num_domains=2, num_users=96, items_per_domain=24, min_seq_len=5, max_seq_len=8)
-    return generate_demo(tmp_path_factory.mktemp("data") / "shop", seed=3, spec=spec)
+@pytest.fixture
+def two_epoch_config(small_config):
+    def make(data: Path, **changes) -> RunConfig:
+        return small_config(data, epochs_global=2, epochs_perpeft=2, **changes)
 
-
-def small_config(data: Path, **changes) -> RunConfig:
-    settings = dict(
-        data=str(data), clip="tiny", groups=2, epochs_global=2, epochs_perpeft=2, lr=1e-3, weight_decay=1e-4
-    )
-    return RunConfig(**{**settings, **changes})
+    return make
 
 
 def interrupt_at(line_start: str):
@@ -38,8 +32,10 @@ def interrupt_at(line_start: str):
     return report
 
 
-def test_run_directory_and_metrics_schema(small_demo, tmp_path):
-    run, metrics = train_new_run(small_config(small_demo), tmp_path / "run", False, lambda line: None, progress=False)
+def test_run_directory_and_metrics_schema(small_demo, two_epoch_config, tmp_path):
+    run, metrics = train_new_run(
+        two_epoch_config(small_demo), tmp_path / "run", False, lambda line: None, progress=False
+    )
     on_disk = json.loads((run.path / "metrics.json").read_text())
     assert on_disk == metrics
     assert {"dataset", "peft", "groups", "seed", "global", "perpeft"} <= set(metrics)
@@ -58,20 +54,20 @@ def test_run_directory_and_metrics_schema(small_demo, tmp_path):
         "perpeft/best.safetensors",
     ):
         assert (run.path / name).is_file(), name
-    assert RunConfig.from_json_file(run.path / "config.json") == small_config(small_demo).resolved()
+    assert RunConfig.from_json_file(run.path / "config.json") == two_epoch_config(small_demo).resolved()
 
 
-def test_no_baseline_stops_global_at_e1(small_demo, tmp_path):
+def test_no_baseline_stops_global_at_e1(small_demo, two_epoch_config, tmp_path):
     _, metrics = train_new_run(
-        small_config(small_demo, baseline=False), tmp_path / "run", False, lambda line: None, progress=False
+        two_epoch_config(small_demo, baseline=False), tmp_path / "run", False, lambda line: None, progress=False
     )
     assert metrics["global"]["epochs"] == 2
     assert metrics["global"]["model"] == "stage1"
 
 
 @pytest.mark.parametrize("stop_at", ["global epoch 3/4", "perpeft epoch 1/2"])
-def test_resume_equals_uninterrupted(small_demo, tmp_path, stop_at):
-    config = small_config(small_demo)
+def test_resume_equals_uninterrupted(small_demo, two_epoch_config, tmp_path, stop_at):
+    config = two_epoch_config(small_demo)
     _, uninterrupted = train_new_run(config, tmp_path / "whole", False, lambda line: None, progress=False)
     with pytest.raises(Interrupt):
         train_new_run(config, tmp_path / "cut", False, interrupt_at(stop_at), progress=False)
