@@ -45,7 +45,6 @@ def evaluate_run(path: Path) -> dict[str, dict[str, float]]:
             groups,
             data.targets[stage],
             data.histories[stage],
-            batch_size=config.eval_batch_size,
         )
         for stage in ("valid", "test")
     }

@@ -241,9 +241,7 @@ def evaluate_model(
     results = {}
     for stage in ("valid", "test"):
         vectors = model.user_vectors(data.windows[stage], groups, tables, config.eval_batch_size)
-        results[stage] = full_ranking_metrics(
-            vectors, tables, groups, data.targets[stage], data.histories[stage], batch_size=config.eval_batch_size
-        )
+        results[stage] = full_ranking_metrics(vectors, tables, groups, data.targets[stage], data.histories[stage])
     return results
 
 
