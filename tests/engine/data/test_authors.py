@@ -5,6 +5,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -13,6 +14,7 @@ from perpeft.engine.data.formats import load_recbole
 from perpeft.engine.data.safe_pickle import load_plain_pickle
 from perpeft.engine.data.sources import load_dataset
 from perpeft.engine.errors import InputError
+from perpeft.engine.train import train_new_run
 
 KEYS = {1: "B0A", 2: "B0B", 3: "B0C", 4: "B0D", 5: "B0E", 6: "B0F", 7: "UNUSED"}
 TITLES = {"B0A": "Red\tpaint set", "B0B": "Brush", "B0C": None, "B0D": "Easel", "B0E": "Canvas", "B0F": "Ink"}
@@ -193,3 +195,22 @@ def test_named_dataset_loads_from_data_dir_or_perpeft_data(tmp_path: Path, monke
     assert load_dataset("toys", 0).num_items == 6
     assert load_dataset(str(tmp_path / "data" / "toys"), 0).num_items == 6  # a directory still works
     assert "no such dataset directory" in error_of(load_dataset, str(tmp_path / "nowhere"), 0)
+
+
+def test_authors_format_trains_end_to_end(tmp_path: Path, small_config) -> None:
+    """The authors' release → prepare → train: the whole pipeline runs on a converted dataset."""
+    keys = {k: f"B{k:03d}" for k in range(1, 31)}
+    rng = np.random.default_rng(0)
+    lines = [f"{user} {item}" for user in range(1, 41) for item in rng.choice(30, size=6, replace=False) + 1]
+    src = tmp_path / "released"
+    (src / "arts_images").mkdir(parents=True)
+    (src / "arts_final.txt").write_text("\n".join(lines) + "\n")
+    (src / "arts_item2id_final.pickle").write_bytes(pickle.dumps(keys))
+    (src / "arts_texts_final.pickle").write_bytes(pickle.dumps({key: f"item {key} red golf" for key in keys.values()}))
+    for k, key in keys.items():
+        (src / "arts_images" / f"{key}.jpg").write_bytes(jpeg((8 * k, 100, 200 - 5 * k)))
+    prepare_authors(src, "arts", tmp_path / "arts")
+
+    _, metrics = train_new_run(small_config(tmp_path / "arts"), tmp_path / "run", False, lambda line: None, False)
+    assert metrics["dataset"] == "arts"
+    assert 0.0 <= metrics["perpeft"]["test"]["HR@30"] <= 1.0
