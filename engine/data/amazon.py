@@ -30,7 +30,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from .sources import PreparedDataset, check_output, id_problem, normalise_title, verify_images, write_prepared
+from .sources import (
+    PreparedDataset,
+    check_output,
+    id_problem,
+    jpeg_sources,
+    normalise_title,
+    verify_images,
+    write_prepared,
+)
 
 CORE = 5
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -148,8 +156,7 @@ def prepare_amazon2023(
 
     meta_lines = JsonLines(meta, skip_bad_lines, progress, "meta")
     titles, unused, meta_duplicates = _titles(meta_lines, item_ids)
-    present = {path.name for path in images.iterdir()}
-    sources = [images / f"{item}.jpg" if f"{item}.jpg" in present else None for item in item_ids]
+    sources = jpeg_sources(images, item_ids)
     verified, unreadable = verify_images(sources, skip_bad_images, progress)
 
     dataset = PreparedDataset(

@@ -33,6 +33,7 @@ from .sources import (
     PreparedDataset,
     check_output,
     id_problem,
+    jpeg_sources,
     normalise_title,
     verify_images,
     write_prepared,
@@ -70,8 +71,7 @@ def prepare_authors(
     image_dir = src / f"{prefix}_images"
     if not image_dir.is_dir():
         raise InputError(f"{image_dir}: image directory not found")
-    present = {path.name for path in image_dir.iterdir()}
-    sources = [image_dir / f"{item}.jpg" if f"{item}.jpg" in present else None for item in item_ids]
+    sources = jpeg_sources(image_dir, item_ids)
     images, unreadable = verify_images(sources, skip_bad_images, progress)
 
     dataset = PreparedDataset(

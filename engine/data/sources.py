@@ -148,6 +148,12 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise InputError(f"{out}: output exists; pass --overwrite to replace it")
 
 
+def jpeg_sources(directory: Path, item_ids: list[str]) -> list[Path | None]:
+    """``directory/ITEM.jpg`` for every item that has one, else None (one directory listing)."""
+    present = {path.name for path in directory.iterdir()}
+    return [directory / f"{item}.jpg" if f"{item}.jpg" in present else None for item in item_ids]
+
+
 def verify_images(
     sources: list[Path | None], skip_bad_images: bool, progress: bool, threads: int = 4
 ) -> tuple[list[Path | None], int]:
