@@ -2,6 +2,7 @@
 
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,17 @@ def _wrong_width(path: Path, line_number: int, expected: int, found: int) -> Inp
     return InputError(f"{path}: line {line_number}: expected {expected} tab-separated fields, found {found}")
 
 
+def _rows(path: Path, lines: list[str], width: int) -> Iterator[tuple[int, list[str]]]:
+    """(1-based line number, fields) of every non-empty data line, each checked to have ``width`` fields."""
+    for line_number, line in enumerate(lines[1:], start=2):
+        if not line:
+            continue
+        fields = line.split("\t")
+        if len(fields) != width:
+            raise _wrong_width(path, line_number, width, len(fields))
+        yield line_number, fields
+
+
 def _read_items(path: Path) -> tuple[list[str], list[str]]:
     """Item ids and titles in file order."""
     lines = _read_lines(path, "item")
@@ -104,12 +116,7 @@ def _read_items(path: Path) -> tuple[list[str], list[str]]:
     first_line_of: dict[str, int] = {}
     item_ids: list[str] = []
     titles: list[str] = []
-    for line_number, line in enumerate(lines[1:], start=2):
-        if not line:
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(columns):
-            raise _wrong_width(path, line_number, len(columns), len(fields))
+    for line_number, fields in _rows(path, lines, len(columns)):
         item_id = fields[id_column]
         if item_id in first_line_of:
             raise InputError(
@@ -163,12 +170,7 @@ def _read_interactions(path: Path, item_index: dict[str, int]) -> tuple[list[str
     users: list[int] = []
     items: list[int] = []
     stamps: list[float] = []
-    for line_number, line in enumerate(lines[1:], start=2):
-        if not line:
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(columns):
-            raise _wrong_width(path, line_number, len(columns), len(fields))
+    for line_number, fields in _rows(path, lines, len(columns)):
         item = item_index.get(fields[item_column])
         if item is None:
             raise InputError(f"{path}: line {line_number}: item {fields[item_column]!r} is not in the item file")
