@@ -42,3 +42,8 @@ def fit_groups(
     labels = kmeans.fit_predict(vectors)
     assignment = np.concatenate([[0], labels]).astype(np.int64)
     return assignment, torch.from_numpy(kmeans.cluster_centers_.astype(np.float32))
+
+
+def nearest_centroid(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the (Euclidean) nearest centroid of each vector: K-Means' assignment rule."""
+    return torch.cdist(vectors, centroids).argmin(dim=1)

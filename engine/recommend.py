@@ -16,6 +16,7 @@ from .data.split import last_window, leave_one_out
 from .embed import Embeddings, load_embeddings, load_model
 from .errors import InputError
 from .evaluate import full_ranking_metrics
+from .grouping import nearest_centroid
 from .run import RunDirectory
 from .train import SNAPSHOT, EvaluationData, PerpeftModel, load_run_inputs
 
@@ -83,11 +84,6 @@ def grouping_space_vectors(snapshot: PerpeftModel, histories: list[np.ndarray], 
     table[0, items] = vectors
     groups = torch.zeros(len(histories), dtype=torch.long)
     return snapshot.user_vectors(torch.from_numpy(windows), groups, table, len(histories))
-
-
-def nearest_centroid(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of the (Euclidean) nearest centroid of each vector: K-Means' assignment rule."""
-    return torch.cdist(vectors, centroids).argmin(dim=1)
 
 
 def top_k(

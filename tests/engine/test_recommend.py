@@ -10,8 +10,8 @@ import torch
 from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.embed import EMBEDDINGS, embed_run, load_embeddings, load_model
 from perpeft.engine.errors import InputError
-from perpeft.engine.grouping import user_space_vectors
-from perpeft.engine.recommend import evaluate_run, grouping_space_vectors, nearest_centroid, recommend
+from perpeft.engine.grouping import nearest_centroid, user_space_vectors
+from perpeft.engine.recommend import evaluate_run, grouping_space_vectors, recommend
 from perpeft.engine.run import RunDirectory
 from perpeft.engine.train import SNAPSHOT, load_run_inputs
 
