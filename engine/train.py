@@ -434,7 +434,7 @@ def run_pipeline(
         state["grouping"] = {"sizes": sizes}
         save_state()
         report(f"grouping: {config.groups} groups of sizes {sizes}")
-    global_stage = None
+    global_stage = None  # release the Global PEFT model (and its CLIP copy) before PerPEFT builds its own
     assignment = load_tensors(run.file(GROUPING))[0]["assignment"].numpy()
     sampler = TrainSampler(
         split.train, dataset.num_items, config.maxlen, config.batch_size, assignment, config.group_negatives
