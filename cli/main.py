@@ -7,10 +7,13 @@ from typing import Any
 import click
 from tqdm.auto import tqdm
 
+from perpeft.cli.analyze import analyze
 from perpeft.cli.errors import reports_input_errors
+from perpeft.cli.experiment import experiment
 from perpeft.cli.inference import embed, evaluate, export, recommend
 from perpeft.cli.prepare import fetch_images, prepare
 from perpeft.engine.config import RunConfig
+from perpeft.engine.methods import METHODS
 
 METRIC_ORDER = ("HR@10", "HR@20", "HR@30", "NDCG@10", "NDCG@20", "NDCG@30")
 
@@ -21,12 +24,21 @@ def cli() -> None:
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
-    """Test metrics of Global PEFT and PerPEFT side by side, with PerPEFT's relative change."""
+    """Test metrics of the run's method; for PerPEFT, Global PEFT and PerPEFT side by side with the change."""
+    method = METHODS[metrics.get("method", "perpeft")]
+    peft = f" · {metrics['peft']}" if metrics.get("peft") else ""
+    rows = [
+        f"{metrics['dataset']} · {method.name}{peft} · C={metrics['groups']} · seed {metrics['seed']}  "
+        "(test, best epoch by valid HR@30)",
+        f"{'':<22}" + "".join(f"{name:>10}" for name in METRIC_ORDER),
+    ]
+    if not method.grouped_adapters:
+        result = metrics[metrics["result"]]["test"]
+        rows.append(f"{method.title:<22}" + "".join(f"{result[name]:>10.4f}" for name in METRIC_ORDER))
+        return "\n".join(rows)
     glob, per = metrics["global"]["test"], metrics["perpeft"]["test"]
     label = "Global PEFT" if metrics["global"].get("model") == "baseline" else "Global PEFT (stage 1)"
-    rows = [
-        f"{metrics['dataset']} · {metrics['peft']} · C={metrics['groups']} · seed {metrics['seed']}  (test, best epoch by valid HR@30)",
-        f"{'':<22}" + "".join(f"{name:>10}" for name in METRIC_ORDER),
+    rows += [
         f"{label:<22}" + "".join(f"{glob[name]:>10.4f}" for name in METRIC_ORDER),
         f"{'PerPEFT':<22}" + "".join(f"{per[name]:>10.4f}" for name in METRIC_ORDER),
         f"{'change':<22}"
@@ -52,8 +64,32 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 @click.option(
     "--clip", default=None, help="'tiny', a local HF CLIP directory, or a model id in the local HF cache. [demo: tiny]"
 )
+@click.option(
+    "--method",
+    type=click.Choice(list(METHODS)),
+    default="perpeft",
+    show_default=True,
+    help="PerPEFT, a Table 2 baseline, or large-global-peft (Table 3).",
+)
 @click.option("--peft", type=click.Choice(["lora", "ia3", "iisan"]), default="lora", show_default=True)
 @click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True, help="Number of user groups C.")
+@click.option("--no-text", is_flag=True, help="Ablation: encode item images only.")
+@click.option("--no-image", is_flag=True, help="Ablation: encode item titles only.")
+@click.option("--no-group-negatives", is_flag=True, help="Ablation: PerPEFT draws negatives from all items.")
+@click.option(
+    "--grouping",
+    type=click.Choice(["interest", "random"]),
+    default="interest",
+    show_default=True,
+    help="interest: cluster Global-PEFT user vectors; random: the Table 3 ablation.",
+)
+@click.option(
+    "--clustering",
+    type=click.Choice(["kmeans", "gmm"]),
+    default="kmeans",
+    show_default=True,
+    help="Clustering of the user vectors (App. C.4.3).",
+)
 @click.option(
     "--epochs-global",
     type=click.IntRange(min=1),
@@ -93,18 +129,33 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 @reports_input_errors
 def train(
-    resume: Path | None, out: Path | None, overwrite: bool, quiet: bool, no_baseline: bool, **options: Any
+    resume: Path | None,
+    out: Path | None,
+    overwrite: bool,
+    quiet: bool,
+    no_baseline: bool,
+    no_text: bool,
+    no_image: bool,
+    no_group_negatives: bool,
+    **options: Any,
 ) -> None:
-    """Train Global PEFT and PerPEFT end to end and print their test metrics."""
+    """Train a method end to end (default PerPEFT, with its Global PEFT baseline) and print test metrics."""
     from perpeft.engine.train import resume_run, train_new_run
 
     report = (lambda line: None) if quiet else tqdm.write
     if resume is not None:
         run, metrics = resume_run(resume, report, progress=not quiet)
     else:
-        config = RunConfig(baseline=not no_baseline, **options)
+        config = RunConfig(
+            baseline=not no_baseline,
+            text=not no_text,
+            image=not no_image,
+            group_negatives=not no_group_negatives,
+            **options,
+        )
         if out is None:
-            out = Path("runs") / f"{Path(config.data).name}-{config.peft}-seed{config.seed}"
+            method = "" if config.method == "perpeft" else f"{config.method}-"
+            out = Path("runs") / f"{Path(config.data).name}-{method}{config.peft}-seed{config.seed}"
         run, metrics = train_new_run(config, out, overwrite, report, progress=not quiet)
     click.echo(metrics_table(metrics))
     click.echo(f"run directory: {run.path}")
@@ -143,3 +194,5 @@ cli.add_command(evaluate)
 cli.add_command(recommend)
 cli.add_command(export)
 cli.add_command(fetch_images)
+cli.add_command(experiment)
+cli.add_command(analyze)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+from .methods import check_method
 
 # The paper's settings (App. C.2) apply to real data; the demo is ~20× smaller, so it takes fewer,
 # larger-step epochs to converge inside the three-minute budget.
@@ -18,6 +19,7 @@ class RunConfig:
     """Every hyperparameter, path and switch of a training run; ``None`` fields take the dataset's preset."""
 
     data: str = "demo"
+    method: str = "perpeft"
     data_dir: str | None = None
     clip: str | None = None
     peft: str = "lora"
@@ -39,6 +41,10 @@ class RunConfig:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.1
     group_negatives: bool = True
+    text: bool = True
+    image: bool = True
+    grouping: str = "interest"
+    clustering: str = "kmeans"
     eval_batch_size: int = 1024
     encode_batch_size: int = 256
 
@@ -51,6 +57,7 @@ class RunConfig:
             raise InputError("--clip is required for real data: a local HF CLIP directory or a cached model id")
         if config.compile not in ("auto", "on", "off"):
             raise InputError(f"--compile {config.compile}: expected auto, on or off")
+        check_method(config)
         if config.groups < 1 or config.epochs_global < 1 or config.epochs_perpeft < 0 or config.batch_size < 1:
             raise InputError("--groups, --epochs-global and --batch-size must be positive")
         return config

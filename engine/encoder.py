@@ -20,6 +20,7 @@ from .inputs import Tokenizer, normalize_pixels
 from .tiny_clip import CLIP_MEAN, CLIP_STD, TINY_CLIP_DIR, HashWordTokenizer, tiny_clip_config
 
 PEFT_TYPES = ("lora", "ia3", "none")
+MODALITIES = ("image", "title")
 
 # Paper settings (§4.1.4, App. A): LoRA on q/v; (IA)3 on k/v outputs and fc1 inputs; both towers.
 LORA_TARGETS = ("q_proj", "v_proj")
@@ -140,14 +141,31 @@ def inject_adapters(
         setattr(clip.get_submodule(parent_name), child, wrapped)
 
 
+def modality_columns(modalities: tuple[str, ...], width: int) -> dict[str, slice]:
+    """Columns of each modality's ``width``-wide embedding in the encoder output, in ``modalities`` order."""
+    return {name: slice(index * width, (index + 1) * width) for index, name in enumerate(modalities)}
+
+
 class GroupedClipEncoder(nn.Module):
     """Frozen CLIP with grouped adapters: items of any mix of groups encoded in one batch.
 
-    Returns concat(image_embeds, text_embeds) (each L2-normalised by CLIPModel), the projector's input.
+    Returns concat(image_embeds, text_embeds) (each L2-normalised, as CLIPModel does), the projector's
+    input; ``modalities`` drops a tower (the paper's w/o-text and w/o-image ablations) without running it.
     """
 
-    def __init__(self, bundle: ClipBundle, peft: str, groups: int, **adapter_settings: float) -> None:
+    def __init__(
+        self,
+        bundle: ClipBundle,
+        peft: str,
+        groups: int,
+        modalities: tuple[str, ...] = MODALITIES,
+        **adapter_settings: float,
+    ) -> None:
         super().__init__()
+        unknown = set(modalities) - set(MODALITIES)
+        if unknown or not modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+        self.modalities = tuple(name for name in MODALITIES if name in modalities)
         # A private copy: adapters are injected in place, and one bundle may serve several encoders
         # (the Global PEFT and PerPEFT stages of a run).
         self.clip = copy.deepcopy(bundle.model)
@@ -159,14 +177,13 @@ class GroupedClipEncoder(nn.Module):
 
     @property
     def out_features(self) -> int:
-        """Width of concat(image_embeds, text_embeds), the projector's input."""
-        return 2 * self.clip.config.projection_dim
+        """Width of concat(image_embeds, text_embeds) (or of the one kept), the projector's input."""
+        return len(self.modalities) * self.clip.config.projection_dim
 
     @property
     def modality_columns(self) -> dict[str, slice]:
         """Which output columns come from the image and which from the title, in ``present`` order."""
-        width = self.clip.config.projection_dim
-        return {"image": slice(0, width), "title": slice(width, 2 * width)}
+        return modality_columns(self.modalities, self.clip.config.projection_dim)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Only the adapter parameters (what training changes), keyed by module path."""
@@ -180,12 +197,38 @@ class GroupedClipEncoder(nn.Module):
         group_ids: torch.Tensor,
     ) -> torch.Tensor:
         self.context.set(group_ids)
+        parts = []
         try:
-            output = self.clip(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                pixel_values=normalize_pixels(pixels, self.image_mean, self.image_std),
-            )
+            if "image" in self.modalities:
+                pixel_values = normalize_pixels(pixels, self.image_mean, self.image_std)
+                pooled = self.clip.vision_model(pixel_values=pixel_values).pooler_output
+                parts.append(self.clip.visual_projection(pooled))
+            if "title" in self.modalities:
+                pooled = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+                parts.append(self.clip.text_projection(pooled))
         finally:
             self.context.clear()
-        return torch.cat([output.image_embeds, output.text_embeds], dim=-1)
+        # CLIPModel's normalisation, written out: the towers are called one by one so a dropped one never runs.
+        return torch.cat([part / part.pow(2).sum(dim=-1, keepdim=True).sqrt() for part in parts], dim=-1)
+
+
+class FrozenFeatures(nn.Module):
+    """Frozen MM's item encoder: CLIP without adapters never changes, so its output for every item is
+    computed once (``encode_frozen``) and looked up; ``forward(items, group_ids)`` returns those rows."""
+
+    def __init__(self, features: torch.Tensor, modalities: tuple[str, ...], width: int) -> None:
+        super().__init__()
+        self.register_buffer("features", features, persistent=False)
+        self.modalities = modalities
+        self.width = width
+
+    @property
+    def out_features(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def modality_columns(self) -> dict[str, slice]:
+        return modality_columns(self.modalities, self.width)
+
+    def forward(self, items: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        return self.features[items]

@@ -1,10 +1,12 @@
-"""User grouping (paper §3.2.2): Global-PEFT user vectors, K-Means, centroids, nearest-centroid assignment."""
+"""User grouping (paper §3.2.2): Global-PEFT user vectors, K-Means (or GMM, App. C.4.3, or random, the
+Table 3 ablation), centroids, nearest-centroid assignment."""
 
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
+from sklearn.mixture import GaussianMixture
 
 from .config import RunConfig
 from .data.split import Split, last_window
@@ -14,6 +16,7 @@ if TYPE_CHECKING:
     from .train import PerpeftModel
 
 KMEANS_MAX_ITER = 100
+RANDOM_GROUPING_STREAM = 7  # a seed-sequence key of its own, apart from training's (seed, stage, epoch)
 
 
 def grouping_histories(split: Split) -> list[np.ndarray]:
@@ -28,20 +31,37 @@ def user_space_vectors(model: "PerpeftModel", split: Split, num_items: int, conf
     tables = model.item_tables(num_items, config.encode_batch_size)
     windows = torch.from_numpy(last_window(grouping_histories(split)[1:], config.maxlen)).to(device)
     zeros = torch.zeros(windows.shape[0], dtype=torch.long, device=device)
-    return model.user_vectors(windows, zeros, tables, config.eval_batch_size)
+    users = torch.arange(1, windows.shape[0] + 1)
+    return model.user_vectors(windows, zeros, tables, config.eval_batch_size, users)
 
 
 def fit_groups(
     model: "PerpeftModel", split: Split, num_items: int, config: RunConfig
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """K-Means (C clusters, max_iter 100, seeded) on the user vectors: assignment ``[U+1]`` and centroids ``[C, d]``."""
+    """Group users on their Global-PEFT vectors: assignment ``[U+1]`` (entry 0 unused) and centroids ``[C, d]``.
+
+    ``kmeans``: scikit-learn K-Means (C clusters, max_iter 100, seeded). ``gmm``: a seeded Gaussian mixture
+    (full covariances); its centroids are the component means. ``--grouping random``: a seeded balanced
+    random assignment; its centroids are the groups' mean vectors. New users always join the nearest
+    centroid (K-Means' rule; for a GMM this ignores the covariances).
+    """
     vectors = user_space_vectors(model, split, num_items, config).float().cpu().numpy()
     if vectors.shape[0] < config.groups:
         raise InputError(f"--groups {config.groups}: only {vectors.shape[0]} users to group")
-    kmeans = KMeans(n_clusters=config.groups, max_iter=KMEANS_MAX_ITER, random_state=config.seed, n_init="auto")
-    labels = kmeans.fit_predict(vectors)
+    if config.grouping == "random":
+        rng = np.random.default_rng([config.seed, RANDOM_GROUPING_STREAM])
+        labels = rng.permutation(np.arange(vectors.shape[0]) % config.groups)
+        centroids = np.stack([vectors[labels == group].mean(axis=0) for group in range(config.groups)])
+    elif config.clustering == "gmm":
+        mixture = GaussianMixture(n_components=config.groups, max_iter=KMEANS_MAX_ITER, random_state=config.seed)
+        labels = mixture.fit_predict(vectors)
+        centroids = mixture.means_
+    else:
+        kmeans = KMeans(n_clusters=config.groups, max_iter=KMEANS_MAX_ITER, random_state=config.seed, n_init="auto")
+        labels = kmeans.fit_predict(vectors)
+        centroids = kmeans.cluster_centers_
     assignment = np.concatenate([[0], labels]).astype(np.int64)
-    return assignment, torch.from_numpy(kmeans.cluster_centers_.astype(np.float32))
+    return assignment, torch.from_numpy(np.asarray(centroids, dtype=np.float32))
 
 
 def nearest_centroid(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

@@ -126,6 +126,39 @@ class SASRec(nn.Module):
         return self.last_norm(x)
 
 
+class PersonalEmbedding(nn.Module):
+    """A learned embedding per user (User-level) or per group (Group-level) fed to SASRec (paper §4.1.3).
+
+    Mode 1 appends it to the sequence as one more element, with its own position vector. Mode 2
+    concatenates it to every item vector and maps ``[z; p]`` back to d with a Linear that starts as
+    ``[I 0]``, so a model warm-started from Global PEFT begins exactly where Global PEFT ended.
+    """
+
+    def __init__(self, rows: int, hidden: int, mode: int) -> None:
+        super().__init__()
+        if mode not in (1, 2):
+            raise ValueError(f"personal embedding mode must be 1 or 2, got {mode}")
+        self.mode = mode
+        self.embeddings = nn.Parameter(nn.init.xavier_normal_(torch.empty(rows, hidden)))
+        if mode == 1:
+            self.position = nn.Parameter(nn.init.xavier_normal_(torch.empty(1, hidden))[0])
+        else:
+            self.mix = nn.Linear(2 * hidden, hidden)
+            with torch.no_grad():
+                self.mix.weight.zero_()
+                self.mix.weight[:, :hidden] = torch.eye(hidden)
+                self.mix.bias.zero_()
+
+    def element(self, rows: torch.Tensor, scale: float) -> torch.Tensor:
+        """Mode 1: the extra sequence element ``[B, d]``, scaled like the item vectors."""
+        return self.embeddings[rows] * scale + self.position
+
+    def concatenated(self, vectors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Mode 2: ``Linear([z_t; p])`` for every position of ``vectors`` ``[B, L, d]``."""
+        personal = self.embeddings[rows].unsqueeze(1).expand_as(vectors)
+        return self.mix(torch.cat([vectors, personal], dim=-1))
+
+
 class Recommender(nn.Module):
     """Everything trainable beside the CLIP adapters: projector(s), ID/position embeddings, SASRec."""
 
@@ -140,6 +173,8 @@ class Recommender(nn.Module):
         heads: int = 4,
         dropout: float = 0.3,
         placeholders: dict[str, slice] | None = None,
+        personal_rows: int = 0,
+        personal_mode: int = 0,
     ) -> None:
         super().__init__()
         self.hidden = hidden
@@ -156,6 +191,7 @@ class Recommender(nn.Module):
         with torch.no_grad():
             self.item_embeddings.weight[0].zero_()
             self.position_embeddings.weight[0].zero_()
+        self.personal = PersonalEmbedding(personal_rows, hidden, personal_mode) if personal_rows else None
 
     def item_vectors(
         self,
@@ -172,13 +208,31 @@ class Recommender(nn.Module):
         z = MULTIMODAL_WEIGHT * self.projector(multimodal, group_ids, present) + ids
         return z * (items != 0).unsqueeze(-1).to(z.dtype)
 
-    def sequence_output(self, sequence_items: torch.Tensor, sequence_vectors: torch.Tensor) -> torch.Tensor:
-        """SASRec over ``[B, L]`` item ids with their vectors ``[B, L, d]`` → ``[B, L, d]``."""
+    def sequence_output(
+        self,
+        sequence_items: torch.Tensor,
+        sequence_vectors: torch.Tensor,
+        personal_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """SASRec over ``[B, L]`` item ids with their vectors ``[B, L, d]`` → ``[B, L, d]``.
+
+        With personal embeddings, ``personal_rows`` ``[B]`` picks each sequence's user or group embedding.
+        """
+        if self.personal is not None and personal_rows is None:
+            raise ValueError("this model has personal embeddings: pass personal_rows")
         length = sequence_items.shape[1]
+        real = sequence_items != 0
+        if self.personal is not None and self.personal.mode == 2:
+            sequence_vectors = self.personal.concatenated(sequence_vectors, personal_rows) * real.unsqueeze(-1)
         positions = torch.arange(1, length + 1, device=sequence_items.device).expand_as(sequence_items)
-        positions = positions * (sequence_items != 0)
-        x = sequence_vectors * math.sqrt(self.hidden) + self.position_embeddings(positions)
-        return self.sasrec(self.embedding_dropout(x))
+        x = sequence_vectors * math.sqrt(self.hidden) + self.position_embeddings(positions * real)
+        if self.personal is None or self.personal.mode == 2:
+            return self.sasrec(self.embedding_dropout(x))
+        element = self.personal.element(personal_rows, math.sqrt(self.hidden))
+        output = self.sasrec(self.embedding_dropout(torch.cat([x, element.unsqueeze(1)], dim=1)))
+        # The appended element's output (the only one that sees it, under causal attention) predicts
+        # what the last item's output would have: the next item.
+        return torch.cat([output[:, : length - 1], output[:, length:]], dim=1)
 
     def id_norm(self) -> torch.Tensor:
         """‖ID-embedding weight‖₂ (the norm, not squared), the loss's 1e-6 regulariser."""

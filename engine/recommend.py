@@ -13,7 +13,7 @@ import torch
 
 from .data.sources import load_dataset
 from .data.split import last_window, leave_one_out
-from .embed import Embeddings, load_embeddings, load_model
+from .embed import load_embeddings, load_model
 from .errors import InputError
 from .evaluate import full_ranking_metrics
 from .grouping import nearest_centroid
@@ -31,7 +31,7 @@ def evaluate_run(path: Path) -> dict[str, dict[str, float]]:
     checkpoint = run.best_checkpoint("perpeft")
     config = run.config
     embeddings = load_embeddings(run)
-    dataset = load_dataset(config.data, config.seed, config.data_dir)
+    dataset = load_dataset(config.data, config.data_dir)
     data = EvaluationData.build(leave_one_out(dataset.sequences), config.maxlen, torch.device("cpu"))
     model = load_model(run, checkpoint, config.groups, dataset.num_items)
     groups = embeddings.groups[data.users]
@@ -87,12 +87,13 @@ def grouping_space_vectors(snapshot: PerpeftModel, histories: list[np.ndarray], 
 
 
 def top_k(
-    model: PerpeftModel, embeddings: Embeddings, history: np.ndarray, group: int, k: int, maxlen: int
+    model: PerpeftModel, tables: torch.Tensor, history: np.ndarray, group: int, k: int, maxlen: int
 ) -> tuple[list[int], list[float]]:
-    """The ``k`` best items (engine indices) for ``history`` in ``group``'s table, its items excluded."""
+    """The ``k`` best items (engine indices) for ``history`` in ``group``'s table of ``tables`` ``[C, I+1, d]``,
+    its items excluded."""
     window = torch.from_numpy(last_window([history], maxlen))
-    vector = model.user_vectors(window, torch.tensor([group]), embeddings.items, 1)[0]
-    scores = embeddings.items[group, 1:] @ vector
+    vector = model.user_vectors(window, torch.tensor([group]), tables, 1)[0]
+    scores = tables[group, 1:] @ vector
     seen = torch.from_numpy(np.unique(history)) - 1
     scores[seen] = float("-inf")
     best = torch.topk(scores, min(k, scores.numel() - seen.numel()))
@@ -114,7 +115,7 @@ def recommend(
     config = run.config
     embeddings = load_embeddings(run)
     if user is not None:
-        dataset = load_dataset(config.data, config.seed, config.data_dir)
+        dataset = load_dataset(config.data, config.data_dir)
         index = int(engine_indices(dataset.user_ids, [user], "--user")[0])
         sequence = dataset.sequences[index]
         group = int(embeddings.groups[index])
@@ -128,7 +129,7 @@ def recommend(
         vector = grouping_space_vectors(snapshot, [sequence], config.maxlen)
         group = int(nearest_centroid(vector, embeddings.centroids)[0])
     model = load_model(run, checkpoint, config.groups, dataset.num_items)
-    items, scores = top_k(model, embeddings, sequence, group, k, config.maxlen)
+    items, scores = top_k(model, embeddings.items, sequence, group, k, config.maxlen)
     return Recommendations(
         user,
         group,

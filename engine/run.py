@@ -130,7 +130,12 @@ class RunDirectory:
 
     def best_checkpoint(self, stage: str) -> Path:
         """The selected best-epoch weights of ``stage`` ("global" or "perpeft") of a finished run."""
-        self.read_metrics()
+        metrics = self.read_metrics()
+        if stage not in metrics:
+            raise InputError(
+                f"{self.path}: a --method {metrics.get('method')} run has no {stage} stage "
+                "(embed, evaluate, recommend and export serve PerPEFT runs)"
+            )
         return self.file(f"{stage}/best.safetensors")
 
     def file(self, name: str) -> Path:

@@ -20,18 +20,20 @@ from .data.dataset import Dataset
 from .data.sampler import Batch, TrainSampler
 from .data.sources import load_dataset
 from .data.split import Split, last_window, leave_one_out
-from .encoder import ClipBundle, GroupedClipEncoder, load_clip
+from .encoder import MODALITIES, ClipBundle, FrozenFeatures, GroupedClipEncoder, load_clip
 from .evaluate import HistoryIndex, full_ranking_metrics
 from .grouping import fit_groups
 from .hidden_cache import HiddenStates, load_hidden_states
-from .inputs import load_item_inputs
+from .inputs import ItemInputs, load_item_inputs
+from .memory import PeakMemory
+from .methods import METHODS, large_adapter_config, method_of
 from .model import Recommender
 from .run import RunDirectory, load_tensors, optimizer_tensors, restore_optimizer, save_tensors
 
 ID_NORM_WEIGHT = 1e-6
 SELECTION_METRIC = "HR@30"
-STAGE_INDEX = {"global": 1, "perpeft": 2}
-STAGE_TITLES = {"global": "Global PEFT", "perpeft": "PerPEFT"}
+STAGE_INDEX = {"global": 1, "perpeft": 2, "grouped": 2}
+STAGE_TITLES = {"global": "Global PEFT", "perpeft": "PerPEFT", "grouped": "Group-level"}
 SNAPSHOT = "global/snapshot-e1.safetensors"
 GROUPING = "grouping.safetensors"
 Report = Callable[[str], None]
@@ -64,6 +66,11 @@ class ItemInputSource(Protocol):
 EncoderFactory = Callable[[int], nn.Module]
 
 
+def kept_modalities(config: RunConfig) -> tuple[str, ...]:
+    """The modalities a run encodes (``--no-text`` / ``--no-image`` drop one)."""
+    return tuple(name for name, kept in zip(MODALITIES, (config.image, config.text), strict=True) if kept)
+
+
 def clip_encoder_factory(config: RunConfig, bundle: ClipBundle) -> EncoderFactory:
     """Builds the grouped-adapter CLIP encoder for a given number of groups."""
 
@@ -72,12 +79,46 @@ def clip_encoder_factory(config: RunConfig, bundle: ClipBundle) -> EncoderFactor
             bundle,
             config.peft,
             groups,
+            kept_modalities(config),
             lora_rank=config.lora_rank,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
         )
 
     return build
+
+
+@dataclass
+class ItemIds:
+    """Input source of ``FrozenFeatures``: the item ids themselves; modality presence from the input cache."""
+
+    inputs: ItemInputs
+
+    @property
+    def has_missing(self) -> bool:
+        return self.inputs.has_missing
+
+    def modalities(self, items: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return self.inputs.modalities(items, device)
+
+    def batch(self, items: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+        return (items.to(device),)
+
+
+@torch.no_grad()
+def encode_frozen(
+    config: RunConfig, bundle: ClipBundle, inputs: ItemInputs, device: torch.device, progress: bool
+) -> tuple[EncoderFactory, ItemIds]:
+    """Frozen MM: every item through CLIP without adapters once; training then only looks rows up."""
+    encoder = GroupedClipEncoder(bundle, "none", 1, kept_modalities(config)).to(device).eval()
+    items = torch.arange(inputs.present.shape[0])
+    parts = []
+    for chunk in tqdm(items.split(config.encode_batch_size), desc="frozen CLIP", disable=not progress, leave=False):
+        zeros = torch.zeros(chunk.shape[0], dtype=torch.long, device=device)
+        parts.append(encoder(*inputs.batch(chunk, device), zeros).float().cpu())
+    features = torch.cat(parts)
+    width = bundle.model.config.projection_dim
+    return (lambda groups: FrozenFeatures(features, encoder.modalities, width)), ItemIds(inputs)
 
 
 def iisan_encoder_factory(states: HiddenStates) -> EncoderFactory:
@@ -94,6 +135,8 @@ class PerpeftModel(nn.Module):
 
     ``C = 1`` is Global PEFT. The encoder is called as ``encoder(*inputs.batch(items), group_ids)`` and
     exposes ``out_features``; only adapter, projector, embedding and SASRec parameters train.
+    ``personal_index`` (int64 ``[U+1]``, user → row) gives SASRec the method's user or group embedding
+    (User-level / Group-level); rows are users for User-level and the run's C groups for Group-level.
     """
 
     def __init__(
@@ -103,6 +146,7 @@ class PerpeftModel(nn.Module):
         inputs: ItemInputSource | None,
         num_items: int,
         groups: int,
+        personal_index: torch.Tensor | None = None,
     ):
         super().__init__()
         self.groups = groups
@@ -110,6 +154,15 @@ class PerpeftModel(nn.Module):
         self.encoder = make_encoder(groups) if make_encoder is not None else None
         # Learned placeholders stand in for missing images/titles, only when the catalog has such items.
         self.fills_missing = hasattr(self.encoder, "modality_columns") and bool(getattr(inputs, "has_missing", False))
+        if self.fills_missing:
+            self.present_columns = [MODALITIES.index(name) for name in self.encoder.modalities]
+        method = METHODS[config.method]
+        personal_rows = 0
+        if personal_index is not None:
+            personal_rows = config.groups if method.personal == "group" else personal_index.shape[0]
+            self.register_buffer("personal_index", personal_index.long(), persistent=False)
+        else:
+            self.personal_index = None
         self.recommender = Recommender(
             num_items,
             groups,
@@ -118,6 +171,8 @@ class PerpeftModel(nn.Module):
             maxlen=config.maxlen,
             dropout=config.dropout,
             placeholders=self.encoder.modality_columns if self.fills_missing else None,
+            personal_rows=personal_rows,
+            personal_mode=method.personal_mode,
         )
         self.autocast = config.precision == "bf16" or (
             config.precision == "auto" and resolve_device(config.device).type == "cuda"
@@ -136,9 +191,12 @@ class PerpeftModel(nn.Module):
                 parameter.copy_(tensors[name])
 
     def init_from_single_group(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Every group's adapter and projector start as copies of the Global PEFT ones (paper §3.3.3)."""
+        """Every group's adapter and projector start as copies of the Global PEFT ones (paper §3.3.3);
+        personal (group) embeddings, which Global PEFT lacks, keep their initialisation."""
         with torch.no_grad():
             for name, parameter in self.trainable_state().items():
+                if name not in tensors and name.startswith("recommender.personal."):
+                    continue
                 source = tensors[name]
                 if source.shape == parameter.shape:
                     parameter.copy_(source)
@@ -168,8 +226,16 @@ class PerpeftModel(nn.Module):
             with self._precision():
                 encoded = self.encoder(*self.inputs.batch(items[real], device), group_ids[real])
             multimodal = multimodal.index_put((real.nonzero().squeeze(1),), encoded.float())
-        present = self.inputs.modalities(items, device) if self.fills_missing else None
+        present = self.inputs.modalities(items, device)[:, self.present_columns] if self.fills_missing else None
         return self.recommender.item_vectors(items, multimodal, group_ids, present)
+
+    def personal_rows(self, users: torch.Tensor | None) -> torch.Tensor | None:
+        """Rows of the personal embedding for ``users`` (None when the method has none)."""
+        if self.personal_index is None:
+            return None
+        if users is None:
+            raise ValueError("this model has personal embeddings: pass the users")
+        return self.personal_index[users.to(self.personal_index.device)]
 
     def training_loss(self, batch: Batch, device: torch.device) -> torch.Tensor:
         seq, pos, neg = (
@@ -177,7 +243,7 @@ class PerpeftModel(nn.Module):
         )
         unique, inverse = torch.unique(torch.stack([seq, pos, neg]), return_inverse=True)
         vectors = self.item_vectors(unique, max(batch.group, 0))[inverse]
-        output = self.recommender.sequence_output(seq, vectors[0])
+        output = self.recommender.sequence_output(seq, vectors[0], self.personal_rows(torch.from_numpy(batch.users)))
         width = output.shape[-1]
         loss = bce_with_negatives(
             output.reshape(-1, width),
@@ -198,13 +264,22 @@ class PerpeftModel(nn.Module):
 
     @torch.no_grad()
     def user_vectors(
-        self, windows: torch.Tensor, user_groups: torch.Tensor, tables: torch.Tensor, chunk: int
+        self,
+        windows: torch.Tensor,
+        user_groups: torch.Tensor,
+        tables: torch.Tensor,
+        chunk: int,
+        users: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """SASRec's last-position output for each ``[L]`` window, read through the user's group table."""
+        """SASRec's last-position output for each ``[L]`` window, read through the user's group table;
+        ``users`` (engine ids) are needed only by methods with user or group embeddings."""
+        rows = self.personal_rows(users)
         outputs = []
-        for window, groups in zip(windows.split(chunk), user_groups.split(chunk), strict=True):
+        for start in range(0, windows.shape[0], chunk):
+            window, groups = windows[start : start + chunk], user_groups[start : start + chunk]
             vectors = tables[groups.unsqueeze(1), window]
-            outputs.append(self.recommender.sequence_output(window, vectors)[:, -1])
+            personal = None if rows is None else rows[start : start + chunk]
+            outputs.append(self.recommender.sequence_output(window, vectors, personal)[:, -1])
         return torch.cat(outputs)
 
 
@@ -238,9 +313,10 @@ def evaluate_model(
     device = model.recommender.item_embeddings.weight.device
     tables = model.item_tables(num_items, config.encode_batch_size)
     groups = torch.from_numpy(user_groups[data.users]).to(device)
+    users = torch.from_numpy(data.users)
     results = {}
     for stage in ("valid", "test"):
-        vectors = model.user_vectors(data.windows[stage], groups, tables, config.eval_batch_size)
+        vectors = model.user_vectors(data.windows[stage], groups, tables, config.eval_batch_size, users)
         results[stage] = full_ranking_metrics(vectors, tables, groups, data.targets[stage], data.histories[stage])
     return results
 
@@ -326,17 +402,26 @@ class StageRunner:
             started = time.perf_counter()
             seed = [self.config.seed, STAGE_INDEX[self.name], epoch]
             seed_torch(seed)
-            loss = train_epoch(
-                self.model,
-                self.optimizer,
-                self.sampler,
-                np.random.default_rng(seed),
-                self.device,
-                f"{self.name} epoch {epoch}/{epochs}",
-                self.progress,
-            )
+            with PeakMemory(self.device) as peak:
+                loss = train_epoch(
+                    self.model,
+                    self.optimizer,
+                    self.sampler,
+                    np.random.default_rng(seed),
+                    self.device,
+                    f"{self.name} epoch {epoch}/{epochs}",
+                    self.progress,
+                )
+            trained = time.perf_counter() - started
             metrics = evaluate_model(self.model, self.evaluation, self.user_groups, self.num_items, self.config)
-            record = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - started, **metrics}
+            record = {
+                "epoch": epoch,
+                "loss": loss,
+                "seconds": time.perf_counter() - started,
+                "train_seconds": trained,
+                "train_peak_bytes": peak.bytes,
+                **metrics,
+            }
             state["history"].append(record)
             best = state.get("best")
             improved = best is None or metrics["valid"][SELECTION_METRIC] > best["valid"][SELECTION_METRIC]
@@ -382,80 +467,95 @@ class RunInputs:
 def run_pipeline(
     run: RunDirectory, run_inputs: RunInputs, report: Report = print, progress: bool = True
 ) -> dict[str, Any]:
-    """Global PEFT (E1 [+E2] epochs) → K-Means grouping on the epoch-E1 snapshot → PerPEFT (E2 epochs).
+    """The run's method through the shared stage loop.
+
+    Stage ``global`` (one adapter, C = 1) trains E1+E2 epochs for single-stage methods. Two-stage
+    methods (PerPEFT, Group-level) stop it at E1 (or, with ``baseline``, train on to E1+E2 as the fair
+    Global PEFT baseline) and group users on the epoch-E1 snapshot; stage ``perpeft`` then trains C
+    adapters + projectors (or stage ``grouped`` one adapter + a group embedding) for E2 epochs, warm-started
+    from the snapshot.
 
     Resumable: every epoch ends with an atomic checkpoint and ``state.json``; a rerun on the same
     directory continues where it stopped and reproduces an uninterrupted run's metrics on CPU.
     """
     config = run.config
+    method = method_of(config)
     dataset = run_inputs.dataset
     device = resolve_device(config.device)
     split = leave_one_out(dataset.sequences)
     evaluation = EvaluationData.build(split, config.maxlen, device)
     state = run.read_state()
-    state.setdefault("global", {})
-    state.setdefault("perpeft", {})
 
     def save_state() -> None:
         run.write_state(state)
 
     e1, e2 = config.epochs_global, config.epochs_perpeft
-    global_epochs = e1 + e2 if config.baseline else e1
+    global_epochs = e1 if method.two_stage and not config.baseline else e1 + e2
+    no_groups = np.zeros(dataset.num_users + 1, dtype=np.int64)
 
-    def stage(name: str, groups: int, sampler: TrainSampler, user_groups: np.ndarray) -> StageRunner:
+    def stage(
+        name: str, groups: int, sampler: TrainSampler, user_groups: np.ndarray, personal: np.ndarray | None = None
+    ) -> StageRunner:
         seed_torch([config.seed, STAGE_INDEX[name], 0])
-        model = PerpeftModel(config, run_inputs.make_encoder, run_inputs.inputs, dataset.num_items, groups).to(device)
+        personal_index = None if personal is None else torch.from_numpy(personal)
+        model = PerpeftModel(
+            config, run_inputs.make_encoder, run_inputs.inputs, dataset.num_items, groups, personal_index
+        ).to(device)
         if compiles_sasrec(config.compile, device):
             model.recommender.sasrec.compile()  # in place: parameter names (checkpoints) are unchanged
         runner = StageRunner(
             name, run, config, model, sampler, evaluation, user_groups, dataset.num_items, device, report, progress
         )
+        runner.resume(state.setdefault(name, {}))
         return runner
 
-    global_stage = stage(
-        "global",
-        1,
-        TrainSampler(split.train, dataset.num_items, config.maxlen, config.batch_size),
-        np.zeros(dataset.num_users + 1, dtype=np.int64),
-    )
-    global_stage.resume(state["global"])
+    plain_sampler = TrainSampler(split.train, dataset.num_items, config.maxlen, config.batch_size)
+    users = np.arange(dataset.num_users + 1, dtype=np.int64) if method.personal == "user" else None
+    global_stage = stage("global", 1, plain_sampler, no_groups, users)
 
     def save_snapshot(epoch: int) -> None:
-        if epoch == e1:
+        if method.two_stage and epoch == e1:
             save_tensors(run.file(SNAPSHOT), global_stage.model.trainable_state(), {"epoch": epoch})
 
     global_stage.train(global_epochs, state["global"], save_state, save_snapshot)
+    stages = {"global": global_epochs}
 
-    if "grouping" not in state:
-        global_stage.model.load_trainable_state(load_tensors(run.file(SNAPSHOT))[0])
-        assignment, centroids = fit_groups(global_stage.model, split, dataset.num_items, config)
-        save_tensors(run.file(GROUPING), {"assignment": torch.from_numpy(assignment), "centroids": centroids})
-        sizes = np.bincount(assignment[1:], minlength=config.groups).tolist()
-        state["grouping"] = {"sizes": sizes}
-        save_state()
-        report(f"grouping: {config.groups} groups of sizes {sizes}")
-    global_stage = None  # release the Global PEFT model (and its CLIP copy) before PerPEFT builds its own
-    assignment = load_tensors(run.file(GROUPING))[0]["assignment"].numpy()
-    sampler = TrainSampler(
-        split.train, dataset.num_items, config.maxlen, config.batch_size, assignment, config.group_negatives
-    )
-    perpeft_stage = stage("perpeft", config.groups, sampler, assignment)
-    if not state["perpeft"].get("completed_epochs"):
-        perpeft_stage.model.init_from_single_group(load_tensors(run.file(SNAPSHOT))[0])
-    perpeft_stage.resume(state["perpeft"])
-    perpeft_stage.train(e2, state["perpeft"], save_state, lambda epoch: None)
+    if method.two_stage:
+        if "grouping" not in state:
+            global_stage.model.load_trainable_state(load_tensors(run.file(SNAPSHOT))[0])
+            assignment, centroids = fit_groups(global_stage.model, split, dataset.num_items, config)
+            save_tensors(run.file(GROUPING), {"assignment": torch.from_numpy(assignment), "centroids": centroids})
+            sizes = np.bincount(assignment[1:], minlength=config.groups).tolist()
+            state["grouping"] = {"sizes": sizes, "grouping": config.grouping, "clustering": config.clustering}
+            save_state()
+            report(f"grouping: {config.groups} groups of sizes {sizes}")
+        global_stage = None  # release the Global PEFT model (and its CLIP copy) before the next stage builds its own
+        assignment = load_tensors(run.file(GROUPING))[0]["assignment"].numpy()
+        if method.grouped_adapters:
+            name = "perpeft"
+            sampler = TrainSampler(
+                split.train, dataset.num_items, config.maxlen, config.batch_size, assignment, config.group_negatives
+            )
+            second = stage(name, config.groups, sampler, assignment)
+        else:
+            name = "grouped"
+            second = stage(name, 1, plain_sampler, no_groups, assignment)
+        if not state[name].get("completed_epochs"):
+            second.model.init_from_single_group(load_tensors(run.file(SNAPSHOT))[0])
+        second.train(e2, state[name], save_state, lambda epoch: None)
+        stages[name] = e2
 
     metrics = {
         "dataset": dataset.name,
-        "peft": config.peft,
+        "method": config.method,
+        "peft": config.peft if method.uses_peft else None,
         "groups": config.groups,
         "seed": config.seed,
-        "global": {
-            **stage_summary(state["global"], global_epochs),
-            "model": "baseline" if config.baseline else "stage1",
-        },
-        "perpeft": stage_summary(state["perpeft"], e2),
+        "result": list(stages)[-1],
+        **{name: stage_summary(state[name], epochs) for name, epochs in stages.items()},
     }
+    if method.two_stage:
+        metrics["global"]["model"] = "baseline" if config.baseline else "stage1"
     run.write_metrics(metrics)
     state["done"] = True
     save_state()
@@ -464,12 +564,17 @@ def run_pipeline(
 
 def load_run_inputs(config: RunConfig, progress: bool) -> RunInputs:
     """Dataset, item encoder and cached item inputs of a run: every user-input error surfaces here."""
-    dataset = load_dataset(config.data, config.seed, config.data_dir)
+    dataset = load_dataset(config.data, config.data_dir)
+    method = method_of(config)
+    if method.encoder == "none":
+        return RunInputs(dataset, None, None)  # w/o MM: ID embeddings only, CLIP never loads
     bundle = load_clip(config.clip)
     inputs = load_item_inputs(dataset, bundle.tokenizer, bundle.tokenizer_id, bundle.image_size, progress)
+    device = resolve_device(config.device)
+    if method.encoder == "frozen":
+        return RunInputs(dataset, *encode_frozen(config, bundle, inputs, device, progress))
     if config.peft == "iisan":
         # The side network reads cached hidden states: training never runs CLIP.
-        device = resolve_device(config.device)
         states = load_hidden_states(bundle, inputs, device, config.encode_batch_size, progress)
         return RunInputs(dataset, iisan_encoder_factory(states), states)
     return RunInputs(dataset, clip_encoder_factory(config, bundle), inputs)
@@ -480,6 +585,13 @@ def train_new_run(
 ) -> tuple[RunDirectory, dict[str, Any]]:
     """Validate the inputs, then create ``out`` (refusing an existing run unless ``overwrite``) and train."""
     config = config.resolved()
+    if method_of(config).large:
+        config, counts = large_adapter_config(config)
+        report(
+            f"large-global-peft: one LoRA adapter of rank {config.lora_rank} has "
+            f"{counts['large_global_peft_adapter']:,} parameters; PerPEFT's {config.groups} adapters "
+            f"{counts['perpeft_adapters_total']:,}"
+        )
     run_inputs = load_run_inputs(config, progress)
     run = RunDirectory.create(out, config, overwrite)
     return run, run_pipeline(run, run_inputs, report, progress)

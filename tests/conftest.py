@@ -8,6 +8,7 @@ import pytest
 
 from perpeft.engine.config import RunConfig
 from perpeft.engine.data.demo import DemoSpec, generate_demo
+from perpeft.engine.embed import embed_run
 from perpeft.engine.train import train_new_run
 
 SMALL_DEMO = DemoSpec(num_domains=2, num_users=96, items_per_domain=24, min_seq_len=5, max_seq_len=8)
@@ -55,3 +56,10 @@ def demo_run(_trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     copy = tmp_path_factory.mktemp("run") / "run"
     shutil.copytree(_trained_run, copy)
     return copy
+
+
+@pytest.fixture(scope="module")
+def embedded_run(demo_run: Path) -> Path:
+    """``demo_run`` with its embeddings computed (`embed`), as serving and the case study read them."""
+    embed_run(demo_run, progress=False)
+    return demo_run

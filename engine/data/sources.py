@@ -26,6 +26,7 @@ from .demo import generate_demo
 from .formats import ITEM_COLUMN, MISSING_IMAGES, TIME_COLUMN, TITLE_COLUMN, USER_COLUMN, check_image, load_recbole
 
 DEMO = "demo"
+DEMO_WORLD_SEED = 0
 _BAD_ID = re.compile(r"^\.|[\s/\\\x00-\x1f\x7f]")
 STATS = "stats.json"
 
@@ -47,9 +48,9 @@ NAMED_DATASETS: dict[str, NamedDataset] = {
 }
 
 
-def demo_directory(seed: int) -> Path:
-    """Where the demo generated from ``seed`` lives (created on first use, then reused)."""
-    return cache_root() / "demo" / f"seed-{seed}" / DEMO
+def demo_directory() -> Path:
+    """Where the demo world lives (generated from `DEMO_WORLD_SEED` on first use, then reused)."""
+    return cache_root() / "demo" / f"seed-{DEMO_WORLD_SEED}" / DEMO
 
 
 def default_data_dir() -> Path:
@@ -58,16 +59,16 @@ def default_data_dir() -> Path:
     return Path(configured).expanduser() if configured else cache_root() / "data"
 
 
-def load_dataset(data: str, seed: int, data_dir: str | Path | None = None) -> Dataset:
-    """``demo`` (generated from ``seed``), a named dataset (``arts``, ``sports``, ``toys``, ``beauty``, read
+def load_dataset(data: str, data_dir: str | Path | None = None) -> Dataset:
+    """``demo`` (one fixed world: a run's ``--seed`` varies training, not the data, as in the paper), a named dataset (``arts``, ``sports``, ``toys``, ``beauty``, read
     from ``data_dir/NAME``, default `default_data_dir`) or a RecBole-style dataset directory.
 
     A name wins over a same-named directory in the working directory; write ``./arts`` for the latter.
     """
     if data == DEMO:
-        directory = demo_directory(seed)
+        directory = demo_directory()
         if not (directory / f"{DEMO}.inter").is_file():
-            generate_demo(directory, seed)
+            generate_demo(directory, DEMO_WORLD_SEED)
         return load_recbole(directory)
     if data in NAMED_DATASETS:
         directory = (Path(data_dir).expanduser() if data_dir else default_data_dir()) / data

@@ -26,14 +26,6 @@ def invoke(*args: str):
     return CliRunner().invoke(cli, list(args))
 
 
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 @pytest.fixture(scope="module")
 def demo_run(demo_run: Path) -> Path:
     """The shared small run, embedded through the CLI."""
@@ -90,11 +82,11 @@ def test_recommend_new_user_json(demo_run):
         ([], ["exactly one of --user and --history"]),
     ],
 )
-def test_recommend_input_errors(demo_run, args, fragments):
+def test_recommend_input_errors(demo_run, args, fragments, assert_one_line_error):
     assert_one_line_error(invoke("recommend", "--run", str(demo_run), *args), *fragments)
 
 
-def test_errors_before_embed_or_training_ends(demo_run, tmp_path):
+def test_errors_before_embed_or_training_ends(demo_run, tmp_path, assert_one_line_error):
     copy_path = shutil.copytree(demo_run, tmp_path / "copy", ignore=shutil.ignore_patterns(EMBEDDINGS))
     assert_one_line_error(invoke("evaluate", "--run", str(copy_path)), "perpeft-engine embed")
     assert_one_line_error(invoke("embed", "--run", str(demo_run)), "--overwrite")
@@ -103,7 +95,7 @@ def test_errors_before_embed_or_training_ends(demo_run, tmp_path):
     assert_one_line_error(invoke("evaluate", "--run", str(tmp_path / "nowhere")), "not a run directory")
 
 
-def test_export_loads_in_peft_and_refuses_iisan(demo_run, tmp_path):
+def test_export_loads_in_peft_and_refuses_iisan(demo_run, tmp_path, assert_one_line_error):
     out = tmp_path / "adapter"
     result = invoke("export", "--run", str(demo_run), "--group", "1", "--out", str(out))
     assert result.exit_code == 0, result.output

@@ -96,7 +96,7 @@ def test_prepare_authors_defaults_to_the_data_dir(tmp_path: Path, monkeypatch: p
     result = run("prepare", "authors", "--src", src, "--name", "beauty", "--quiet")
     assert result.exit_code == 0, result.output
     assert f"written: {tmp_path / 'data' / 'beauty'}" in result.output
-    assert load_dataset("beauty", 0).titles == ["", "Soap", "Comb", "Gel"]
+    assert load_dataset("beauty").titles == ["", "Soap", "Comb", "Gel"]
 
     (src / "beauty_care_texts_final.pickle").write_bytes(pickle.dumps({"A1": Path("x")}))
     message = one_line_error(run("prepare", "authors", "--src", src, "--name", "beauty", "--overwrite", "--quiet"))

@@ -34,7 +34,7 @@ def finished_run(root: Path, peft: str) -> tuple[Path, PerpeftModel | None]:
             for parameter in model.encoder.adapter_state().values():
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
         save_tensors(run.file("perpeft/best.safetensors"), model.trainable_state())
-    run.write_metrics({})
+    run.write_metrics({"method": "perpeft", "result": "perpeft", "perpeft": {}})
     return run.path, model
 
 

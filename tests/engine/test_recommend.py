@@ -2,13 +2,12 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from perpeft.engine.data.split import last_window, leave_one_out
-from perpeft.engine.embed import EMBEDDINGS, embed_run, load_embeddings, load_model
+from perpeft.engine.embed import EMBEDDINGS, load_embeddings, load_model
 from perpeft.engine.errors import InputError
 from perpeft.engine.grouping import nearest_centroid, user_space_vectors
 from perpeft.engine.recommend import evaluate_run, grouping_space_vectors, recommend
@@ -17,31 +16,24 @@ from perpeft.engine.train import SNAPSHOT, load_run_inputs
 
 
 @pytest.fixture(scope="module")
-def demo_run(demo_run: Path) -> Path:
-    """The shared small run, embedded."""
-    embed_run(demo_run, progress=False)
-    return demo_run
-
-
-@pytest.fixture(scope="module")
-def served(demo_run) -> dict:
-    run = RunDirectory.open(demo_run)
+def served(embedded_run) -> dict:
+    run = RunDirectory.open(embedded_run)
     run_inputs = load_run_inputs(run.config, progress=False)
     return {"run": run, "inputs": run_inputs, "dataset": run_inputs.dataset, "embeddings": load_embeddings(run)}
 
 
-def test_metrics_from_embeddings_equal_metrics_json(demo_run):
-    recorded = json.loads((demo_run / "metrics.json").read_text())["perpeft"]
-    recomputed = evaluate_run(demo_run)
+def test_metrics_from_embeddings_equal_metrics_json(embedded_run):
+    recorded = json.loads((embedded_run / "metrics.json").read_text())["perpeft"]
+    recomputed = evaluate_run(embedded_run)
     assert set(recomputed) == {"valid", "test"}
     for stage in ("valid", "test"):
         assert recomputed[stage] == pytest.approx(recorded[stage], rel=0, abs=1e-6), stage
 
 
-def test_known_user_scored_from_everything_bought(demo_run, served):
+def test_known_user_scored_from_everything_bought(embedded_run, served):
     dataset, embeddings = served["dataset"], served["embeddings"]
     user = 5
-    result = recommend(demo_run, 6, user=dataset.user_ids[user])
+    result = recommend(embedded_run, 6, user=dataset.user_ids[user])
     bought = dataset.sequences[user]
     group = int(embeddings.groups[user])
     assert result.group == group and result.user == dataset.user_ids[user]
@@ -57,9 +49,9 @@ def test_known_user_scored_from_everything_bought(demo_run, served):
     assert result.scores == pytest.approx(scores[candidates[:6]].tolist(), abs=1e-5)
 
 
-def test_k_beyond_the_catalog_returns_every_unbought_item(demo_run, served):
+def test_k_beyond_the_catalog_returns_every_unbought_item(embedded_run, served):
     dataset = served["dataset"]
-    result = recommend(demo_run, 10_000, user=dataset.user_ids[1])
+    result = recommend(embedded_run, 10_000, user=dataset.user_ids[1])
     assert len(result.items) == len(set(result.items)) == dataset.num_items - len(set(dataset.sequences[1].tolist()))
     assert not set(result.items) & set(result.history)
     assert result.scores == sorted(result.scores, reverse=True)
@@ -76,11 +68,11 @@ def test_new_users_join_the_groups_kmeans_gave_known_users(served):
     assert torch.equal(nearest_centroid(vectors, embeddings.centroids), embeddings.groups[1:])
 
 
-def test_new_user_history(demo_run, served):
+def test_new_user_history(embedded_run, served):
     run, dataset, embeddings = served["run"], served["dataset"], served["embeddings"]
     bought = dataset.sequences[7][:4]
     history = [dataset.item_ids[item] for item in bought]
-    result = recommend(demo_run, 5, history=history)
+    result = recommend(embedded_run, 5, history=history)
     snapshot = load_model(run, run.file(SNAPSHOT), 1, dataset.num_items, served["inputs"])
     vector = grouping_space_vectors(snapshot, [bought], run.config.maxlen)
     assert result.group == int(nearest_centroid(vector, embeddings.centroids)[0])
@@ -99,21 +91,21 @@ def test_new_user_history(demo_run, served):
         ({"user": "u00001", "history": ["i0001"]}, "exactly one"),
     ],
 )
-def test_bad_requests(demo_run, options, message):
+def test_bad_requests(embedded_run, options, message):
     with pytest.raises(InputError, match=message):
-        recommend(demo_run, 5, **options)
+        recommend(embedded_run, 5, **options)
 
 
-def test_missing_embeddings(demo_run, tmp_path):
-    copy = shutil.copytree(demo_run, tmp_path / "run", ignore=shutil.ignore_patterns(EMBEDDINGS))
+def test_missing_embeddings(embedded_run, tmp_path):
+    copy = shutil.copytree(embedded_run, tmp_path / "run", ignore=shutil.ignore_patterns(EMBEDDINGS))
     with pytest.raises(InputError, match="embed"):
         evaluate_run(copy)
     with pytest.raises(InputError, match="embed"):
         recommend(copy, 5, user="u00001")
 
 
-def test_bought_items_are_excluded_even_when_repeated(demo_run, served):
+def test_bought_items_are_excluded_even_when_repeated(embedded_run, served):
     dataset = served["dataset"]
     item = dataset.item_ids[int(dataset.sequences[3][0])]
-    result = recommend(demo_run, 3, history=[item, item])
+    result = recommend(embedded_run, 3, history=[item, item])
     assert item not in result.items and len(result.items) == 3

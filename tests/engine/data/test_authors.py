@@ -180,7 +180,7 @@ def test_damaged_pickle_is_an_input_error(tmp_path: Path, content: bytes) -> Non
 
 
 def test_named_dataset_absent_says_which_files_and_which_commands(tmp_path: Path) -> None:
-    message = error_of(load_dataset, "arts", 0, tmp_path)
+    message = error_of(load_dataset, "arts", tmp_path)
     assert f"{tmp_path / 'arts'}: dataset 'arts' is not prepared" in message
     assert "arts.inter, arts.item and images/ITEM_ID.jpg" in message
     assert f"prepare authors --src DIR --name arts --out {tmp_path / 'arts'}" in message
@@ -190,11 +190,11 @@ def test_named_dataset_absent_says_which_files_and_which_commands(tmp_path: Path
 
 def test_named_dataset_loads_from_data_dir_or_perpeft_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     prepare_authors(authors_dir(tmp_path, prefix="toys_games"), "toys_games", tmp_path / "data" / "toys")
-    assert load_dataset("toys", 0, tmp_path / "data").num_users == 3
+    assert load_dataset("toys", tmp_path / "data").num_users == 3
     monkeypatch.setenv("PERPEFT_DATA", str(tmp_path / "data"))
-    assert load_dataset("toys", 0).num_items == 6
-    assert load_dataset(str(tmp_path / "data" / "toys"), 0).num_items == 6  # a directory still works
-    assert "no such dataset directory" in error_of(load_dataset, str(tmp_path / "nowhere"), 0)
+    assert load_dataset("toys").num_items == 6
+    assert load_dataset(str(tmp_path / "data" / "toys")).num_items == 6  # a directory still works
+    assert "no such dataset directory" in error_of(load_dataset, str(tmp_path / "nowhere"))
 
 
 def test_authors_format_trains_end_to_end(tmp_path: Path, small_config) -> None:

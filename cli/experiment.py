@@ -1,0 +1,73 @@
+"""``perpeft-engine experiment``: the paper's tables as resumable grids of runs."""
+
+import time
+from pathlib import Path
+
+import click
+from tqdm.auto import tqdm
+
+from perpeft.cli.errors import reports_input_errors
+
+
+def _list(value: str, convert: type = str) -> list:
+    """A comma-separated option value as a list, empty for an empty string."""
+    try:
+        return [convert(part.strip()) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a comma-separated list of {convert.__name__}") from None
+
+
+@click.command()
+@click.option("--data", default="demo", show_default=True, help="As for train: demo, a named dataset or a directory.")
+@click.option("--data-dir", default=None, help="Where named datasets live (as for train).")
+@click.option("--clip", default=None, help="As for train. [demo: tiny]")
+@click.option("--peft", "pefts", default="lora", show_default=True, help="PEFT types, comma-separated.")
+@click.option(
+    "--methods", default="", help="Table 2: 'all' or comma-separated methods (wo-mm, frozen-mm, global-peft, …)."
+)
+@click.option("--ablations", is_flag=True, help="Table 3 with the first PEFT type.")
+@click.option("--clustering", "clusterings", default="", help="Table 6: e.g. kmeans,gmm (paired t-test for two).")
+@click.option("--groups", "group_counts", default="", help="Figure 7(b): e.g. 4,8,16.")
+@click.option("--scalability", is_flag=True, help="Per-epoch time, peak memory and parameters per PEFT type.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds, comma-separated.")
+@click.option("--epochs-global", type=click.IntRange(min=1), default=None, help="E1. [demo: 6, else 10]")
+@click.option("--epochs-perpeft", type=click.IntRange(min=1), default=None, help="E2. [demo: 12, else 20]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=float, default=None, help="[demo: 1e-3, else 1e-4]")
+@click.option("--weight-decay", type=float, default=None, help="[1e-4]")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Experiment directory (resumable).")
+@reports_input_errors
+def experiment(
+    pefts: str,
+    methods: str,
+    ablations: bool,
+    clusterings: str,
+    group_counts: str,
+    scalability: bool,
+    seeds: str,
+    out: Path,
+    **options: object,
+) -> None:
+    """Run a grid of cells × seeds, skipping finished runs, and write results.csv and table.md."""
+    from perpeft.engine.config import RunConfig
+    from perpeft.engine.experiment import RESULTS_CSV, TABLE_MD, build_grid, run_experiment
+    from perpeft.engine.methods import TABLE2_METHODS
+
+    peft_list = _list(pefts)
+    if not peft_list or any(peft not in ("lora", "ia3", "iisan") for peft in peft_list):
+        raise click.BadParameter(f"{pefts!r}: expected lora, ia3 and/or iisan", param_hint="--peft")
+    clustering_list = _list(clusterings)
+    if any(name not in ("kmeans", "gmm") for name in clustering_list):
+        raise click.BadParameter(f"{clusterings!r}: expected kmeans and/or gmm", param_hint="--clustering")
+    group_list = _list(group_counts, int)
+    if any(count < 1 for count in group_list):
+        raise click.BadParameter(f"{group_counts!r}: group counts must be positive", param_hint="--groups")
+    method_list = list(TABLE2_METHODS) if methods == "all" else _list(methods)
+    cells = build_grid(peft_list, method_list, ablations, clustering_list, group_list, scalability)
+    started = time.perf_counter()
+    run_experiment(RunConfig(baseline=False, **options), cells, _list(seeds, int), out, tqdm.write)
+    click.echo((out / TABLE_MD).read_text())
+    click.echo(f"results: {out / RESULTS_CSV}  ·  wall time of this invocation: {time.perf_counter() - started:.0f} s")
