@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from perpeft.cli.distributed import runs_distributed
 from perpeft.cli.errors import reports_input_errors
 
 run_option = click.option(
@@ -24,6 +25,7 @@ run_option = click.option(
 @click.option("--overwrite", is_flag=True, help="Recompute existing embeddings.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_input_errors
+@runs_distributed("device")
 def embed(run: Path, batch_size: int | None, device: str | None, overwrite: bool, quiet: bool) -> None:
     """Cache every group's item table and every user's vector in RUN/embeddings (resumable after interruption)."""
     from perpeft.engine.embed import EMBEDDINGS, embed_run
@@ -40,6 +42,7 @@ def embed(run: Path, batch_size: int | None, device: str | None, overwrite: bool
 @run_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @reports_input_errors
+@runs_distributed("device")
 def evaluate(run: Path, as_json: bool) -> None:
     """Recompute PerPEFT's validation and test metrics from the embeddings and compare them with metrics.json."""
     from perpeft.engine.recommend import evaluate_run

@@ -8,6 +8,7 @@ import click
 from tqdm.auto import tqdm
 
 from perpeft.cli.analyze import analyze
+from perpeft.cli.distributed import relaunch_with_torchrun, runs_distributed
 from perpeft.cli.errors import reports_input_errors
 from perpeft.cli.experiment import experiment
 from perpeft.cli.inference import embed, evaluate, export, recommend
@@ -127,8 +128,16 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Data-parallel processes on this machine (relaunches under torchrun; one per GPU).",
+)
 @reports_input_errors
+@runs_distributed("device")
 def train(
+    nproc: int | None,
     resume: Path | None,
     out: Path | None,
     overwrite: bool,
@@ -140,8 +149,11 @@ def train(
     **options: Any,
 ) -> None:
     """Train a method end to end (default PerPEFT, with its Global PEFT baseline) and print test metrics."""
+    from perpeft.engine.distributed import launched_by_torchrun
     from perpeft.engine.train import resume_run, train_new_run
 
+    if nproc is not None and not launched_by_torchrun():
+        relaunch_with_torchrun(nproc)
     report = (lambda line: None) if quiet else tqdm.write
     if resume is not None:
         run, metrics = resume_run(resume, report, progress=not quiet)

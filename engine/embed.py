@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.split import last_window, leave_one_out
+from .distributed import current_world
 from .errors import InputError
 from .run import RunDirectory, atomic_write_json, load_tensors, save_tensors
 from .train import GROUPING, PerpeftModel, RunInputs, load_run_inputs, resolve_device
@@ -102,21 +103,25 @@ def grouped_item_tables(
 ) -> torch.Tensor:
     """Every group's item table ``[C, I+1, d]`` (row 0 zeros, on the CPU), ``batch_size`` pairs per pass.
 
-    With ``chunks``, each batch is a chunk: finished ones are read back, new ones are saved.
+    With ``chunks``, each batch is a chunk: finished ones are read back, new ones are saved. Under a
+    process group each rank encodes a contiguous block of the chunks (the very batches one process
+    would), and the rows are gathered on every rank.
     """
     model.eval()
+    world = current_world()
     items, group_ids = item_group_pairs(num_items, model.groups)
     batches = list(zip(items.split(batch_size), group_ids.split(batch_size), strict=True))
-    parts = []
-    bar = tqdm(batches, desc="Embedding items", unit="chunk", disable=not progress, leave=False, dynamic_ncols=True)
-    for index, (batch_items, batch_groups) in enumerate(bar):
+    mine = world.block(len(batches))
+    parts = [torch.zeros(0, model.recommender.hidden)]
+    bar = tqdm(mine, desc="Embedding items", unit="chunk", disable=not progress, leave=False, dynamic_ncols=True)
+    for index in bar:
         part = chunks.load(index) if chunks is not None else None
         if part is None:
-            part = model.item_vectors(batch_items, batch_groups).float().cpu()
+            part = model.item_vectors(*batches[index]).float().cpu()
             if chunks is not None:
                 chunks.save(index, part)
         parts.append(part)
-    tables = torch.cat(parts).view(num_items, model.groups, -1).transpose(0, 1)
+    tables = world.gather_rows(torch.cat(parts)).view(num_items, model.groups, -1).transpose(0, 1)
     return torch.cat([tables.new_zeros(model.groups, 1, tables.shape[-1]), tables], dim=1)
 
 
@@ -128,15 +133,25 @@ def embed_run(
     progress: bool = True,
 ) -> Embeddings:
     """Compute and write a finished run's embeddings (module docstring); ``batch_size`` is in (item, group)
-    pairs (default: the run's ``encode_batch_size``), ``device`` defaults to the run's."""
+    pairs (default: the run's ``encode_batch_size``), ``device`` defaults to the run's.
+
+    Under ``torchrun`` the (item, group) chunks and then the users are sharded over the ranks, gathered,
+    and written once, by rank 0.
+    """
     run = RunDirectory.open(path)
     checkpoint = run.best_checkpoint("perpeft")
-    if overwrite:
-        shutil.rmtree(run.file(EMBEDDINGS), ignore_errors=True)
-    elif all(run.file(name).is_file() for name in OUTPUTS):
-        raise InputError(f"{run.file(EMBEDDINGS)}: embeddings exist; pass --overwrite to recompute them")
+    world = current_world()
+
+    def prepare_directory() -> None:
+        if overwrite:
+            shutil.rmtree(run.file(EMBEDDINGS), ignore_errors=True)
+        elif all(run.file(name).is_file() for name in OUTPUTS):
+            raise InputError(f"{run.file(EMBEDDINGS)}: embeddings exist; pass --overwrite to recompute them")
+
+    world.main_first(prepare_directory, lambda: None)
     config = run.config
-    run_inputs = load_run_inputs(config, progress)
+    run_inputs = world.main_first(lambda: load_run_inputs(config, progress), lambda: load_run_inputs(config, False))
+    progress = progress and world.is_main
     dataset = run_inputs.dataset
     target = resolve_device(device or config.device)
     model = load_model(run, checkpoint, config.groups, dataset.num_items, run_inputs).to(target)
@@ -148,23 +163,31 @@ def embed_run(
         "items": dataset.num_items,
         "device": target.type,
     }
-    chunks = PartialChunks(run.file(PARTIAL_DIR), fingerprint)
+    # Rank 0 opens (or resets) the partial-chunk directory before the others add their chunks to it.
+    chunks = world.main_first(lambda: PartialChunks(run.file(PARTIAL_DIR), fingerprint))
     tables = grouped_item_tables(model, dataset.num_items, batch_size, chunks, progress)
 
     grouping = load_tensors(run.file(GROUPING))[0]
     windows = torch.from_numpy(last_window(leave_one_out(dataset.sequences).history("test"), config.maxlen))
-    users = model.user_vectors(
-        windows.to(target), grouping["assignment"].to(target), tables.to(target), config.eval_batch_size
+    mine = world.block(windows.shape[0])
+    block = model.user_vectors(
+        windows[mine.start : mine.stop].to(target),
+        grouping["assignment"][mine.start : mine.stop].to(target),
+        tables.to(target),
+        config.eval_batch_size,
     ).cpu()
+    users = world.gather_rows(block)
     users[0] = 0.0
     embeddings = Embeddings(tables, users, grouping["assignment"], grouping["centroids"])
-    save_tensors(run.file(ITEMS_FILE), {"items": embeddings.items})
-    save_tensors(
-        run.file(USERS_FILE),
-        {"users": embeddings.users, "groups": embeddings.groups, "centroids": embeddings.centroids},
-    )
-    atomic_write_json(run.file(IDS_FILE), {"users": dataset.user_ids, "items": dataset.item_ids})
-    chunks.discard()
+    if world.is_main:
+        save_tensors(run.file(ITEMS_FILE), {"items": embeddings.items})
+        save_tensors(
+            run.file(USERS_FILE),
+            {"users": embeddings.users, "groups": embeddings.groups, "centroids": embeddings.centroids},
+        )
+        atomic_write_json(run.file(IDS_FILE), {"users": dataset.user_ids, "items": dataset.item_ids})
+        chunks.discard()
+    world.barrier()
     return embeddings
 
 

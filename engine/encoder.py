@@ -141,6 +141,20 @@ def inject_adapters(
         setattr(clip.get_submodule(parent_name), child, wrapped)
 
 
+ADAPTER_PEFTS = ("lora", "ia3")
+
+
+def require_clip_adapters(run_path: Path, peft: str, purpose: str) -> None:
+    """InputError unless ``peft`` puts adapters inside CLIP (LoRA, (IA)3): ``purpose`` says what needs them."""
+    if peft not in ADAPTER_PEFTS:
+        reason = (
+            "IISAN is a side network over cached CLIP hidden states, not an adapter inside CLIP"
+            if peft == "iisan"
+            else "the run trains no CLIP adapter"
+        )
+        raise InputError(f"{run_path}: {purpose} needs a LoRA or (IA)3 run, not --peft {peft}: {reason}")
+
+
 def modality_columns(modalities: tuple[str, ...], width: int) -> dict[str, slice]:
     """Columns of each modality's ``width``-wide embedding in the encoder output, in ``modalities`` order."""
     return {name: slice(index * width, (index + 1) * width) for index, name in enumerate(modalities)}

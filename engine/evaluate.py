@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .distributed import current_world
+
 KS = (10, 20, 30)
 # Users per scoring step: on CPU a [64, I] score matrix stays in cache (2.6× faster than 1024 at 18,884
 # items, benchmarks/test_evaluate_bench.py); a GPU wants large matmuls.
@@ -63,6 +65,13 @@ class HistoryIndex:
     def to(self, device: torch.device | str) -> "HistoryIndex":
         """The same index with both arrays on ``device``."""
         return HistoryIndex(self.indptr.to(device), self.indices.to(device))
+
+    def select(self, users: slice) -> "HistoryIndex":
+        """The histories of a contiguous block of users (``slice(start, stop)``)."""
+        start, stop, _ = users.indices(self.num_users)
+        stop = max(stop, start)
+        low, high = int(self.indptr[start]), int(self.indptr[stop])
+        return HistoryIndex(self.indptr[start : stop + 1] - low, self.indices[low:high])
 
     def permuted(self, order: Tensor) -> "HistoryIndex":
         """The same histories for users ``order[0], order[1], ...`` (on this index's device)."""
@@ -165,15 +174,33 @@ def _check_inputs(
         raise ValueError(f"history items must lie in 1..{num_items}")
 
 
+def _ranking_sums(ranks: Tensor, ks: Sequence[int]) -> Tensor:
+    """float64 ``[1 + 2·len(ks)]``: the user count, then the sums of HR@K and of NDCG@K over users."""
+    ranks = ranks.to(torch.float64)
+    gains = 1.0 / torch.log2(ranks + 2.0)
+    hits = [(ranks < k).to(torch.float64).sum() for k in ks]
+    ndcgs = [torch.where(ranks < k, gains, 0.0).sum() for k in ks]
+    return torch.stack([torch.tensor(float(ranks.numel()), dtype=torch.float64, device=ranks.device), *hits, *ndcgs])
+
+
+def _metrics_from_sums(sums: Tensor, ks: Sequence[int]) -> dict[str, float]:
+    count, values = float(sums[0]), (sums[1:] / sums[0]).tolist()
+    if count == 0:
+        raise ValueError("no ranks to average")
+    return dict(zip([f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks], values, strict=True))
+
+
 def ranking_metrics(ranks: Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
     """Mean HR@K and NDCG@K over users from 0-based target ranks, keyed "HR@K" then "NDCG@K"."""
     if ranks.numel() == 0:
         raise ValueError("no ranks to average")
-    ranks = ranks.to(torch.float64)
-    gains = 1.0 / torch.log2(ranks + 2.0)
-    hits = {f"HR@{k}": (ranks < k).to(torch.float64).mean().item() for k in ks}
-    ndcgs = {f"NDCG@{k}": torch.where(ranks < k, gains, 0.0).mean().item() for k in ks}
-    return hits | ndcgs
+    return _metrics_from_sums(_ranking_sums(ranks, ks), ks)
+
+
+def sharded_ranking_metrics(ranks: Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
+    """`ranking_metrics` of all ranks' users together: every rank passes its block's ranks (maybe none),
+    and the count and metric sums are added over the process group (a single process: `ranking_metrics`)."""
+    return _metrics_from_sums(current_world().sum(_ranking_sums(ranks, ks)), ks)
 
 
 def full_ranking_metrics(

@@ -189,8 +189,9 @@ def result_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return metrics[metrics["result"]]
 
 
-def results_csv(finished: list[Finished]) -> str:
-    """One row per cell and seed with every validation and test metric of the selected epoch."""
+def results_csv(finished: list[Finished], out: Path) -> str:
+    """One row per cell and seed with every validation and test metric of the selected epoch; ``run`` is
+    the run's directory relative to ``out``."""
     header = ["section", "row", "peft", "method", "seed", "run", "best_epoch"]
     header += [f"{stage}_{metric}" for stage in ("valid", "test") for metric in METRICS]
     buffer = io.StringIO()
@@ -205,7 +206,7 @@ def results_csv(finished: list[Finished]) -> str:
                 entry.cell.peft or "",
                 entry.metrics["method"],
                 entry.seed,
-                entry.run.as_posix(),
+                entry.run.relative_to(out).as_posix(),
                 result["best_epoch"],
                 *(f"{result[stage][metric]:.6f}" for stage in ("valid", "test") for metric in METRICS),
             ]
@@ -374,6 +375,6 @@ def run_experiment(
         raise InputError("--seeds: give at least one seed")
     out.mkdir(parents=True, exist_ok=True)
     finished = run_grid(base, cells, seeds, out, report)
-    atomic_write_bytes(out / RESULTS_CSV, results_csv(finished).encode())
+    atomic_write_bytes(out / RESULTS_CSV, results_csv(finished, out).encode())
     atomic_write_bytes(out / TABLE_MD, tables_markdown(finished, Path(base.data).name, seeds).encode())
     return finished

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save
 
 from .config import RunConfig
-from .encoder import IA3_INPUT_TARGETS, IA3_OUTPUT_TARGETS, LORA_TARGETS
+from .encoder import IA3_INPUT_TARGETS, IA3_OUTPUT_TARGETS, LORA_TARGETS, require_clip_adapters
 from .errors import InputError
 from .run import RunDirectory, atomic_write_bytes, atomic_write_json, load_tensors
 from .tiny_clip import TINY_CLIP_DIR
@@ -84,13 +84,7 @@ def export_adapter(path: Path, group: int, out: Path, overwrite: bool = False) -
     run = RunDirectory.open(path)
     checkpoint = run.best_checkpoint("perpeft")
     config = run.config
-    if config.peft not in PEFT_TYPES:
-        reason = (
-            "IISAN is a side network over cached CLIP hidden states, not an adapter inside CLIP"
-            if config.peft == "iisan"
-            else "the run trains no CLIP adapter"
-        )
-        raise InputError(f"{run.path}: cannot export --peft {config.peft} as a Hugging Face peft adapter: {reason}")
+    require_clip_adapters(run.path, config.peft, "export as a Hugging Face peft adapter")
     if not 0 <= group < config.groups:
         raise InputError(f"--group {group}: the run has groups 0..{config.groups - 1}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:

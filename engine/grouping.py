@@ -10,6 +10,7 @@ from sklearn.mixture import GaussianMixture
 
 from .config import RunConfig
 from .data.split import Split, last_window
+from .distributed import current_world
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -30,9 +31,13 @@ def user_space_vectors(model: "PerpeftModel", split: Split, num_items: int, conf
     device = model.recommender.item_embeddings.weight.device
     tables = model.item_tables(num_items, config.encode_batch_size)
     windows = torch.from_numpy(last_window(grouping_histories(split)[1:], config.maxlen)).to(device)
-    zeros = torch.zeros(windows.shape[0], dtype=torch.long, device=device)
-    users = torch.arange(1, windows.shape[0] + 1)
-    return model.user_vectors(windows, zeros, tables, config.eval_batch_size, users)
+    # Under a process group each rank encodes a block of the users and the vectors are gathered.
+    world = current_world()
+    mine = world.block(windows.shape[0])
+    zeros = torch.zeros(len(mine), dtype=torch.long, device=device)
+    users = torch.arange(mine.start + 1, mine.stop + 1)
+    block = model.user_vectors(windows[mine.start : mine.stop], zeros, tables, config.eval_batch_size, users)
+    return world.gather_rows(block)
 
 
 def fit_groups(
@@ -48,6 +53,21 @@ def fit_groups(
     vectors = user_space_vectors(model, split, num_items, config).float().cpu().numpy()
     if vectors.shape[0] < config.groups:
         raise InputError(f"--groups {config.groups}: only {vectors.shape[0]} users to group")
+    world = current_world()
+    labels, centroids = _cluster(vectors, config) if world.is_main else (None, None)
+    if world.size > 1:  # clustered once, on rank 0; every rank gets its result
+        labels = world.broadcast(
+            torch.as_tensor(labels) if world.is_main else torch.zeros(len(vectors), dtype=torch.long)
+        )
+        shape = (config.groups, vectors.shape[1])
+        centroids = world.broadcast(torch.as_tensor(centroids) if world.is_main else torch.zeros(shape))
+        labels, centroids = labels.numpy(), centroids.numpy()
+    assignment = np.concatenate([[0], labels]).astype(np.int64)
+    return assignment, torch.from_numpy(np.asarray(centroids, dtype=np.float32))
+
+
+def _cluster(vectors: np.ndarray, config: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Labels ``[U]`` (int64) and centroids ``[C, d]`` (float32) of the configured grouping."""
     if config.grouping == "random":
         rng = np.random.default_rng([config.seed, RANDOM_GROUPING_STREAM])
         labels = rng.permutation(np.arange(vectors.shape[0]) % config.groups)
@@ -60,8 +80,7 @@ def fit_groups(
         kmeans = KMeans(n_clusters=config.groups, max_iter=KMEANS_MAX_ITER, random_state=config.seed, n_init="auto")
         labels = kmeans.fit_predict(vectors)
         centroids = kmeans.cluster_centers_
-    assignment = np.concatenate([[0], labels]).astype(np.int64)
-    return assignment, torch.from_numpy(np.asarray(centroids, dtype=np.float32))
+    return np.asarray(labels, dtype=np.int64), np.asarray(centroids, dtype=np.float32)
 
 
 def nearest_centroid(vectors: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

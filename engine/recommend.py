@@ -13,9 +13,10 @@ import torch
 
 from .data.sources import load_dataset
 from .data.split import last_window, leave_one_out
+from .distributed import current_world
 from .embed import load_embeddings, load_model
 from .errors import InputError
-from .evaluate import full_ranking_metrics
+from .evaluate import sharded_ranking_metrics, target_ranks
 from .grouping import nearest_centroid
 from .run import RunDirectory
 from .train import SNAPSHOT, EvaluationData, PerpeftModel, load_run_inputs
@@ -25,7 +26,8 @@ def evaluate_run(path: Path) -> dict[str, dict[str, float]]:
     """Validation and test metrics of the best PerPEFT epoch, recomputed from the embeddings with full ranking.
 
     Test users take their cached vectors (train + validation history); validation users are encoded from
-    their train history through the cached tables with the run's SASRec.
+    their train history through the cached tables with the run's SASRec. Under ``torchrun`` each rank
+    ranks a block of the users and the metric sums are added over the ranks.
     """
     run = RunDirectory.open(path)
     checkpoint = run.best_checkpoint("perpeft")
@@ -34,18 +36,23 @@ def evaluate_run(path: Path) -> dict[str, dict[str, float]]:
     dataset = load_dataset(config.data, config.data_dir)
     data = EvaluationData.build(leave_one_out(dataset.sequences), config.maxlen, torch.device("cpu"))
     model = load_model(run, checkpoint, config.groups, dataset.num_items)
-    groups = embeddings.groups[data.users]
+    mine = current_world().block(len(data.users))
+    block = slice(mine.start, mine.stop)
+    users = torch.from_numpy(data.users[block])
+    groups = embeddings.groups[users]
     vectors = {
-        "valid": model.user_vectors(data.windows["valid"], groups, embeddings.items, config.eval_batch_size),
-        "test": embeddings.users[data.users],
+        "valid": model.user_vectors(data.windows["valid"][block], groups, embeddings.items, config.eval_batch_size),
+        "test": embeddings.users[users],
     }
     return {
-        stage: full_ranking_metrics(
-            vectors[stage],
-            embeddings.items,
-            groups,
-            data.targets[stage],
-            data.histories[stage],
+        stage: sharded_ranking_metrics(
+            target_ranks(
+                vectors[stage],
+                embeddings.items,
+                groups,
+                data.targets[stage][block],
+                data.histories[stage].select(block),
+            )
         )
         for stage in ("valid", "test")
     }

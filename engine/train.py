@@ -1,6 +1,7 @@
 """The stage loop every method shares, and the PerPEFT pipeline: Global PEFT → grouping → PerPEFT."""
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from .data.dataset import Dataset
 from .data.sampler import Batch, TrainSampler
 from .data.sources import load_dataset
 from .data.split import Split, last_window, leave_one_out
+from .distributed import World, current_world
 from .encoder import MODALITIES, ClipBundle, FrozenFeatures, GroupedClipEncoder, load_clip
-from .evaluate import HistoryIndex, full_ranking_metrics
+from .evaluate import HistoryIndex, sharded_ranking_metrics, target_ranks
 from .grouping import fit_groups
 from .hidden_cache import HiddenStates, load_hidden_states
 from .inputs import ItemInputs, load_item_inputs
@@ -37,12 +39,20 @@ STAGE_TITLES = {"global": "Global PEFT", "perpeft": "PerPEFT", "grouped": "Group
 SNAPSHOT = "global/snapshot-e1.safetensors"
 GROUPING = "grouping.safetensors"
 Report = Callable[[str], None]
+# torch ≥ 2.13 renamed DDP's broadcast_buffers (and deprecated the old name).
+BUFFERS_NOT_SYNCED_PER_STEP = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def seed_torch(key: list[int]) -> None:
     """Seed torch's RNG from a (run seed, stage, epoch) key, so every epoch's randomness is reproducible
-    on its own and a resumed run draws exactly what an uninterrupted one would."""
-    torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+    on its own and a resumed run draws exactly what an uninterrupted one would. Ranks after the first
+    append their rank to the key (their dropout differs); rank 0 draws what a single process draws."""
+    rank = current_world().rank
+    torch.manual_seed(int(np.random.SeedSequence([*key, rank] if rank else key).generate_state(1)[0]))
 
 
 def compiles_sasrec(setting: str, device: torch.device) -> bool:
@@ -237,6 +247,10 @@ class PerpeftModel(nn.Module):
             raise ValueError("this model has personal embeddings: pass the users")
         return self.personal_index[users.to(self.personal_index.device)]
 
+    def forward(self, batch: Batch, device: torch.device) -> torch.Tensor:
+        """The training loss of ``batch``: DistributedDataParallel calls the module, so this is ``training_loss``."""
+        return self.training_loss(batch, device)
+
     def training_loss(self, batch: Batch, device: torch.device) -> torch.Tensor:
         seq, pos, neg = (
             torch.from_numpy(array).to(device, non_blocking=True) for array in (batch.seq, batch.pos, batch.neg)
@@ -255,12 +269,15 @@ class PerpeftModel(nn.Module):
 
     @torch.no_grad()
     def item_tables(self, num_items: int, chunk: int) -> torch.Tensor:
-        """Every group's item table ``[C, I+1, d]`` (row 0 is padding)."""
+        """Every group's item table ``[C, I+1, d]`` (row 0 is padding). Under a process group each rank
+        encodes a block of the chunks and the rows are gathered: the same batches as one process."""
         device = self.recommender.item_embeddings.weight.device
-        items = torch.arange(num_items + 1, device=device)
-        return torch.stack(
-            [torch.cat([self.item_vectors(part, group) for part in items.split(chunk)]) for group in range(self.groups)]
-        )
+        world = current_world()
+        parts = torch.arange(num_items + 1, device=device).split(chunk)
+        mine = [parts[index] for index in world.block(len(parts))]
+        rows = [torch.stack([self.item_vectors(part, group) for group in range(self.groups)], dim=1) for part in mine]
+        local = torch.cat(rows) if rows else torch.zeros(0, self.groups, self.recommender.hidden, device=device)
+        return world.gather_rows(local).transpose(0, 1).contiguous()
 
     @torch.no_grad()
     def user_vectors(
@@ -274,7 +291,7 @@ class PerpeftModel(nn.Module):
         """SASRec's last-position output for each ``[L]`` window, read through the user's group table;
         ``users`` (engine ids) are needed only by methods with user or group embeddings."""
         rows = self.personal_rows(users)
-        outputs = []
+        outputs = [windows.new_zeros((0, self.recommender.hidden), dtype=tables.dtype)]
         for start in range(0, windows.shape[0], chunk):
             window, groups = windows[start : start + chunk], user_groups[start : start + chunk]
             vectors = tables[groups.unsqueeze(1), window]
@@ -312,38 +329,52 @@ def evaluate_model(
     model.eval()
     device = model.recommender.item_embeddings.weight.device
     tables = model.item_tables(num_items, config.encode_batch_size)
-    groups = torch.from_numpy(user_groups[data.users]).to(device)
-    users = torch.from_numpy(data.users)
+    # Under a process group each rank scores a block of the users; metric sums are added over ranks.
+    mine = current_world().block(len(data.users))
+    index = slice(mine.start, mine.stop)
+    groups = torch.from_numpy(user_groups[data.users[index]]).to(device)
+    users = torch.from_numpy(data.users[index])
     results = {}
     for stage in ("valid", "test"):
-        vectors = model.user_vectors(data.windows[stage], groups, tables, config.eval_batch_size, users)
-        results[stage] = full_ranking_metrics(vectors, tables, groups, data.targets[stage], data.histories[stage])
+        vectors = model.user_vectors(data.windows[stage][index], groups, tables, config.eval_batch_size, users)
+        ranks = target_ranks(vectors, tables, groups, data.targets[stage][index], data.histories[stage].select(index))
+        results[stage] = sharded_ranking_metrics(ranks)
     return results
 
 
+def rank_batches(batches: list[Batch], world: World) -> list[Batch]:
+    """This rank's share of an epoch's batches: dealt round-robin, so in one step each rank trains on a
+    different batch (of any group); the list wraps around so every rank takes the same number of steps."""
+    if world.size == 1:
+        return batches
+    rounds = -(-len(batches) // world.size)
+    dealt = [batches[index % len(batches)] for index in range(rounds * world.size)]
+    return dealt[world.rank :: world.size]
+
+
 def train_epoch(
-    model: PerpeftModel,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    sampler: TrainSampler,
-    rng: np.random.Generator,
+    batches: list[Batch],
     device: torch.device,
     description: str,
     progress: bool,
 ) -> float:
+    """One pass over ``batches``; ``model`` is the PerpeftModel or its DistributedDataParallel wrapper
+    (whose call all-reduces the gradients). Returns the mean loss over every rank's steps."""
     model.train()
-    total, steps = 0.0, 0
-    bar = tqdm(
-        sampler.epoch(rng), desc=description, unit="batch", disable=not progress, leave=False, dynamic_ncols=True
-    )
-    for batch in bar:
-        loss = model.training_loss(batch, device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    bar = tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False, dynamic_ncols=True)
+    for steps, batch in enumerate(bar, start=1):
+        loss = model(batch, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss.detach())
-        steps += 1
-        bar.set_postfix(loss=f"{total / steps:.4f}")
-    return total / max(steps, 1)
+        total += loss.detach()
+        if progress:
+            bar.set_postfix(loss=f"{float(total) / steps:.4f}")
+    sums = current_world().sum(torch.stack([total.cpu(), torch.tensor(float(len(batches)), dtype=torch.float64)]))
+    return float(sums[0] / sums[1].clamp(min=1))
 
 
 class StageRunner:
@@ -371,6 +402,17 @@ class StageRunner:
             lr=config.lr,
             weight_decay=config.weight_decay,
         )
+        self.world = current_world()
+        self.trainer: nn.Module = model
+        if self.world.joined:
+            # Every rank holds all C groups stacked in one tensor per layer, so every parameter gets a
+            # gradient in every step (zeros for the groups absent from a rank's batch): no unused-parameter
+            # search. Buffers (frozen features, personal index) are identical by construction.
+            self.trainer = nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,
+                **BUFFERS_NOT_SYNCED_PER_STEP,
+            )
 
     def _checkpoint_name(self, epoch: int) -> str:
         return f"{self.name}/epoch-{epoch:03d}.safetensors"
@@ -402,12 +444,13 @@ class StageRunner:
             started = time.perf_counter()
             seed = [self.config.seed, STAGE_INDEX[self.name], epoch]
             seed_torch(seed)
+            # The same batches on every rank (same seed), dealt round-robin between them.
+            batches = rank_batches(self.sampler.epoch(np.random.default_rng(seed)), self.world)
             with PeakMemory(self.device) as peak:
                 loss = train_epoch(
-                    self.model,
+                    self.trainer,
                     self.optimizer,
-                    self.sampler,
-                    np.random.default_rng(seed),
+                    batches,
                     self.device,
                     f"{self.name} epoch {epoch}/{epochs}",
                     self.progress,
@@ -427,21 +470,24 @@ class StageRunner:
             improved = best is None or metrics["valid"][SELECTION_METRIC] > best["valid"][SELECTION_METRIC]
             if improved:
                 state["best"] = {"epoch": epoch, "valid": metrics["valid"], "test": metrics["test"]}
-                save_tensors(
-                    self.run.file(f"{self.name}/best.safetensors"), self.model.trainable_state(), {"epoch": epoch}
-                )
-            on_epoch(epoch)
-            tensors, param_groups = optimizer_tensors(self.optimizer)
-            save_tensors(
-                self.run.file(self._checkpoint_name(epoch)),
-                {**self.model.trainable_state(), **tensors},
-                {"epoch": epoch, "param_groups": param_groups},
-            )
             previous = state["completed_epochs"]
             state["completed_epochs"] = epoch
-            save_state()
-            if previous:
-                self.run.file(self._checkpoint_name(previous)).unlink(missing_ok=True)
+            if self.world.is_main:  # ranks hold identical weights; one writes
+                if improved:
+                    save_tensors(
+                        self.run.file(f"{self.name}/best.safetensors"), self.model.trainable_state(), {"epoch": epoch}
+                    )
+                on_epoch(epoch)
+                tensors, param_groups = optimizer_tensors(self.optimizer)
+                save_tensors(
+                    self.run.file(self._checkpoint_name(epoch)),
+                    {**self.model.trainable_state(), **tensors},
+                    {"epoch": epoch, "param_groups": param_groups},
+                )
+                save_state()
+                if previous:
+                    self.run.file(self._checkpoint_name(previous)).unlink(missing_ok=True)
+            self.world.barrier()
             self.report(
                 f"{self.name} epoch {epoch}/{epochs}  loss {loss:.4f}  valid HR@30 {metrics['valid']['HR@30']:.4f}  "
                 f"test NDCG@20 {metrics['test']['NDCG@20']:.4f}{'  *' if improved else ''}"
@@ -485,9 +531,13 @@ def run_pipeline(
     split = leave_one_out(dataset.sequences)
     evaluation = EvaluationData.build(split, config.maxlen, device)
     state = run.read_state()
+    world = current_world()
+    if not world.is_main:  # rank 0 prints and writes; the others train in step with it
+        report, progress = _silent, False
 
     def save_state() -> None:
-        run.write_state(state)
+        if world.is_main:
+            run.write_state(state)
 
     e1, e2 = config.epochs_global, config.epochs_perpeft
     global_epochs = e1 if method.two_stage and not config.baseline else e1 + e2
@@ -524,10 +574,13 @@ def run_pipeline(
         if "grouping" not in state:
             global_stage.model.load_trainable_state(load_tensors(run.file(SNAPSHOT))[0])
             assignment, centroids = fit_groups(global_stage.model, split, dataset.num_items, config)
-            save_tensors(run.file(GROUPING), {"assignment": torch.from_numpy(assignment), "centroids": centroids})
+            if world.is_main:
+                grouping = {"assignment": torch.from_numpy(assignment), "centroids": centroids}
+                save_tensors(run.file(GROUPING), grouping)
             sizes = np.bincount(assignment[1:], minlength=config.groups).tolist()
             state["grouping"] = {"sizes": sizes, "grouping": config.grouping, "clustering": config.clustering}
             save_state()
+            world.barrier()
             report(f"grouping: {config.groups} groups of sizes {sizes}")
         global_stage = None  # release the Global PEFT model (and its CLIP copy) before the next stage builds its own
         assignment = load_tensors(run.file(GROUPING))[0]["assignment"].numpy()
@@ -556,10 +609,16 @@ def run_pipeline(
     }
     if method.two_stage:
         metrics["global"]["model"] = "baseline" if config.baseline else "stage1"
-    run.write_metrics(metrics)
+    if world.is_main:
+        run.write_metrics(metrics)
     state["done"] = True
     save_state()
+    world.barrier()
     return metrics
+
+
+def _silent(line: str) -> None:
+    """The report of ranks other than 0."""
 
 
 def load_run_inputs(config: RunConfig, progress: bool) -> RunInputs:
@@ -592,12 +651,18 @@ def train_new_run(
             f"{counts['large_global_peft_adapter']:,} parameters; PerPEFT's {config.groups} adapters "
             f"{counts['perpeft_adapters_total']:,}"
         )
-    run_inputs = load_run_inputs(config, progress)
-    run = RunDirectory.create(out, config, overwrite)
+    world = current_world()
+    # Rank 0 fills the input caches and creates the directory first; the other ranks then read both.
+    run_inputs = world.main_first(lambda: load_run_inputs(config, progress), lambda: load_run_inputs(config, False))
+    run = world.main_first(lambda: RunDirectory.create(out, config, overwrite), lambda: RunDirectory.open(out))
     return run, run_pipeline(run, run_inputs, report, progress)
 
 
 def resume_run(path: Path, report: Report = print, progress: bool = True) -> tuple[RunDirectory, dict[str, Any]]:
     """Continue an interrupted run from its last completed epoch."""
     run = RunDirectory.open(path)
-    return run, run_pipeline(run, load_run_inputs(run.config, progress), report, progress)
+    world = current_world()
+    run_inputs = world.main_first(
+        lambda: load_run_inputs(run.config, progress), lambda: load_run_inputs(run.config, False)
+    )
+    return run, run_pipeline(run, run_inputs, report, progress)

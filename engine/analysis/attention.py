@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..data.sources import load_dataset
 from ..embed import load_model
-from ..encoder import ClipBundle, load_clip
+from ..encoder import ClipBundle, load_clip, require_clip_adapters
 from ..errors import InputError
 from ..hidden_cache import eos_positions
 from ..inputs import load_item_inputs
@@ -44,7 +44,6 @@ from ..tiny_clip import HashWordTokenizer
 from ..train import GROUPING, RunInputs, clip_encoder_factory, resolve_device
 from . import open_perpeft_run, refuse_existing
 
-ATTENTION_PEFTS = ("lora", "ia3")
 # (item, group) rows per text-tower pass: HF keeps every layer's [rows, heads, L, L] weights while recording.
 ATTENTION_BATCH_ROWS = 64
 SAMPLE_SEED = 0
@@ -94,15 +93,7 @@ class AttentionProbe:
     def __init__(self, path: Path, device: str | None = None, progress: bool = False) -> None:
         run = open_perpeft_run(path)
         config = run.config
-        if config.peft not in ATTENTION_PEFTS:
-            reason = (
-                "IISAN is a side network over cached CLIP hidden states: CLIP's own attention never changes"
-                if config.peft == "iisan"
-                else "the run has no CLIP adapters"
-            )
-            raise InputError(
-                f"{run.path}: attention analysis needs a LoRA or (IA)3 run, not --peft {config.peft}: {reason}"
-            )
+        require_clip_adapters(run.path, config.peft, "attention analysis")
         if not config.text:
             raise InputError(f"{run.path}: trained without titles (--no-text): its text adapters never trained")
         self.run = run

@@ -1,0 +1,5 @@
+"""``python -m perpeft.cli``: the ``perpeft-engine`` command, the form ``torchrun -m perpeft.cli`` starts."""
+
+from perpeft.cli.main import cli
+
+cli(prog_name="perpeft-engine")
