@@ -50,7 +50,6 @@ ABLATIONS = (
     ("Random grouping", "perpeft", {"grouping": "random"}),
     ("PerPEFT", "perpeft", {}),
 )
-NAME_ORDER = ("method", "peft", "groups", "text", "image", "group_negatives", "grouping", "clustering")
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,7 @@ class Cell:
     changes: tuple[tuple[str, Any], ...]
 
     def config(self, base: RunConfig, seed: int) -> RunConfig:
+        """``base`` with this cell's changes and ``seed``."""
         return dataclasses.replace(base, seed=seed, **dict(self.changes))
 
 

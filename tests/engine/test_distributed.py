@@ -52,6 +52,17 @@ def test_two_rank_training_keeps_ranks_identical_after_every_step(small_demo: Pa
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
 
 
+def test_an_interrupted_two_rank_run_resumes_to_the_uninterrupted_metrics(small_demo: Path, tmp_path: Path) -> None:
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _run([*TORCHRUN, str(WORKER), str(small_demo), str(whole)])
+    _run([*TORCHRUN, str(WORKER), str(small_demo), str(cut), "cut"])
+    state = json.loads((cut / "run" / "state.json").read_text())
+    assert state["global"]["completed_epochs"] == 1 and not (cut / "run" / "metrics.json").exists()
+    _run([*TORCHRUN, str(WORKER), str(small_demo), str(cut), "resume"])
+    expected = json.loads((whole / "run" / "metrics.json").read_text())
+    assert json.loads((cut / "run" / "metrics.json").read_text()) == expected
+
+
 def test_sharded_embed_and_evaluate_equal_one_process(demo_run: Path, tmp_path: Path) -> None:
     single = tmp_path / "single"
     shutil.copytree(demo_run, single)
