@@ -5,6 +5,8 @@ columns and a count of every record dropped, by reason) and, when some items hav
 ``missing_images.txt`` (one item id a line).
 """
 
+import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 from ..cache import cache_root, staging_directory
 from ..errors import InputError
 from .dataset import Dataset
-from .demo import generate_demo
+from .demo import DemoSpec, generate_demo
 from .formats import ITEM_COLUMN, MISSING_IMAGES, TIME_COLUMN, TITLE_COLUMN, USER_COLUMN, check_image, load_recbole
 
 DEMO = "demo"
@@ -49,8 +51,10 @@ NAMED_DATASETS: dict[str, NamedDataset] = {
 
 
 def demo_directory() -> Path:
-    """Where the demo world lives (generated from `DEMO_WORLD_SEED` on first use, then reused)."""
-    return cache_root() / "demo" / f"seed-{DEMO_WORLD_SEED}" / DEMO
+    """Where the demo world lives (generated from `DEMO_WORLD_SEED` on first use, then reused), keyed by
+    the seed and the `DemoSpec` so that a changed world is never read from an old cache."""
+    spec = json.dumps({"seed": DEMO_WORLD_SEED, **dataclasses.asdict(DemoSpec())}, sort_keys=True)
+    return cache_root() / "demo" / hashlib.sha256(spec.encode()).hexdigest()[:12] / DEMO
 
 
 def default_data_dir() -> Path:
