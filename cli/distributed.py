@@ -17,6 +17,12 @@ def _quiet_stdout() -> Iterator[None]:
         yield
 
 
+def _process_group_failure(error: RuntimeError, dist_error: type) -> bool:
+    """Whether ``error`` comes from the communication backend (NCCL raises DistError; gloo a RuntimeError
+    naming itself, e.g. "…/gloo/transport/tcp/pair.cc: Connection closed by peer") rather than a bug."""
+    return isinstance(error, dist_error) or any(marker in str(error) for marker in ("gloo", "NCCL", "c10d"))
+
+
 def runs_distributed(device_option: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Join the ``torchrun`` process group (if launched by it) on the device named by the command's
     ``device_option`` argument, keep stdout for rank 0, and turn a failed collective — a rank that died
@@ -33,8 +39,8 @@ def runs_distributed(device_option: str) -> Callable[[Callable[..., Any]], Calla
             try:
                 with contextlib.nullcontext() if world.is_main else _quiet_stdout():
                     return command(*args, **kwargs)
-            except (DistError, RuntimeError) as error:
-                if not world.joined:
+            except RuntimeError as error:
+                if not world.joined or not _process_group_failure(error, DistError):
                     raise
                 reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 click.echo(
