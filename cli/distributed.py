@@ -38,7 +38,9 @@ def runs_distributed(device_option: str) -> Callable[[Callable[..., Any]], Calla
             world = join_process_group(kwargs.get(device_option) or "auto")
             try:
                 with contextlib.nullcontext() if world.is_main else _quiet_stdout():
-                    return command(*args, **kwargs)
+                    result = command(*args, **kwargs)
+                world.barrier()  # no rank tears the group down while another is still in a collective
+                return result
             except RuntimeError as error:
                 if not world.joined or not _process_group_failure(error, DistError):
                     raise
