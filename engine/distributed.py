@@ -43,6 +43,11 @@ class World:
         """Whether a process group exists (also for ``torchrun --nproc-per-node 1``)."""
         return dist.is_available() and dist.is_initialized()
 
+    @property
+    def alone(self) -> bool:
+        """No other rank to talk to: every collective below is then the identity."""
+        return not self.joined or self.size == 1
+
     def block(self, count: int) -> range:
         """This rank's contiguous share of ``count`` work units (sizes differ by at most one)."""
         return range(count * self.rank // self.size, count * (self.rank + 1) // self.size)
@@ -54,7 +59,7 @@ class World:
 
     def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Every rank's ``[n_r, ...]`` rows concatenated in rank order, on every rank (sizes may differ)."""
-        if not self.joined or self.size == 1:
+        if self.alone:
             return rows
         device = self._device()
         local = rows.to(device)
@@ -69,7 +74,7 @@ class World:
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum of ``values`` over the ranks."""
-        if not self.joined or self.size == 1:
+        if self.alone:
             return values
         total = values.to(self._device())
         dist.all_reduce(total)
@@ -77,7 +82,7 @@ class World:
 
     def broadcast(self, values: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``values`` (same shape and dtype on every rank) on every rank."""
-        if not self.joined or self.size == 1:
+        if self.alone:
             return values
         shared = values.to(self._device())
         dist.broadcast(shared, src=0)
@@ -87,7 +92,7 @@ class World:
         """``main()`` on rank 0, then — once it succeeded — ``others()`` (default ``main``) on the other ranks:
         for work that fills a cache or creates a directory the others then read. A failure on rank 0 is
         raised there and ends the other ranks with an error naming it, instead of leaving them waiting."""
-        if not self.joined or self.size == 1:
+        if self.alone:
             return main()
         result, error = None, None
         if self.is_main:
@@ -106,7 +111,7 @@ class World:
 
     def barrier(self) -> None:
         """Wait until every rank gets here (after rank 0 wrote what the others read next)."""
-        if self.joined and self.size > 1:
+        if not self.alone:
             dist.barrier()
 
 

@@ -150,7 +150,7 @@ def embed_run(
 
     world.main_first(prepare_directory, lambda: None)
     config = run.config
-    run_inputs = world.main_first(lambda: load_run_inputs(config, progress), lambda: load_run_inputs(config, False))
+    run_inputs = load_run_inputs(config, progress)
     progress = progress and world.is_main
     dataset = run_inputs.dataset
     target = resolve_device(device or config.device)
@@ -169,14 +169,9 @@ def embed_run(
 
     grouping = load_tensors(run.file(GROUPING))[0]
     windows = torch.from_numpy(last_window(leave_one_out(dataset.sequences).history("test"), config.maxlen))
-    mine = world.block(windows.shape[0])
-    block = model.user_vectors(
-        windows[mine.start : mine.stop].to(target),
-        grouping["assignment"][mine.start : mine.stop].to(target),
-        tables.to(target),
-        config.eval_batch_size,
+    users = model.gathered_user_vectors(
+        windows.to(target), grouping["assignment"].to(target), tables.to(target), config.eval_batch_size
     ).cpu()
-    users = world.gather_rows(block)
     users[0] = 0.0
     embeddings = Embeddings(tables, users, grouping["assignment"], grouping["centroids"])
     if world.is_main:

@@ -34,7 +34,7 @@ from .errors import InputError
 from .methods import METHODS, TABLE2_METHODS, large_adapter_config, method_of
 from .params import parameter_counts
 from .run import RunDirectory, atomic_write_bytes
-from .train import resume_run, train_new_run
+from .train import resume_run, silent, train_new_run
 
 RESULTS_CSV = "results.csv"
 TABLE_MD = "table.md"
@@ -136,12 +136,9 @@ def _train_cell(config: RunConfig, path: Path) -> dict[str, Any]:
             raise InputError(f"{path}: holds a run of another configuration; use another --out")
         if (path / "metrics.json").is_file():
             return run.read_metrics()
-        return resume_run(path, _silent, progress=False)[1]
-    return train_new_run(config, path, overwrite=False, report=_silent, progress=False)[1]
-
-
-def _silent(line: str) -> None:
-    """Cells train without per-epoch lines: the grid reports one line per cell."""
+        return resume_run(path, silent, progress=False)[1]
+    # Cells train without per-epoch lines: the grid reports one line per cell.
+    return train_new_run(config, path, overwrite=False, report=silent, progress=False)[1]
 
 
 def run_grid(

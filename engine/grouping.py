@@ -31,13 +31,9 @@ def user_space_vectors(model: "PerpeftModel", split: Split, num_items: int, conf
     device = model.recommender.item_embeddings.weight.device
     tables = model.item_tables(num_items, config.encode_batch_size)
     windows = torch.from_numpy(last_window(grouping_histories(split)[1:], config.maxlen)).to(device)
-    # Under a process group each rank encodes a block of the users and the vectors are gathered.
-    world = current_world()
-    mine = world.block(windows.shape[0])
-    zeros = torch.zeros(len(mine), dtype=torch.long, device=device)
-    users = torch.arange(mine.start + 1, mine.stop + 1)
-    block = model.user_vectors(windows[mine.start : mine.stop], zeros, tables, config.eval_batch_size, users)
-    return world.gather_rows(block)
+    zeros = torch.zeros(windows.shape[0], dtype=torch.long, device=device)
+    users = torch.arange(1, windows.shape[0] + 1)
+    return model.gathered_user_vectors(windows, zeros, tables, config.eval_batch_size, users)
 
 
 def fit_groups(
@@ -55,7 +51,7 @@ def fit_groups(
         raise InputError(f"--groups {config.groups}: only {vectors.shape[0]} users to group")
     world = current_world()
     labels, centroids = _cluster(vectors, config) if world.is_main else (None, None)
-    if world.size > 1:  # clustered once, on rank 0; every rank gets its result
+    if not world.alone:  # clustered once, on rank 0; every rank gets its result
         labels = world.broadcast(
             torch.as_tensor(labels) if world.is_main else torch.zeros(len(vectors), dtype=torch.long)
         )

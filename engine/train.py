@@ -299,6 +299,23 @@ class PerpeftModel(nn.Module):
             outputs.append(self.recommender.sequence_output(window, vectors, personal)[:, -1])
         return torch.cat(outputs)
 
+    @torch.no_grad()
+    def gathered_user_vectors(
+        self,
+        windows: torch.Tensor,
+        user_groups: torch.Tensor,
+        tables: torch.Tensor,
+        chunk: int,
+        users: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`user_vectors` of every window; under a process group each rank encodes a block of them and
+        the vectors are gathered on every rank."""
+        world = current_world()
+        mine = world.block(windows.shape[0])
+        block = slice(mine.start, mine.stop)
+        personal = None if users is None else users[block]
+        return world.gather_rows(self.user_vectors(windows[block], user_groups[block], tables, chunk, personal))
+
 
 @dataclass
 class EvaluationData:
@@ -533,7 +550,7 @@ def run_pipeline(
     state = run.read_state()
     world = current_world()
     if not world.is_main:  # rank 0 prints and writes; the others train in step with it
-        report, progress = _silent, False
+        report, progress = silent, False
 
     def save_state() -> None:
         if world.is_main:
@@ -617,12 +634,21 @@ def run_pipeline(
     return metrics
 
 
-def _silent(line: str) -> None:
-    """The report of ranks other than 0."""
+def silent(line: str) -> None:
+    """A report that prints nothing (ranks other than 0, cells of an experiment grid)."""
 
 
 def load_run_inputs(config: RunConfig, progress: bool) -> RunInputs:
-    """Dataset, item encoder and cached item inputs of a run: every user-input error surfaces here."""
+    """Dataset, item encoder and cached item inputs of a run: every user-input error surfaces here.
+
+    Under a process group rank 0 loads first (filling the input and hidden-state caches), then the
+    other ranks load from those caches, without progress bars."""
+    return current_world().main_first(
+        lambda: _load_run_inputs(config, progress), lambda: _load_run_inputs(config, False)
+    )
+
+
+def _load_run_inputs(config: RunConfig, progress: bool) -> RunInputs:
     dataset = load_dataset(config.data, config.data_dir)
     method = method_of(config)
     if method.encoder == "none":
@@ -651,18 +677,15 @@ def train_new_run(
             f"{counts['large_global_peft_adapter']:,} parameters; PerPEFT's {config.groups} adapters "
             f"{counts['perpeft_adapters_total']:,}"
         )
-    world = current_world()
-    # Rank 0 fills the input caches and creates the directory first; the other ranks then read both.
-    run_inputs = world.main_first(lambda: load_run_inputs(config, progress), lambda: load_run_inputs(config, False))
-    run = world.main_first(lambda: RunDirectory.create(out, config, overwrite), lambda: RunDirectory.open(out))
+    run_inputs = load_run_inputs(config, progress)
+    # Rank 0 creates the directory before the other ranks open it.
+    run = current_world().main_first(
+        lambda: RunDirectory.create(out, config, overwrite), lambda: RunDirectory.open(out)
+    )
     return run, run_pipeline(run, run_inputs, report, progress)
 
 
 def resume_run(path: Path, report: Report = print, progress: bool = True) -> tuple[RunDirectory, dict[str, Any]]:
     """Continue an interrupted run from its last completed epoch."""
     run = RunDirectory.open(path)
-    world = current_world()
-    run_inputs = world.main_first(
-        lambda: load_run_inputs(run.config, progress), lambda: load_run_inputs(run.config, False)
-    )
-    return run, run_pipeline(run, run_inputs, report, progress)
+    return run, run_pipeline(run, load_run_inputs(run.config, progress), report, progress)
