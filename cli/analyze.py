@@ -66,7 +66,11 @@ def attention(run: Path, item: str, png: Path | None, no_png: bool, overwrite: b
 @analyze.command()
 @run_option
 @click.option(
-    "--run2", type=click.Path(path_type=Path), default=None, help="The same setting with another seed: intra-group JSD."
+    "--run2",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="RUN's groups trained with another seed (`train --global-from RUN --seed N`), or any run of the same "
+    "setting: intra-group JSD.",
 )
 @click.option(
     "--items", type=click.IntRange(min=1), default=None, help="A seeded random sample of N items. [every item]"
@@ -78,7 +82,10 @@ def divergence(run: Path, run2: Path | None, items: int | None, as_json: bool, q
     """Mean Jensen–Shannon divergence (nats, at most ln 2) of the EOS→title attention (paper Table 7).
 
     Inter: between all pairs of groups of RUN. Intra (with --run2): between each group of RUN and the
-    group of RUN2 sharing most of its users (one-to-one matching of the two groupings).
+    group of RUN2 sharing most of its users (one-to-one matching of the two groupings). The paper's intra
+    runs are the same groups trained with another seed: make RUN2 with `train --global-from RUN --seed N`
+    (all users then stay in their matched group); a RUN2 trained end to end with another seed groups the
+    users differently, and the line "users in the matched group" says by how much.
     """
     from perpeft.engine.analysis.attention import divergence as mean_divergence
 
@@ -96,6 +103,7 @@ def divergence(run: Path, run2: Path | None, items: int | None, as_json: bool, q
     if result["matching"] is not None:
         pairs = ", ".join(f"{a}→{b}" for a, b in enumerate(result["matching"]))
         click.echo(f"groups of --run matched to --run2: {pairs}")
+        click.echo(f"users in the matched group: {result['matched_users']:.1%}")
 
 
 def _columns(headings: list[str], cells: list[list[str]]) -> list[str]:

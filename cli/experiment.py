@@ -29,6 +29,11 @@ def _list(value: str, convert: type = str) -> list:
 @click.option("--clustering", "clusterings", default="", help="Table 6: e.g. kmeans,gmm (paired t-test for two).")
 @click.option("--groups", "group_counts", default="", help="Figure 7(b): e.g. 4,8,16.")
 @click.option("--scalability", is_flag=True, help="Per-epoch time, peak memory and parameters per PEFT type.")
+@click.option(
+    "--divergence",
+    is_flag=True,
+    help="Table 7 with the first PEFT type (LoRA or (IA)3): attention JSD between groups and between seeds.",
+)
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds, comma-separated.")
 @click.option("--epochs-global", type=click.IntRange(min=1), default=None, help="E1. [demo: 6, else 10]")
 @click.option("--epochs-perpeft", type=click.IntRange(min=1), default=None, help="E2. [demo: 12, else 20]")
@@ -47,6 +52,7 @@ def experiment(
     clusterings: str,
     group_counts: str,
     scalability: bool,
+    divergence: bool,
     seeds: str,
     out: Path,
     **options: object,
@@ -66,7 +72,7 @@ def experiment(
     if any(count < 1 for count in group_list):
         raise click.BadParameter(f"{group_counts!r}: group counts must be positive", param_hint="--groups")
     method_list = list(TABLE2_METHODS) if methods == "all" else _list(methods)
-    cells = build_grid(peft_list, method_list, ablations, clustering_list, group_list, scalability)
+    cells = build_grid(peft_list, method_list, ablations, clustering_list, group_list, scalability, divergence)
     started = time.perf_counter()
     run_experiment(RunConfig(baseline=False, **options), cells, _list(seeds, int), out, tqdm.write)
     click.echo((out / TABLE_MD).read_text())

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from tqdm.auto import tqdm
 
 from perpeft.cli.analyze import analyze
@@ -14,6 +15,7 @@ from perpeft.cli.experiment import experiment
 from perpeft.cli.inference import embed, evaluate, export, recommend
 from perpeft.cli.prepare import fetch_images, prepare
 from perpeft.engine.config import RunConfig
+from perpeft.engine.errors import InputError
 from perpeft.engine.methods import METHODS
 
 METRIC_ORDER = ("HR@10", "HR@20", "HR@30", "NDCG@10", "NDCG@20", "NDCG@30")
@@ -28,8 +30,9 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     """Test metrics of the run's method; for PerPEFT, Global PEFT and PerPEFT side by side with the change."""
     method = METHODS[metrics.get("method", "perpeft")]
     peft = f" · {metrics['peft']}" if metrics.get("peft") else ""
+    global_seed = f" (Global stage and groups of seed {metrics['global_seed']})" if "global_seed" in metrics else ""
     rows = [
-        f"{metrics['dataset']} · {method.name}{peft} · C={metrics['groups']} · seed {metrics['seed']}  "
+        f"{metrics['dataset']} · {method.name}{peft} · C={metrics['groups']} · seed {metrics['seed']}{global_seed}  "
         "(test, best epoch by valid HR@30)",
         f"{'':<22}" + "".join(f"{name:>10}" for name in METRIC_ORDER),
     ]
@@ -126,6 +129,13 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 @click.option(
     "--resume", type=click.Path(path_type=Path), default=None, help="Continue the interrupted run in this directory."
 )
+@click.option(
+    "--global-from",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Reuse this PerPEFT run's Global stage and groups; train only the second stage, with --seed "
+    "(Table 7's intra-group runs). Takes every other setting from that run.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 @click.option(
@@ -139,6 +149,7 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 def train(
     nproc: int | None,
     resume: Path | None,
+    global_from: Path | None,
     out: Path | None,
     overwrite: bool,
     quiet: bool,
@@ -156,7 +167,11 @@ def train(
         relaunch_with_torchrun(nproc)
     report = (lambda line: None) if quiet else tqdm.write
     if resume is not None:
+        if global_from is not None:
+            raise InputError("--resume and --global-from: a resumed run already has its Global stage")
         run, metrics = resume_run(resume, report, progress=not quiet)
+    elif global_from is not None:
+        run, metrics = train_reseeded(global_from, out, overwrite, report, quiet, options)
     else:
         config = RunConfig(
             baseline=not no_baseline,
@@ -171,6 +186,37 @@ def train(
         run, metrics = train_new_run(config, out, overwrite, report, progress=not quiet)
     click.echo(metrics_table(metrics))
     click.echo(f"run directory: {run.path}")
+
+
+# Settings that are the machine's, not the experiment's: a reseeded run may change them.
+RESEED_MACHINE_OPTIONS = ("device", "precision", "compile")
+
+
+def train_reseeded(
+    source_path: Path, out: Path | None, overwrite: bool, report: Any, quiet: bool, options: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """``train --global-from RUN --seed N``: RUN's settings, Global stage and groups; second stage with seed N."""
+    from perpeft.engine.run import RunDirectory
+    from perpeft.engine.train import reseeded_config, train_new_run
+
+    context = click.get_current_context()
+    given = [
+        name
+        for name in options
+        if context.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    ]
+    given += [name for name in ("no_baseline", "no_text", "no_image", "no_group_negatives") if context.params[name]]
+    conflicting = [name for name in given if name not in ("seed", *RESEED_MACHINE_OPTIONS)]
+    if conflicting:
+        flags = ", ".join("--" + name.replace("_", "-") for name in conflicting)
+        raise InputError(f"--global-from {source_path} takes every setting from that run's config.json; drop {flags}")
+    if "seed" not in given:
+        raise InputError("--global-from needs --seed: the second stage's seed, another than the run's own")
+    source = RunDirectory.open(source_path)
+    machine = {name: options[name] for name in RESEED_MACHINE_OPTIONS if name in given}
+    config = reseeded_config(source, options["seed"], **machine)
+    out = out or source.path.with_name(f"{source.path.name}-reseed{config.seed}")
+    return train_new_run(config, out, overwrite, report, progress=not quiet, global_from=source)
 
 
 @cli.command()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .methods import check_method
+from .methods import check_method, method_of
 
 # The paper's settings (App. C.2) apply to real data; the demo is ~20× smaller, so it takes fewer,
 # larger-step epochs to converge inside the three-minute budget.
@@ -31,6 +31,7 @@ class RunConfig:
     lr: float | None = None
     weight_decay: float | None = None
     seed: int = 0
+    global_seed: int | None = None
     device: str = "auto"
     precision: str = "auto"
     compile: str = "auto"
@@ -58,9 +59,22 @@ class RunConfig:
         if config.compile not in ("auto", "on", "off"):
             raise InputError(f"--compile {config.compile}: expected auto, on or off")
         check_method(config)
+        if config.global_seed is not None and not method_of(config).two_stage:
+            raise InputError(
+                f"--method {config.method} has a single stage: a Global stage of another seed (--global-from) needs "
+                "a two-stage method"
+            )
         if config.groups < 1 or config.epochs_global < 1 or config.epochs_perpeft < 0 or config.batch_size < 1:
             raise InputError("--groups, --epochs-global and --batch-size must be positive")
         return config
+
+    def stage_seed(self, stage: str) -> int:
+        """The seed of ``stage`` ("global", "grouping", "perpeft" or "grouped"): ``global_seed`` drives the
+        Global-PEFT stage and the grouping when set (a run that reuses another seed's Global stage), else
+        ``seed`` drives every stage."""
+        if self.global_seed is not None and stage in ("global", "grouping"):
+            return self.global_seed
+        return self.seed
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

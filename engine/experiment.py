@@ -7,7 +7,10 @@ Sections (each a list of cells; a cell is one configuration, trained once per se
 - ``clustering`` — Table 6: K-Means vs GMM grouping, with a paired t-test over seeds;
 - ``groups`` — Figure 7(b): PerPEFT with C = 4, 8, 16;
 - ``scalability`` — Figure 4 / Tables 8–9: per-epoch training time, peak memory and parameter counts of
-  Global PEFT and PerPEFT per PEFT type, read from the PerPEFT cells' two stages.
+  Global PEFT and PerPEFT per PEFT type, read from the PerPEFT cells' two stages;
+- ``divergence`` — Table 7: inter- and intra-group JSD of CLIP's EOS→title attention. Each seed ``s``'s
+  PerPEFT run also gets a *reseeded* run beside it (``seed-s-reseed-(s+1)``): the same Global stage and
+  groups, the second stage retrained with seed ``s + 1`` (App. C.5.1, "the same cluster, another seed").
 
 Cells that are the same configuration in several sections (PerPEFT with LoRA and C = 8 is in four) train
 once. Every cell's run lives in ``OUT/runs/NAME/seed-N``; a finished run (``metrics.json``) is skipped, an
@@ -28,19 +31,22 @@ from typing import Any
 
 from scipy import stats
 
+from .analysis.attention import divergence as attention_divergence
 from .config import RunConfig
 from .data.sources import load_dataset
+from .encoder import ADAPTER_PEFTS
 from .errors import InputError
 from .methods import METHODS, TABLE2_METHODS, large_adapter_config, method_of
 from .params import parameter_counts
 from .run import RunDirectory, atomic_write_bytes
-from .train import resume_run, silent, train_new_run
+from .train import reseeded_config, resume_run, silent, train_new_run
 
 RESULTS_CSV = "results.csv"
 TABLE_MD = "table.md"
 METRICS = ("HR@10", "HR@20", "HR@30", "NDCG@10", "NDCG@20", "NDCG@30")
 TABLE_METRICS = ("HR@20", "HR@30", "NDCG@20", "NDCG@30")  # the paper's columns, ×100
 SHORT = {"HR@20": "H@20", "HR@30": "H@30", "NDCG@20": "N@20", "NDCG@30": "N@30"}
+RESEED_OFFSET = 1  # Table 7's reseeded run of seed s trains its second stage with seed s + RESEED_OFFSET
 PEFT_TITLES = {"lora": "LoRA", "ia3": "(IA)3", "iisan": "IISAN"}
 ABLATIONS = (
     ("w/o textual modality", "perpeft", {"text": False}),
@@ -92,8 +98,9 @@ def build_grid(
     clusterings: list[str],
     group_counts: list[int],
     scalability: bool,
+    divergence: bool = False,
 ) -> list[Cell]:
-    """Cells of the requested sections. Ablations, clustering and groups use the first PEFT type."""
+    """Cells of the requested sections. Ablations, clustering, groups and divergence use the first PEFT type."""
     unknown = [name for name in methods if name not in METHODS]
     if unknown:
         raise InputError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)}, or all)")
@@ -110,8 +117,14 @@ def build_grid(
     cells += [_cell("groups", f"C={count}", first, "perpeft", groups=count) for count in group_counts]
     if scalability:
         cells += [_cell("scalability", "PerPEFT", peft, "perpeft") for peft in pefts]
+    if divergence:
+        if first not in ADAPTER_PEFTS:
+            raise InputError("--divergence reads attention under CLIP adapters: the first --peft must be lora or ia3")
+        cells.append(_cell("divergence", "PerPEFT", first, "perpeft"))
     if not cells:
-        raise InputError("nothing to run: pass --methods, --ablations, --clustering, --groups or --scalability")
+        raise InputError(
+            "nothing to run: pass --methods, --ablations, --clustering, --groups, --scalability or --divergence"
+        )
     return cells
 
 
@@ -125,8 +138,9 @@ class Finished:
     metrics: dict[str, Any]
 
 
-def _train_cell(config: RunConfig, path: Path) -> dict[str, Any]:
-    """Train, resume or skip the run at ``path``; a directory holding another configuration is refused."""
+def _train_cell(config: RunConfig, path: Path, global_from: RunDirectory | None = None) -> dict[str, Any]:
+    """Train, resume or skip the run at ``path`` (a new one from ``global_from``'s Global stage when given);
+    a directory holding another configuration is refused."""
     if (path / "config.json").is_file():
         run = RunDirectory.open(path)
         expected = config.resolved()
@@ -138,7 +152,7 @@ def _train_cell(config: RunConfig, path: Path) -> dict[str, Any]:
             return run.read_metrics()
         return resume_run(path, silent, progress=False)[1]
     # Cells train without per-epoch lines: the grid reports one line per cell.
-    return train_new_run(config, path, overwrite=False, report=silent, progress=False)[1]
+    return train_new_run(config, path, overwrite=False, report=silent, progress=False, global_from=global_from)[1]
 
 
 def run_grid(
@@ -173,6 +187,80 @@ def run_grid(
             name = run_name(cell.config(base, seed))
             finished.append(Finished(cell, seed, out / "runs" / name / f"seed-{seed}", metrics[name, seed]))
     return finished
+
+
+def reseeded_runs(finished: list[Finished], report: Callable[[str], None] = print) -> dict[int, Path]:
+    """Table 7's intra-group runs, trained (or resumed, or skipped when finished) beside each seed ``s``'s
+    PerPEFT run of the divergence section: its Global stage and groups, second stage with seed ``s + 1``."""
+    paths = {}
+    for entry in finished:
+        if entry.cell.section != "divergence":
+            continue
+        source = RunDirectory.open(entry.run)
+        seed = entry.seed + RESEED_OFFSET
+        path = entry.run.with_name(f"{entry.run.name}-reseed-{seed}")
+        started = time.perf_counter()
+        metrics = _train_cell(reseeded_config(source, seed), path, global_from=source)
+        result = metrics["perpeft"]["test"]["NDCG@20"]
+        report(
+            f"reseeded {entry.run.parent.name} seed {entry.seed} → {seed}: test NDCG@20 {result:.4f} "
+            f"({time.perf_counter() - started:.0f} s)"
+        )
+        paths[entry.seed] = path
+    return paths
+
+
+def divergence_table(finished: list[Finished], reseeded: dict[int, Path]) -> list[str]:
+    """Table 7 per seed and as a mean: inter-group JSD, intra-group JSD against the reseeded run (the paper's
+    protocol) and, with several seeds, against the next seed's independent run (groups matched by users)."""
+    entries = [entry for entry in finished if entry.cell.section == "divergence"]
+    independent = len(entries) > 1
+    rows, columns = [], []
+    for index, entry in enumerate(entries):
+        same = attention_divergence(entry.run, reseeded[entry.seed], progress=False)
+        row = [same["inter"], same["intra"]]
+        label = [str(entry.seed)]
+        if independent:
+            other = entries[(index + 1) % len(entries)]
+            across = attention_divergence(entry.run, other.run, progress=False)
+            row += [across["intra"], 100 * across["matched_users"]]
+            label.append(str(other.seed))
+        rows.append((label, row, same["items"]))
+        columns.append(row)
+    means = [statistics.mean(column) for column in zip(*columns, strict=True)]
+    header = "| Seed | Inter-clus. | Intra-clus. (same groups, seed + 1) |"
+    rule = "|---|---:|---:|"
+    if independent:
+        header += " Independent run: seed | its intra JSD | users in matched group |"
+        rule += "---|---:|---:|"
+
+    def cells(values: list[float]) -> list[str]:
+        formatted = [f"{value:.5f}" for value in values[:3]]
+        return formatted + ([f"{values[3]:.1f}%"] if independent else [])
+
+    lines = [
+        f"### Table 7: attention divergence ({PEFT_TITLES[entries[0].cell.peft]}, JSD in nats of the last-layer "
+        f"EOS→title attention, mean over {rows[0][2]:,} items)",
+        "",
+        header,
+        rule,
+    ]
+    for label, row, _ in rows:
+        values = cells(row)
+        if independent:
+            values.insert(2, label[1])
+        lines.append("| " + " | ".join([label[0], *values]) + " |")
+    mean_values = cells(means)
+    if independent:
+        mean_values.insert(2, "")
+    lines.append("| mean | " + " | ".join(mean_values) + " |")
+    lines += [
+        "",
+        "Intra-clus. as in App. C.5.1: the run's own groups with the second stage retrained with another seed "
+        "(`train --global-from`). The independent-run columns compare with another seed trained end to end, "
+        "whose Global stage and grouping differ (groups matched one-to-one by shared users).",
+    ]
+    return lines
 
 
 def _duration(seconds: float) -> str:
@@ -340,7 +428,9 @@ def scalability_table(finished: list[Finished]) -> list[str]:
     return lines
 
 
-def tables_markdown(finished: list[Finished], dataset: str, seeds: list[int]) -> str:
+def tables_markdown(
+    finished: list[Finished], dataset: str, seeds: list[int], reseeded: dict[int, Path] | None = None
+) -> str:
     """``table.md``: every requested section's table, laid out like the paper's."""
     sections = {entry.cell.section for entry in finished}
     lines = [
@@ -361,6 +451,8 @@ def tables_markdown(finished: list[Finished], dataset: str, seeds: list[int]) ->
         lines += [*_simple_table(finished, "groups", title, True), ""]
     if "scalability" in sections:
         lines += [*scalability_table(finished), ""]
+    if "divergence" in sections:
+        lines += [*divergence_table(finished, reseeded or {}), ""]
     return "\n".join(lines)
 
 
@@ -372,6 +464,7 @@ def run_experiment(
         raise InputError("--seeds: give at least one seed")
     out.mkdir(parents=True, exist_ok=True)
     finished = run_grid(base, cells, seeds, out, report)
+    reseeded = reseeded_runs(finished, report)
     atomic_write_bytes(out / RESULTS_CSV, results_csv(finished, out).encode())
-    atomic_write_bytes(out / TABLE_MD, tables_markdown(finished, Path(base.data).name, seeds).encode())
+    atomic_write_bytes(out / TABLE_MD, tables_markdown(finished, Path(base.data).name, seeds, reseeded).encode())
     return finished

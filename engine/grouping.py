@@ -64,16 +64,17 @@ def fit_groups(
 
 def _cluster(vectors: np.ndarray, config: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     """Labels ``[U]`` (int64) and centroids ``[C, d]`` (float32) of the configured grouping."""
+    seed = config.stage_seed("grouping")
     if config.grouping == "random":
-        rng = np.random.default_rng([config.seed, RANDOM_GROUPING_STREAM])
+        rng = np.random.default_rng([seed, RANDOM_GROUPING_STREAM])
         labels = rng.permutation(np.arange(vectors.shape[0]) % config.groups)
         centroids = np.stack([vectors[labels == group].mean(axis=0) for group in range(config.groups)])
     elif config.clustering == "gmm":
-        mixture = GaussianMixture(n_components=config.groups, max_iter=KMEANS_MAX_ITER, random_state=config.seed)
+        mixture = GaussianMixture(n_components=config.groups, max_iter=KMEANS_MAX_ITER, random_state=seed)
         labels = mixture.fit_predict(vectors)
         centroids = mixture.means_
     else:
-        kmeans = KMeans(n_clusters=config.groups, max_iter=KMEANS_MAX_ITER, random_state=config.seed, n_init="auto")
+        kmeans = KMeans(n_clusters=config.groups, max_iter=KMEANS_MAX_ITER, random_state=seed, n_init="auto")
         labels = kmeans.fit_predict(vectors)
         centroids = kmeans.cluster_centers_
     return np.asarray(labels, dtype=np.int64), np.asarray(centroids, dtype=np.float32)

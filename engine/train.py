@@ -1,6 +1,7 @@
 """The stage loop every method shares, and the PerPEFT pipeline: Global PEFT → grouping → PerPEFT."""
 
 import contextlib
+import dataclasses
 import inspect
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from .data.sources import load_dataset
 from .data.split import Split, last_window, leave_one_out
 from .distributed import World, current_world
 from .encoder import MODALITIES, ClipBundle, FrozenFeatures, GroupedClipEncoder, load_clip
+from .errors import InputError
 from .evaluate import HistoryIndex, sharded_ranking_metrics, target_ranks
 from .grouping import fit_groups
 from .hidden_cache import HiddenStates, load_hidden_states
@@ -30,7 +32,7 @@ from .inputs import ItemInputs, load_item_inputs
 from .memory import PeakMemory
 from .methods import METHODS, large_adapter_config, method_of
 from .model import Recommender
-from .run import RunDirectory, load_tensors, optimizer_tensors, restore_optimizer, save_tensors
+from .run import RunDirectory, atomic_write_bytes, load_tensors, optimizer_tensors, restore_optimizer, save_tensors
 
 ID_NORM_WEIGHT = 1e-6
 SELECTION_METRIC = "HR@30"
@@ -459,7 +461,7 @@ class StageRunner:
         )
         for epoch in range(state["completed_epochs"] + 1, epochs + 1):
             started = time.perf_counter()
-            seed = [self.config.seed, STAGE_INDEX[self.name], epoch]
+            seed = [self.config.stage_seed(self.name), STAGE_INDEX[self.name], epoch]
             seed_torch(seed)
             # The same batches on every rank (same seed), dealt round-robin between them.
             batches = rank_batches(self.sampler.epoch(np.random.default_rng(seed)), self.world)
@@ -563,7 +565,7 @@ def run_pipeline(
     def stage(
         name: str, groups: int, sampler: TrainSampler, user_groups: np.ndarray, personal: np.ndarray | None = None
     ) -> StageRunner:
-        seed_torch([config.seed, STAGE_INDEX[name], 0])
+        seed_torch([config.stage_seed(name), STAGE_INDEX[name], 0])
         personal_index = None if personal is None else torch.from_numpy(personal)
         model = PerpeftModel(
             config, run_inputs.make_encoder, run_inputs.inputs, dataset.num_items, groups, personal_index
@@ -621,6 +623,7 @@ def run_pipeline(
         "peft": config.peft if method.uses_peft else None,
         "groups": config.groups,
         "seed": config.seed,
+        **({"global_seed": config.global_seed} if config.global_seed is not None else {}),
         "result": list(stages)[-1],
         **{name: stage_summary(state[name], epochs) for name, epochs in stages.items()},
     }
@@ -666,9 +669,15 @@ def _load_run_inputs(config: RunConfig, progress: bool) -> RunInputs:
 
 
 def train_new_run(
-    config: RunConfig, out: Path, overwrite: bool, report: Report = print, progress: bool = True
+    config: RunConfig,
+    out: Path,
+    overwrite: bool,
+    report: Report = print,
+    progress: bool = True,
+    global_from: RunDirectory | None = None,
 ) -> tuple[RunDirectory, dict[str, Any]]:
-    """Validate the inputs, then create ``out`` (refusing an existing run unless ``overwrite``) and train."""
+    """Validate the inputs, then create ``out`` (refusing an existing run unless ``overwrite``) and train;
+    with ``global_from`` (see `reseeded_config`) the run starts from that run's Global stage and grouping."""
     config = config.resolved()
     if method_of(config).large:
         config, counts = large_adapter_config(config)
@@ -679,10 +688,45 @@ def train_new_run(
         )
     run_inputs = load_run_inputs(config, progress)
     # Rank 0 creates the directory before the other ranks open it.
-    run = current_world().main_first(
-        lambda: RunDirectory.create(out, config, overwrite), lambda: RunDirectory.open(out)
-    )
+
+    def create() -> RunDirectory:
+        run = RunDirectory.create(out, config, overwrite)
+        if global_from is not None:
+            reuse_global_stage(global_from, run)
+        return run
+
+    run = current_world().main_first(create, lambda: RunDirectory.open(out))
     return run, run_pipeline(run, run_inputs, report, progress)
+
+
+def reseeded_config(source: RunDirectory, seed: int, **machine: Any) -> RunConfig:
+    """The configuration of a run that takes ``source``'s finished Global-PEFT stage and grouping and trains
+    the second stage again with ``seed`` (paper App. C.5.1: the same groups, another seed): ``source``'s
+    settings with ``seed``, ``global_seed`` = the seed that trained that stage, and ``machine`` settings
+    (device, precision, compile) replaced. InputError when ``source`` has no finished stage to give."""
+    config = source.config
+    if not method_of(config).two_stage:
+        raise InputError(f"{source.path}: a --method {config.method} run has no Global stage and grouping to reuse")
+    state = source.read_state()
+    if "grouping" not in state or not (source.file(SNAPSHOT).is_file() and source.file(GROUPING).is_file()):
+        raise InputError(
+            f"{source.path}: its Global stage and grouping are not finished; finish it with `train --resume`"
+        )
+    if seed == config.seed:
+        raise InputError(f"--seed {seed}: {source.path} trained its second stage with this seed; pick another")
+    return dataclasses.replace(config, seed=seed, global_seed=config.stage_seed("global"), **machine)
+
+
+def reuse_global_stage(source: RunDirectory, run: RunDirectory) -> None:
+    """Copy ``source``'s Global-PEFT stage (its checkpoints and E1 snapshot), grouping and their progress
+    records into the new ``run``; `run_pipeline` then starts at the second stage. ``state.json`` is written
+    last, so an interrupted copy leaves a run that retrains those steps from its own configuration."""
+    for path in sorted((source.path / "global").iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            atomic_write_bytes(run.file(f"global/{path.name}"), path.read_bytes())
+    atomic_write_bytes(run.file(GROUPING), source.file(GROUPING).read_bytes())
+    state = source.read_state()
+    run.write_state({"global": state["global"], "grouping": state["grouping"]})
 
 
 def resume_run(path: Path, report: Report = print, progress: bool = True) -> tuple[RunDirectory, dict[str, Any]]:

@@ -226,21 +226,27 @@ def divergence(
 ) -> dict[str, float | int | list[int] | None]:
     """Mean JSD of EOS→title attention (paper Table 7), in nats.
 
-    ``inter``: over items and all pairs of distinct groups of run A. ``intra`` (with ``run_b``, e.g. the same
-    setting with another seed): between each group of A and its matched group of B (`match_groups` on the
-    two runs' groupings of the same users). ``items``: a seeded random sample of that many items, else the
-    whole catalog; items without title tokens are left out, and ``"items"`` is the number used.
+    ``inter``: over items and all pairs of distinct groups of run A. ``intra`` (with ``run_b``): between each
+    group of A and its matched group of B (`match_groups` on the two runs' groupings of the same users);
+    ``matched_users`` is the share of users whose B group is the one matched to their A group. The paper's
+    protocol ("the same cluster, another seed") is a B made by ``train --global-from A --seed N``: A's Global
+    stage and groups, the second stage retrained, ``matched_users`` 1. Two independent runs (another seed
+    end to end) also differ in their Global stage and group their users differently (``matched_users`` < 1),
+    so their intra value adds both to the noise of training one group. ``items``: a seeded random sample
+    of that many items, else the whole catalog; items without title tokens are left out, and ``"items"`` is
+    the number used.
     """
     probe_a = AttentionProbe(run_a, device, progress)
     if probe_a.groups < 2:
         raise InputError(f"{probe_a.run.path}: one group only; inter-group divergence needs at least two")
-    probe_b, matching = None, None
+    probe_b, matching, matched_users = None, None, None
     if run_b is not None:
         probe_b = AttentionProbe(run_b, device, progress)
         reason = _same_inputs(probe_a, probe_b)
         if reason is not None:
             raise InputError(f"{probe_a.run.path} and {probe_b.run.path}: cannot compare runs with {reason}")
         matching = match_groups(probe_a.assignment[1:], probe_b.assignment[1:], probe_a.groups)
+        matched_users = float(np.mean(matching[probe_a.assignment[1:]] == probe_b.assignment[1:]))
     num_items = probe_a.dataset.num_items
     chosen = np.arange(1, num_items + 1)
     if items is not None and items < num_items:
@@ -263,6 +269,7 @@ def divergence(
         "items": used,
         "groups": probe_a.groups,
         "matching": matching.tolist() if matching is not None else None,
+        "matched_users": matched_users,
     }
 
 

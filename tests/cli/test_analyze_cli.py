@@ -65,9 +65,11 @@ def test_divergence_table_and_json(embedded_run, assert_one_line_error):
     assert lines[1].split() == ["Intra-clus.", "0"]
     assert lines[2].startswith("Inter-clus.") and float(lines[2].split()[1]) > 0
     assert lines[3] == "groups of --run matched to --run2: 0→0, 1→1"
+    assert lines[4] == "users in the matched group: 100.0%"
 
     as_json = json.loads(invoke("divergence", "--run", str(embedded_run), "--items", "5", "--json", "--quiet").stdout)
     assert as_json["items"] == 5 and as_json["intra"] is None and as_json["inter"] > 0
+    assert as_json["matched_users"] is None
     assert_one_line_error(invoke("divergence", "--run", str(embedded_run / "nowhere")), "not a run directory")
 
 

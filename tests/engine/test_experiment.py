@@ -11,6 +11,7 @@ from scipy import stats
 
 from perpeft.cli.main import cli
 from perpeft.engine import experiment
+from perpeft.engine.analysis.attention import divergence
 from perpeft.engine.errors import InputError
 from perpeft.engine.experiment import (
     Cell,
@@ -21,6 +22,7 @@ from perpeft.engine.experiment import (
     run_name,
 )
 from perpeft.engine.methods import TABLE2_METHODS
+from perpeft.engine.run import RunDirectory
 
 
 def test_grid_runs_peft_free_methods_once_and_shares_identical_cells(small_config, small_demo: Path) -> None:
@@ -82,6 +84,43 @@ def test_grid_writes_every_cell_and_seed_and_resumes(
 
     with pytest.raises(InputError, match="another configuration"):
         run_experiment(small_config(small_demo, baseline=False, lr=5e-4), cells, [0], tmp_path, again.append)
+
+
+def test_divergence_section_trains_reseeded_runs_once_and_writes_table_7(
+    small_config, small_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = small_config(small_demo, baseline=False)
+    cells = build_grid(["lora"], [], False, [], [], False, divergence=True)
+    assert [(cell.section, cell.peft) for cell in cells] == [("divergence", "lora")]
+    lines: list[str] = []
+    run_experiment(base, cells, [0, 1], tmp_path, lines.append)
+    runs = tmp_path / "runs" / "perpeft-lora-C2"
+    for seed in (0, 1):
+        reseeded = RunDirectory.open(runs / f"seed-{seed}-reseed-{seed + 1}")
+        assert (reseeded.config.seed, reseeded.config.global_seed) == (seed + 1, seed)
+        grouping = (runs / f"seed-{seed}" / "grouping.safetensors").read_bytes()
+        assert (reseeded.path / "grouping.safetensors").read_bytes() == grouping
+    assert [line.split(":")[0] for line in lines[2:]] == [
+        "reseeded perpeft-lora-C2 seed 0 → 1",
+        "reseeded perpeft-lora-C2 seed 1 → 2",
+    ]
+
+    table = (tmp_path / "table.md").read_text().splitlines()
+    start = next(index for index, line in enumerate(table) if line.startswith("### Table 7"))
+    rows = [line.split(" | ") for line in table[start + 4 : start + 7]]
+    assert [row[0] for row in rows] == ["| 0", "| 1", "| mean"]
+    same = divergence(runs / "seed-0", runs / "seed-0-reseed-1", progress=False)
+    across = divergence(runs / "seed-0", runs / "seed-1", progress=False)
+    assert rows[0][1:4] == [f"{same['inter']:.5f}", f"{same['intra']:.5f}", "1"]
+    assert rows[0][4:] == [f"{across['intra']:.5f}", f"{100 * across['matched_users']:.1f}% |"]
+
+    trained: list[Path] = []
+    original = experiment.train_new_run
+    monkeypatch.setattr(experiment, "train_new_run", lambda *a, **k: trained.append(a[1]) or original(*a, **k))
+    run_experiment(base, cells, [0, 1], tmp_path, lines.append)
+    assert trained == []
+    with pytest.raises(InputError, match="lora or ia3"):
+        build_grid(["iisan"], [], False, [], [], False, divergence=True)
 
 
 def test_paired_t_test_pairs_runs_by_seed() -> None:

@@ -26,8 +26,9 @@ from perpeft.engine.analysis.attention import (
 from perpeft.engine.encoder import load_clip
 from perpeft.engine.errors import InputError
 from perpeft.engine.export import export_adapter
+from perpeft.engine.run import RunDirectory
 from perpeft.engine.tiny_clip import HashWordTokenizer
-from perpeft.engine.train import train_new_run
+from perpeft.engine.train import reseeded_config, train_new_run
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +193,22 @@ def test_divergence_between_two_seeds(demo_run, train_small, probe):
     result = divergence(demo_run, other, progress=False)
     assert sorted(result["matching"]) == [0, 1]
     assert 0 < result["intra"] < math.log(2)
-    expected = match_groups(probe.assignment[1:], AttentionProbe(other).assignment[1:], 2)
+    other_assignment = AttentionProbe(other).assignment[1:]
+    expected = match_groups(probe.assignment[1:], other_assignment, 2)
     assert result["matching"] == expected.tolist()
+    assert result["matched_users"] == pytest.approx(np.mean(expected[probe.assignment[1:]] == other_assignment))
+
+
+def test_reseeded_run_is_the_same_groups_with_another_seed(demo_run, probe, tmp_path):
+    """Table 7's protocol: intra against a run with demo_run's Global stage and groups, second stage reseeded."""
+    source = RunDirectory.open(demo_run)
+    reseeded = train_new_run(
+        reseeded_config(source, 7), tmp_path / "reseeded", False, lambda line: None, False, global_from=source
+    )[0].path
+    result = divergence(demo_run, reseeded, progress=False)
+    assert result["matching"] == [0, 1] and result["matched_users"] == 1.0
+    assert 0 < result["intra"] < math.log(2)
+    assert result["inter"] == pytest.approx(divergence(demo_run, progress=False)["inter"])
 
 
 def test_ia3_runs_are_read_and_other_group_counts_refused(demo_run, train_small):
