@@ -188,16 +188,12 @@ def train(
     click.echo(f"run directory: {run.path}")
 
 
-# Settings that are the machine's, not the experiment's: a reseeded run may change them.
-RESEED_MACHINE_OPTIONS = ("device", "precision", "compile")
-
-
 def train_reseeded(
     source_path: Path, out: Path | None, overwrite: bool, report: Any, quiet: bool, options: dict[str, Any]
 ) -> tuple[Any, dict[str, Any]]:
     """``train --global-from RUN --seed N``: RUN's settings, Global stage and groups; second stage with seed N."""
     from perpeft.engine.run import RunDirectory
-    from perpeft.engine.train import reseeded_config, train_new_run
+    from perpeft.engine.train import RESEED_MACHINE_SETTINGS, reseeded_config, train_new_run
 
     context = click.get_current_context()
     given = [
@@ -206,14 +202,14 @@ def train_reseeded(
         if context.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
     ]
     given += [name for name in ("no_baseline", "no_text", "no_image", "no_group_negatives") if context.params[name]]
-    conflicting = [name for name in given if name not in ("seed", *RESEED_MACHINE_OPTIONS)]
+    conflicting = [name for name in given if name not in ("seed", *RESEED_MACHINE_SETTINGS)]
     if conflicting:
         flags = ", ".join("--" + name.replace("_", "-") for name in conflicting)
         raise InputError(f"--global-from {source_path} takes every setting from that run's config.json; drop {flags}")
     if "seed" not in given:
         raise InputError("--global-from needs --seed: the second stage's seed, another than the run's own")
     source = RunDirectory.open(source_path)
-    machine = {name: options[name] for name in RESEED_MACHINE_OPTIONS if name in given}
+    machine = {name: options[name] for name in RESEED_MACHINE_SETTINGS if name in given}
     config = reseeded_config(source, options["seed"], **machine)
     out = out or source.path.with_name(f"{source.path.name}-reseed{config.seed}")
     return train_new_run(config, out, overwrite, report, progress=not quiet, global_from=source)

@@ -40,6 +40,8 @@ STAGE_INDEX = {"global": 1, "perpeft": 2, "grouped": 2}
 STAGE_TITLES = {"global": "Global PEFT", "perpeft": "PerPEFT", "grouped": "Group-level"}
 SNAPSHOT = "global/snapshot-e1.safetensors"
 GROUPING = "grouping.safetensors"
+# Settings of the machine, not of the experiment: a run reusing another's Global stage may change them.
+RESEED_MACHINE_SETTINGS = ("device", "precision", "compile")
 Report = Callable[[str], None]
 # torch ≥ 2.13 renamed DDP's broadcast_buffers (and deprecated the old name).
 BUFFERS_NOT_SYNCED_PER_STEP = (
@@ -686,8 +688,9 @@ def train_new_run(
             f"{counts['large_global_peft_adapter']:,} parameters; PerPEFT's {config.groups} adapters "
             f"{counts['perpeft_adapters_total']:,}"
         )
+    if global_from is not None and not shares_global_stage(config, global_from.config):
+        raise ValueError(f"{global_from.path} trained another Global stage than {config} would: use reseeded_config")
     run_inputs = load_run_inputs(config, progress)
-    # Rank 0 creates the directory before the other ranks open it.
 
     def create() -> RunDirectory:
         run = RunDirectory.create(out, config, overwrite)
@@ -695,11 +698,12 @@ def train_new_run(
             reuse_global_stage(global_from, run)
         return run
 
+    # Rank 0 creates the directory before the other ranks open it.
     run = current_world().main_first(create, lambda: RunDirectory.open(out))
     return run, run_pipeline(run, run_inputs, report, progress)
 
 
-def reseeded_config(source: RunDirectory, seed: int, **machine: Any) -> RunConfig:
+def reseeded_config(source: RunDirectory, seed: int, **machine: str) -> RunConfig:
     """The configuration of a run that takes ``source``'s finished Global-PEFT stage and grouping and trains
     the second stage again with ``seed`` (paper App. C.5.1: the same groups, another seed): ``source``'s
     settings with ``seed``, ``global_seed`` = the seed that trained that stage, and ``machine`` settings
@@ -714,7 +718,18 @@ def reseeded_config(source: RunDirectory, seed: int, **machine: Any) -> RunConfi
         )
     if seed == config.seed:
         raise InputError(f"--seed {seed}: {source.path} trained its second stage with this seed; pick another")
+    unknown = set(machine) - set(RESEED_MACHINE_SETTINGS)
+    if unknown:
+        raise ValueError(f"only the machine settings {RESEED_MACHINE_SETTINGS} may change, not {sorted(unknown)}")
     return dataclasses.replace(config, seed=seed, global_seed=config.stage_seed("global"), **machine)
+
+
+def shares_global_stage(config: RunConfig, other: RunConfig) -> bool:
+    """Whether two configurations train the same Global stage and grouping: equal but for the second stage's
+    seed and the machine settings."""
+    neutral = {"seed": 0, "global_seed": None, **{name: "auto" for name in RESEED_MACHINE_SETTINGS}}
+    same_seed = config.stage_seed("global") == other.stage_seed("global")
+    return same_seed and dataclasses.replace(config, **neutral) == dataclasses.replace(other, **neutral)
 
 
 def reuse_global_stage(source: RunDirectory, run: RunDirectory) -> None:

@@ -87,6 +87,13 @@ def test_reseeding_refuses_what_it_cannot_reuse(source, small_demo, small_config
         reseeded_config(RunDirectory.open(unfinished), 1)
     with pytest.raises(InputError, match="single stage"):
         small_config(small_demo, method="frozen-mm", global_seed=0).resolved()
+    # The engine refuses to copy a Global stage into a run whose settings would train another one.
+    for changes in ({"lr": 5e-4, "global_seed": 0}, {"global_seed": 3}):
+        with pytest.raises(ValueError, match="another Global stage"):
+            quiet_train(small_config(small_demo, seed=4, **changes), tmp_path / "mismatch", global_from=source)
+    assert not (tmp_path / "mismatch").exists()
+    with pytest.raises(ValueError, match="machine settings"):
+        reseeded_config(source, 1, lr=0.1)
 
 
 def test_stage_seed():
