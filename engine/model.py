@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perpeft.kernels.segments import shared_group
+
 LAYER_NORM_EPS = 1e-8
 MULTIMODAL_WEIGHT = 0.5
 
@@ -58,28 +60,41 @@ class GroupedProjector(nn.Module):
         """Replace each missing modality's columns by the group's placeholder; ``present`` is bool ``[N, M]``
         with one column per placeholder, in order."""
         x = x.clone()
+        shared = shared_group(group_ids, self.groups)
         for column, (name, columns) in enumerate(self.placeholder_columns.items()):
+            vectors = self.placeholders[name]
+            if shared is not None:
+                fill = vectors[shared].expand(x.shape[0], -1)
+            else:  # a one-hot GEMM rather than a gather: see forward
+                fill = F.one_hot(group_ids, self.groups).to(vectors.dtype) @ vectors
             missing = ~present[:, column : column + 1]
-            x[:, columns] = torch.where(missing, self.placeholders[name][group_ids].to(x.dtype), x[:, columns])
+            x[:, columns] = torch.where(missing, fill.to(x.dtype), x[:, columns])
         return x
 
     def forward(self, x: torch.Tensor, group_ids: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         if present is not None and self.placeholder_columns:
             x = self.fill_missing(x, group_ids, present)
-        hidden = self.w1.shape[1]
-        if self.groups == 1:
-            h = F.linear(x, self.w1[0], self.b1[0])
-            h = F.layer_norm(h, (hidden,), self.ln1_weight[0], self.ln1_bias[0], LAYER_NORM_EPS)
-            h = F.linear(F.relu(h), self.w2[0], self.b2[0])
-            return F.layer_norm(h, h.shape[-1:], self.ln2_weight[0], self.ln2_bias[0], LAYER_NORM_EPS)
-        # First layer for all groups in one GEMM, then each row keeps its group's slice: the projector is
-        # tiny next to CLIP, so C× its FLOPs beat a gather of per-row weight matrices.
-        rows = torch.arange(x.shape[0], device=x.device)
-        h = (x @ self.w1.reshape(-1, x.shape[-1]).T).view(x.shape[0], self.groups, hidden)[rows, group_ids]
-        h = h + self.b1[group_ids]
-        h = F.layer_norm(h, (hidden,), eps=LAYER_NORM_EPS) * self.ln1_weight[group_ids] + self.ln1_bias[group_ids]
-        h = torch.bmm(self.w2[group_ids], F.relu(h).unsqueeze(-1)).squeeze(-1) + self.b2[group_ids]
-        return F.layer_norm(h, h.shape[-1:], eps=LAYER_NORM_EPS) * self.ln2_weight[group_ids] + self.ln2_bias[group_ids]
+        rows, hidden, out_features = x.shape[0], self.w1.shape[1], self.w2.shape[1]
+        shared = shared_group(group_ids, self.groups)
+        if shared is not None:  # a group-homogeneous batch (every PerPEFT training batch on the CPU)
+            h = F.linear(x, self.w1[shared], self.b1[shared])
+            h = F.layer_norm(h, (hidden,), self.ln1_weight[shared], self.ln1_bias[shared], LAYER_NORM_EPS)
+            h = F.linear(F.relu(h), self.w2[shared], self.b2[shared])
+            return F.layer_norm(h, (out_features,), self.ln2_weight[shared], self.ln2_bias[shared], LAYER_NORM_EPS)
+        # Mixed groups: every group's layer in one GEMM, each row keeping its own group's slice by a one-hot
+        # mask, and per-group vectors picked by a one-hot GEMM. Gathering per-row weights instead would make
+        # the backward a scatter-add (index_put_ with accumulate), which is nondeterministic on
+        # multi-threaded CPUs; the projector is tiny next to CLIP, so C× its FLOPs cost nothing.
+        select = F.one_hot(group_ids, self.groups).to(x.dtype)
+
+        def own_slice(stacked: torch.Tensor) -> torch.Tensor:
+            return (stacked.view(rows, self.groups, -1) * select.unsqueeze(-1)).sum(dim=1)
+
+        h = own_slice(x @ self.w1.reshape(-1, x.shape[-1]).T) + select @ self.b1
+        h = F.layer_norm(h, (hidden,), eps=LAYER_NORM_EPS) * (select @ self.ln1_weight) + select @ self.ln1_bias
+        h = own_slice(F.relu(h) @ self.w2.reshape(-1, hidden).T) + select @ self.b2
+        h = F.layer_norm(h, (out_features,), eps=LAYER_NORM_EPS)
+        return h * (select @ self.ln2_weight) + select @ self.ln2_bias
 
 
 class PointWiseFeedForward(nn.Module):

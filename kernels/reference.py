@@ -3,15 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-
-def _shared_group(group_ids: torch.Tensor, groups: int) -> int | None:
-    """The group every row belongs to, if one does and finding out needs no device sync; else ``None``."""
-    if groups == 1:
-        return 0
-    if group_ids.device.type != "cpu" or group_ids.numel() == 0:
-        return None
-    first = group_ids[0]
-    return int(first) if bool((group_ids == first).all()) else None
+from .segments import shared_group
 
 
 def grouped_lora_reference(
@@ -27,7 +19,7 @@ def grouped_lora_reference(
     """
     groups, rank, in_features = lora_a.shape
     out_features = lora_b.shape[1]
-    shared = _shared_group(group_ids, groups)
+    shared = shared_group(group_ids, groups)
     if shared is not None:
         return ((x @ lora_a[shared].T) * scaling) @ lora_b[shared].T
     shrunk = (x @ lora_a.reshape(groups * rank, in_features).T).view(-1, groups, rank)
@@ -38,7 +30,7 @@ def grouped_lora_reference(
 
 def grouped_ia3_reference(x: torch.Tensor, scales: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """``x * scales[group_ids]``: each row scaled by its group's (IA)3 vector."""
-    shared = _shared_group(group_ids, scales.shape[0])
+    shared = shared_group(group_ids, scales.shape[0])
     if shared is not None:
         return x * scales[shared]
     return x * scales[group_ids]

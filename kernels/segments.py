@@ -47,3 +47,14 @@ def segment_groups(group_ids: torch.Tensor, num_groups: int) -> GroupSegments:
     bounds = torch.arange(num_groups + 1, device=group_ids.device)
     offsets = torch.searchsorted(sorted_ids, bounds).to(torch.int32)
     return GroupSegments(order=order, counts=offsets.diff(), offsets=offsets, num_groups=num_groups)
+
+
+def shared_group(group_ids: torch.Tensor, groups: int) -> int | None:
+    """The group every id belongs to, if one does and finding out needs no device sync (one group, or ids
+    on the CPU); else ``None``. Lets an op take its single-group path for a group-homogeneous batch."""
+    if groups == 1:
+        return 0
+    if group_ids.device.type != "cpu" or group_ids.numel() == 0:
+        return None
+    first = group_ids[0]
+    return int(first) if bool((group_ids == first).all()) else None

@@ -61,6 +61,41 @@ def test_grouped_projector_rows_use_their_own_group():
         torch.testing.assert_close(mixed[rows], single(x[rows], torch.zeros(int(rows.sum()), dtype=torch.long)))
 
 
+def test_grouped_projector_gradients_equal_each_groups_own_and_repeat_bitwise():
+    """Mixed-group gradients are each group's single-projector gradients, and (one-hot GEMMs, no scatter-add)
+    identical from one backward to the next on a multi-threaded CPU."""
+    torch.manual_seed(0)
+    projector = GroupedProjector(groups=4, in_features=64, hidden=64, out_features=32)
+    x = torch.randn(4096, 64)
+    groups = torch.randint(0, 4, (4096,))
+    weights = torch.randn(4096, 32)
+
+    def gradients(model: GroupedProjector, rows: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        (model(x[rows], ids) * weights[rows]).sum().backward()
+        return [parameter.grad.clone() for parameter in model.parameters()]
+
+    everyone = torch.ones(4096, dtype=torch.bool)
+    mixed = gradients(projector, everyone, groups)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        for _ in range(5):
+            again = gradients(projector, everyone, groups)
+            assert all(torch.equal(a, b) for a, b in zip(mixed, again, strict=True))
+    finally:
+        torch.set_num_threads(threads)
+    for group in range(4):
+        single = GroupedProjector(groups=1, in_features=64, hidden=64, out_features=32)
+        with torch.no_grad():
+            for parameter, source in zip(single.parameters(), projector.parameters(), strict=True):
+                parameter.copy_(source[group : group + 1])
+        rows = groups == group
+        own = gradients(single, rows, torch.zeros(int(rows.sum()), dtype=torch.long))
+        for mixed_grad, own_grad in zip(mixed, own, strict=True):
+            torch.testing.assert_close(mixed_grad[group : group + 1], own_grad, rtol=1e-4, atol=1e-4)
+
+
 def test_parameter_counts_match_paper_table_8():
     counts = parameter_counts("vit-b-32", "ia3", groups=8, items=18884)
     assert counts == {
