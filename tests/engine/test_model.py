@@ -47,16 +47,22 @@ def test_sequence_input_is_scaled_by_sqrt_d_and_positions_skip_padding():
     torch.testing.assert_close(seen["x"], vectors * math.sqrt(32) + positions)
 
 
+def one_group_of(projector: GroupedProjector, group: int) -> GroupedProjector:
+    """A one-group projector holding ``group``'s weights of ``projector``."""
+    single = GroupedProjector(1, projector.w1.shape[2], projector.w1.shape[1], projector.w2.shape[1])
+    with torch.no_grad():
+        for parameter, source in zip(single.parameters(), projector.parameters(), strict=True):
+            parameter.copy_(source[group : group + 1])
+    return single
+
+
 def test_grouped_projector_rows_use_their_own_group():
     projector = GroupedProjector(groups=3, in_features=16, hidden=8, out_features=4)
     x = torch.randn(6, 16)
     groups = torch.tensor([2, 0, 1, 1, 2, 0])
     mixed = projector(x, groups)
     for group in range(3):
-        single = GroupedProjector(groups=1, in_features=16, hidden=8, out_features=4)
-        with torch.no_grad():
-            for parameter, source in zip(single.parameters(), projector.parameters(), strict=True):
-                parameter.copy_(source[group : group + 1])
+        single = one_group_of(projector, group)
         rows = groups == group
         torch.testing.assert_close(mixed[rows], single(x[rows], torch.zeros(int(rows.sum()), dtype=torch.long)))
 
@@ -86,12 +92,8 @@ def test_grouped_projector_gradients_equal_each_groups_own_and_repeat_bitwise():
     finally:
         torch.set_num_threads(threads)
     for group in range(4):
-        single = GroupedProjector(groups=1, in_features=64, hidden=64, out_features=32)
-        with torch.no_grad():
-            for parameter, source in zip(single.parameters(), projector.parameters(), strict=True):
-                parameter.copy_(source[group : group + 1])
         rows = groups == group
-        own = gradients(single, rows, torch.zeros(int(rows.sum()), dtype=torch.long))
+        own = gradients(one_group_of(projector, group), rows, torch.zeros(int(rows.sum()), dtype=torch.long))
         for mixed_grad, own_grad in zip(mixed, own, strict=True):
             torch.testing.assert_close(mixed_grad[group : group + 1], own_grad, rtol=1e-4, atol=1e-4)
 
