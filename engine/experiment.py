@@ -215,52 +215,45 @@ def divergence_table(finished: list[Finished], reseeded: dict[int, Path]) -> lis
     protocol) and, with several seeds, against the next seed's independent run (groups matched by users)."""
     entries = [entry for entry in finished if entry.cell.section == "divergence"]
     independent = len(entries) > 1
-    rows, columns = [], []
+    values, others = [], []
     for index, entry in enumerate(entries):
         same = attention_divergence(entry.run, reseeded[entry.seed], progress=False)
-        row = [same["inter"], same["intra"]]
-        label = [str(entry.seed)]
+        row, items = [same["inter"], same["intra"]], same["items"]
         if independent:
             other = entries[(index + 1) % len(entries)]
             across = attention_divergence(entry.run, other.run, progress=False)
-            row += [across["intra"], 100 * across["matched_users"]]
-            label.append(str(other.seed))
-        rows.append((label, row, same["items"]))
-        columns.append(row)
-    means = [statistics.mean(column) for column in zip(*columns, strict=True)]
+            row += [across["intra"], across["matched_users"]]
+            others.append(str(other.seed))
+        values.append(row)
+
+    def line(label: str, row: list[float], other: str) -> str:
+        cells = [label, f"{row[0]:.5f}", f"{row[1]:.5f}"]
+        if independent:
+            cells += [other, f"{row[2]:.5f}", f"{100 * row[3]:.1f}%"]
+        return "| " + " | ".join(cells) + " |"
+
     header = "| Seed | Inter-clus. | Intra-clus. (same groups, seed + 1) |"
     rule = "|---|---:|---:|"
     if independent:
         header += " Independent run: seed | its intra JSD | users in matched group |"
         rule += "---|---:|---:|"
-
-    def cells(values: list[float]) -> list[str]:
-        formatted = [f"{value:.5f}" for value in values[:3]]
-        return formatted + ([f"{values[3]:.1f}%"] if independent else [])
-
-    lines = [
+    means = [statistics.mean(column) for column in zip(*values, strict=True)]
+    return [
         f"### Table 7: attention divergence ({PEFT_TITLES[entries[0].cell.peft]}, JSD in nats of the last-layer "
-        f"EOS→title attention, mean over {rows[0][2]:,} items)",
+        f"EOS→title attention, mean over {items:,} items)",
         "",
         header,
         rule,
-    ]
-    for label, row, _ in rows:
-        values = cells(row)
-        if independent:
-            values.insert(2, label[1])
-        lines.append("| " + " | ".join([label[0], *values]) + " |")
-    mean_values = cells(means)
-    if independent:
-        mean_values.insert(2, "")
-    lines.append("| mean | " + " | ".join(mean_values) + " |")
-    lines += [
+        *(
+            line(str(entry.seed), row, other)
+            for entry, row, other in zip(entries, values, others or [""] * len(entries), strict=True)
+        ),
+        line("mean", means, ""),
         "",
         "Intra-clus. as in App. C.5.1: the run's own groups with the second stage retrained with another seed "
         "(`train --global-from`). The independent-run columns compare with another seed trained end to end, "
         "whose Global stage and grouping differ (groups matched one-to-one by shared users).",
     ]
-    return lines
 
 
 def _duration(seconds: float) -> str:
