@@ -329,7 +329,8 @@ def methods_table(finished: list[Finished], dataset: str) -> list[str]:
     keys = list(
         dict.fromkeys((entry.cell.peft, entry.cell.row) for entry in finished if entry.cell.section == "methods")
     )
-    keys.sort(key=lambda key: (key[0] is not None, key[0] or "", TABLE2_METHODS.index(key[1])))
+    peft_order = [None, *PEFT_TITLES]  # N/A first, then the paper's order: LoRA, (IA)3, IISAN
+    keys.sort(key=lambda key: (peft_order.index(key[0]), TABLE2_METHODS.index(key[1])))
     lines = [
         f"### Table 2: methods × PEFT types ({dataset}, test, ×100)",
         "",
@@ -422,15 +423,19 @@ def scalability_table(finished: list[Finished]) -> list[str]:
 
 
 def tables_markdown(
-    finished: list[Finished], dataset: str, seeds: list[int], reseeded: dict[int, Path] | None = None
+    finished: list[Finished], base: RunConfig, seeds: list[int], reseeded: dict[int, Path] | None = None
 ) -> str:
-    """``table.md``: every requested section's table, laid out like the paper's."""
+    """``table.md``: every requested section's table, laid out like the paper's, under the grid's settings."""
     sections = {entry.cell.section for entry in finished}
+    dataset = Path(base.data).name
+    settings = base.resolved()
     lines = [
         f"# Experiment on `{dataset}`, seeds {', '.join(map(str, seeds))}",
         "",
-        "Test metrics at the best epoch by validation HR@30, ×100, mean (standard deviation) over seeds. "
-        "Bold: best mean per column (per PEFT block in Table 2).",
+        f"Settings: E1 = {settings.epochs_global}, E2 = {settings.epochs_perpeft} (single-stage methods train "
+        f"E1 + E2 epochs), lr {settings.lr:g}, weight decay {settings.weight_decay:g}, batch {settings.batch_size}, "
+        f"C = {settings.groups} unless a row says otherwise. Test metrics at the best epoch by validation HR@30, "
+        "×100, mean (standard deviation) over seeds. Bold: best mean per column (per PEFT block in Table 2).",
         "",
     ]
     if "methods" in sections:
@@ -459,5 +464,5 @@ def run_experiment(
     finished = run_grid(base, cells, seeds, out, report)
     reseeded = reseeded_runs(finished, report)
     atomic_write_bytes(out / RESULTS_CSV, results_csv(finished, out).encode())
-    atomic_write_bytes(out / TABLE_MD, tables_markdown(finished, Path(base.data).name, seeds, reseeded).encode())
+    atomic_write_bytes(out / TABLE_MD, tables_markdown(finished, base, seeds, reseeded).encode())
     return finished

@@ -17,6 +17,7 @@ from perpeft.engine.experiment import (
     Cell,
     Finished,
     build_grid,
+    methods_table,
     paired_p_values,
     run_experiment,
     run_name,
@@ -62,6 +63,8 @@ def test_grid_writes_every_cell_and_seed_and_resumes(
     table = (tmp_path / "table.md").read_text()
     assert "| N/A | w/o MM |" in table and "| LoRA | Global PEFT |" in table and "| P-value |" in table
     assert "Scalability" in table and "**" in table
+    assert "Settings: E1 = 1, E2 = 1 (single-stage methods train E1 + E2 epochs), lr 0.001," in table
+    assert "C = 2 unless a row says otherwise" in table
 
     # Rerunning trains nothing; a removed run (an interrupted grid) is the only one trained again.
     trained: list[Path] = []
@@ -121,6 +124,18 @@ def test_divergence_section_trains_reseeded_runs_once_and_writes_table_7(
     assert trained == []
     with pytest.raises(InputError, match="lora or ia3"):
         build_grid(["iisan"], [], False, [], [], False, divergence=True)
+
+
+def test_table_2_lists_peft_blocks_in_the_papers_order() -> None:
+    result = {"test": {"HR@20": 0.1, "HR@30": 0.2, "NDCG@20": 0.05, "NDCG@30": 0.06}}
+    finished = [
+        Finished(Cell("methods", method, peft, ()), 0, Path("."), {"result": "global", "global": result})
+        for peft, method in (("iisan", "perpeft"), (None, "wo-mm"), ("ia3", "global-peft"), ("lora", "perpeft"))
+    ]
+    blocks = [
+        line.split(" | ")[0] for line in methods_table(finished, "demo") if line.startswith("| ") and "---" not in line
+    ]
+    assert [block for block in blocks if block.strip("| ")] == ["| PEFT", "| N/A", "| LoRA", "| (IA)3", "| IISAN"]
 
 
 def test_paired_t_test_pairs_runs_by_seed() -> None:
