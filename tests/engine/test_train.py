@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from perpeft.engine.config import RunConfig
-from perpeft.engine.train import resume_run, train_new_run
+from perpeft.engine.train import PerpeftModel, load_run_inputs, resume_run, train_new_run
 
 METRIC_KEYS = {"HR@10", "HR@20", "HR@30", "NDCG@10", "NDCG@20", "NDCG@30"}
 
@@ -83,3 +83,24 @@ def test_sasrec_compiles_on_cuda_only_by_default():
     assert compiles_sasrec("auto", torch.device("cuda"))
     assert compiles_sasrec("on", torch.device("cpu"))
     assert not compiles_sasrec("off", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("peft", ["lora", "ia3", "iisan"])
+def test_every_group_starts_as_the_global_model(small_demo, small_config, peft):
+    """Paper §3.3.3: each group's PEFT module and projector start from Global PEFT's, so before stage 2
+    every group (and a mixed-group batch) encodes every item exactly as the Global model does."""
+    config = small_config(small_demo, peft=peft, groups=3).resolved()
+    inputs = load_run_inputs(config, progress=False)
+    torch.manual_seed(0)
+    global_model = PerpeftModel(config, inputs.make_encoder, inputs.inputs, inputs.dataset.num_items, 1).eval()
+    with torch.no_grad():  # move off the initialisation (LoRA B = 0, (IA)3 = 1) so a wrong copy would show
+        for parameter in global_model.trainable_state().values():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    grouped = PerpeftModel(config, inputs.make_encoder, inputs.inputs, inputs.dataset.num_items, 3).eval()
+    grouped.init_from_single_group(global_model.trainable_state())
+    items = torch.arange(1, 25)
+    with torch.no_grad():
+        expected = global_model.item_vectors(items, 0)
+        for group in range(3):
+            torch.testing.assert_close(grouped.item_vectors(items, group), expected, rtol=0, atol=0)
+        torch.testing.assert_close(grouped.item_vectors(items, torch.arange(24) % 3), expected, rtol=1e-5, atol=1e-5)
