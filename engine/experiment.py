@@ -31,7 +31,7 @@ from typing import Any
 
 from scipy import stats
 
-from .analysis.attention import divergence as attention_divergence
+from .analysis.attention import divergences as attention_divergences
 from .config import RunConfig
 from .data.sources import load_dataset
 from .encoder import ADAPTER_PEFTS
@@ -217,13 +217,16 @@ def divergence_table(finished: list[Finished], reseeded: dict[int, Path]) -> lis
     independent = len(entries) > 1
     values, others = [], []
     for index, entry in enumerate(entries):
-        same = attention_divergence(entry.run, reseeded[entry.seed], progress=False)
-        row, items = [same["inter"], same["intra"]], same["items"]
+        compared = [reseeded[entry.seed]]
         if independent:
             other = entries[(index + 1) % len(entries)]
-            across = attention_divergence(entry.run, other.run, progress=False)
-            row += [across["intra"], across["matched_users"]]
+            compared.append(other.run)
             others.append(str(other.seed))
+        result = attention_divergences(entry.run, compared, progress=False)
+        same, *across = result["against"]
+        row, items = [result["inter"], same["intra"]], result["items"]
+        if across:
+            row += [across[0]["intra"], across[0]["matched_users"]]
         values.append(row)
 
     def line(label: str, row: list[float], other: str) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -236,40 +237,55 @@ def divergence(
     of that many items, else the whole catalog; items without title tokens are left out, and ``"items"`` is
     the number used.
     """
+    result = divergences(run_a, [run_b] if run_b is not None else [], items, device, progress)
+    against = result.pop("against")
+    return {**result, **(against[0] if against else {"intra": None, "matching": None, "matched_users": None})}
+
+
+def divergences(
+    run_a: Path, others: list[Path], items: int | None = None, device: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """`divergence` of run A against several runs at once, A's attention computed once: ``inter``, ``items``,
+    ``groups``, and ``against``, one ``{"intra", "matching", "matched_users"}`` per run of ``others``."""
     probe_a = AttentionProbe(run_a, device, progress)
     if probe_a.groups < 2:
         raise InputError(f"{probe_a.run.path}: one group only; inter-group divergence needs at least two")
-    probe_b, matching, matched_users = None, None, None
-    if run_b is not None:
+    probes, matchings = [], []
+    for run_b in others:
         probe_b = AttentionProbe(run_b, device, progress)
         reason = _same_inputs(probe_a, probe_b)
         if reason is not None:
             raise InputError(f"{probe_a.run.path} and {probe_b.run.path}: cannot compare runs with {reason}")
-        matching = match_groups(probe_a.assignment[1:], probe_b.assignment[1:], probe_a.groups)
-        matched_users = float(np.mean(matching[probe_a.assignment[1:]] == probe_b.assignment[1:]))
+        probes.append(probe_b)
+        matchings.append(match_groups(probe_a.assignment[1:], probe_b.assignment[1:], probe_a.groups))
     num_items = probe_a.dataset.num_items
     chosen = np.arange(1, num_items + 1)
     if items is not None and items < num_items:
         chosen = np.sort(np.random.default_rng(SAMPLE_SEED).choice(chosen, items, replace=False))
     first, second = (np.array(side) for side in zip(*combinations(range(probe_a.groups), 2), strict=True))
-    inter, intra, used = 0.0, 0.0, 0
+    inter, intra, used = 0.0, [0.0] * len(probes), 0
     for chunk, weights in probe_a.chunks(chosen, progress):
         valid = weights[:, 0].any(axis=1)
         weights = weights[valid]
         used += int(valid.sum())
         inter += float(jensen_shannon(weights[:, first], weights[:, second]).mean(axis=1).sum())
-        if probe_b is not None:
+        for index, (probe_b, matching) in enumerate(zip(probes, matchings, strict=True)):
             other = probe_b.distributions(chunk[valid])[:, matching]
-            intra += float(jensen_shannon(weights, other).mean(axis=1).sum())
+            intra[index] += float(jensen_shannon(weights, other).mean(axis=1).sum())
     if not used:
         raise InputError(f"{probe_a.run.path}: no item with title tokens among the {len(chosen)} chosen")
     return {
         "inter": inter / used,
-        "intra": intra / used if probe_b is not None else None,
         "items": used,
         "groups": probe_a.groups,
-        "matching": matching.tolist() if matching is not None else None,
-        "matched_users": matched_users,
+        "against": [
+            {
+                "intra": total / used,
+                "matching": matching.tolist(),
+                "matched_users": float(np.mean(matching[probe_a.assignment[1:]] == probe_b.assignment[1:])),
+            }
+            for total, matching, probe_b in zip(intra, matchings, probes, strict=True)
+        ],
     }
 
 
