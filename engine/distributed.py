@@ -52,6 +52,11 @@ class World:
         """This rank's contiguous share of ``count`` work units (sizes differ by at most one)."""
         return range(count * self.rank // self.size, count * (self.rank + 1) // self.size)
 
+    def block_slice(self, count: int) -> slice:
+        """`block` as a slice, to index arrays and tensors."""
+        mine = self.block(count)
+        return slice(mine.start, mine.stop)
+
     def _device(self) -> torch.device:
         return (
             torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

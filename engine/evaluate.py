@@ -197,12 +197,6 @@ def ranking_metrics(ranks: Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
     return _metrics_from_sums(_ranking_sums(ranks, ks), ks)
 
 
-def sharded_ranking_metrics(ranks: Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
-    """`ranking_metrics` of all ranks' users together: every rank passes its block's ranks (maybe none),
-    and the count and metric sums are added over the process group (a single process: `ranking_metrics`)."""
-    return _metrics_from_sums(current_world().sum(_ranking_sums(ranks, ks)), ks)
-
-
 def full_ranking_metrics(
     user_vectors: Tensor,
     item_tables: Tensor,
@@ -212,6 +206,10 @@ def full_ranking_metrics(
     batch_size: int | None = None,
     ks: Sequence[int] = KS,
 ) -> dict[str, float]:
-    """``ranking_metrics(target_ranks(...))``: HR@K and NDCG@K of a full-ranking evaluation."""
+    """``ranking_metrics(target_ranks(...))``: HR@K and NDCG@K of a full-ranking evaluation.
+
+    Under a process group every rank passes its block of the users (maybe none); the user count and the
+    metric sums are added over the ranks, so every rank returns the metrics of all users together.
+    """
     ranks = target_ranks(user_vectors, item_tables, user_groups, targets, history, batch_size)
-    return ranking_metrics(ranks, ks)
+    return _metrics_from_sums(current_world().sum(_ranking_sums(ranks, ks)), ks)

@@ -16,7 +16,7 @@ from .data.split import last_window, leave_one_out
 from .distributed import current_world
 from .embed import load_embeddings, load_model
 from .errors import InputError
-from .evaluate import sharded_ranking_metrics, target_ranks
+from .evaluate import full_ranking_metrics
 from .grouping import nearest_centroid
 from .run import RunDirectory
 from .train import SNAPSHOT, EvaluationData, PerpeftModel, load_run_inputs
@@ -36,8 +36,7 @@ def evaluate_run(path: Path) -> dict[str, dict[str, float]]:
     dataset = load_dataset(config.data, config.data_dir)
     data = EvaluationData.build(leave_one_out(dataset.sequences), config.maxlen, torch.device("cpu"))
     model = load_model(run, checkpoint, config.groups, dataset.num_items)
-    mine = current_world().block(len(data.users))
-    block = slice(mine.start, mine.stop)
+    block = current_world().block_slice(len(data.users))
     users = torch.from_numpy(data.users[block])
     groups = embeddings.groups[users]
     vectors = {
@@ -45,14 +44,8 @@ def evaluate_run(path: Path) -> dict[str, dict[str, float]]:
         "test": embeddings.users[users],
     }
     return {
-        stage: sharded_ranking_metrics(
-            target_ranks(
-                vectors[stage],
-                embeddings.items,
-                groups,
-                data.targets[stage][block],
-                data.histories[stage].select(block),
-            )
+        stage: full_ranking_metrics(
+            vectors[stage], embeddings.items, groups, data.targets[stage][block], data.histories[stage].select(block)
         )
         for stage in ("valid", "test")
     }

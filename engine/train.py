@@ -25,7 +25,7 @@ from .data.split import Split, last_window, leave_one_out
 from .distributed import World, current_world
 from .encoder import MODALITIES, ClipBundle, FrozenFeatures, GroupedClipEncoder, load_clip
 from .errors import InputError
-from .evaluate import HistoryIndex, sharded_ranking_metrics, target_ranks
+from .evaluate import HistoryIndex, full_ranking_metrics
 from .grouping import fit_groups
 from .hidden_cache import HiddenStates, load_hidden_states
 from .inputs import ItemInputs, load_item_inputs
@@ -315,8 +315,7 @@ class PerpeftModel(nn.Module):
         """`user_vectors` of every window; under a process group each rank encodes a block of them and
         the vectors are gathered on every rank."""
         world = current_world()
-        mine = world.block(windows.shape[0])
-        block = slice(mine.start, mine.stop)
+        block = world.block_slice(windows.shape[0])
         personal = None if users is None else users[block]
         return world.gather_rows(self.user_vectors(windows[block], user_groups[block], tables, chunk, personal))
 
@@ -351,15 +350,14 @@ def evaluate_model(
     device = model.recommender.item_embeddings.weight.device
     tables = model.item_tables(num_items, config.encode_batch_size)
     # Under a process group each rank scores a block of the users; metric sums are added over ranks.
-    mine = current_world().block(len(data.users))
-    index = slice(mine.start, mine.stop)
+    index = current_world().block_slice(len(data.users))
     groups = torch.from_numpy(user_groups[data.users[index]]).to(device)
     users = torch.from_numpy(data.users[index])
     results = {}
     for stage in ("valid", "test"):
         vectors = model.user_vectors(data.windows[stage][index], groups, tables, config.eval_batch_size, users)
-        ranks = target_ranks(vectors, tables, groups, data.targets[stage][index], data.histories[stage].select(index))
-        results[stage] = sharded_ranking_metrics(ranks)
+        targets, histories = data.targets[stage][index], data.histories[stage].select(index)
+        results[stage] = full_ranking_metrics(vectors, tables, groups, targets, histories)
     return results
 
 
