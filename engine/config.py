@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .methods import check_method, method_of
+from .methods import check_method
 
 # The paper's settings (App. C.2) apply to real data; the demo is ~20× smaller, so it takes fewer,
 # larger-step epochs to converge inside the three-minute budget.
@@ -59,11 +59,6 @@ class RunConfig:
         if config.compile not in ("auto", "on", "off"):
             raise InputError(f"--compile {config.compile}: expected auto, on or off")
         check_method(config)
-        if config.global_seed is not None and not method_of(config).two_stage:
-            raise InputError(
-                f"--method {config.method} has a single stage: a Global stage of another seed (--global-from) needs "
-                "a two-stage method"
-            )
         if config.groups < 1 or config.epochs_global < 1 or config.epochs_perpeft < 0 or config.batch_size < 1:
             raise InputError("--groups, --epochs-global and --batch-size must be positive")
         return config

@@ -179,7 +179,7 @@ def run_grid(
             status = f"{seconds:.0f} s"
         remaining = len(jobs) - index
         eta = f"ETA {_duration(statistics.mean(trained_seconds) * remaining)}" if trained_seconds and remaining else ""
-        result = metrics[name, seed][metrics[name, seed]["result"]]["test"]["NDCG@20"]
+        result = result_metrics(metrics[name, seed])["test"]["NDCG@20"]
         report(f"[{index}/{len(jobs)}] {name} seed {seed}: test NDCG@20 {result:.4f} ({status})  {eta}".rstrip())
     finished = []
     for seed in seeds:
@@ -201,7 +201,7 @@ def reseeded_runs(finished: list[Finished], report: Callable[[str], None] = prin
         path = entry.run.with_name(f"{entry.run.name}-reseed-{seed}")
         started = time.perf_counter()
         metrics = _train_cell(reseeded_config(source, seed), path, global_from=source)
-        result = metrics["perpeft"]["test"]["NDCG@20"]
+        result = result_metrics(metrics)["test"]["NDCG@20"]
         report(
             f"reseeded {entry.run.parent.name} seed {entry.seed} → {seed}: test NDCG@20 {result:.4f} "
             f"({time.perf_counter() - started:.0f} s)"

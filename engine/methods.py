@@ -53,16 +53,7 @@ METHODS = {
     )
 }
 LARGE_TOLERANCE = 1_000  # paper §4.6.1: Large Global PEFT matches PerPEFT's count within ±10^3
-TABLE2_METHODS = (
-    "wo-mm",
-    "frozen-mm",
-    "global-peft",
-    "user-level-1",
-    "user-level-2",
-    "group-level-1",
-    "group-level-2",
-    "perpeft",
-)
+TABLE2_METHODS = tuple(name for name, method in METHODS.items() if not method.large)  # Table 2's rows, in order
 
 
 def method_of(config: "RunConfig") -> Method:
@@ -86,6 +77,11 @@ def check_method(config: "RunConfig") -> None:
         raise InputError("--no-text / --no-image: --method wo-mm uses no modality to drop")
     if (not config.text or not config.image) and method.uses_peft and config.peft == "iisan":
         raise InputError("--no-text / --no-image: IISAN's inter-modal chain needs both modalities (use lora or ia3)")
+    if config.global_seed is not None and not method.two_stage:
+        raise InputError(
+            f"--method {config.method} has a single stage: a Global stage of another seed (--global-from) needs "
+            "a two-stage method"
+        )
     if method.large and config.peft != "lora":
         raise InputError(
             f"--method large-global-peft sizes LoRA's rank (the paper's ablation uses LoRA); --peft {config.peft} "
