@@ -9,7 +9,7 @@ Liger-Kernel's fused cross-entropy does), so the graph can be walked backward on
 
 import torch
 
-from ._triton import tl, triton
+from ._triton import launch, tl, triton
 
 _MAX_BLOCK_D = 1024
 _TILE_ELEMENTS = 4096  # per program and input: 8 warps hold three fp32 tiles in 48 registers a thread
@@ -94,7 +94,9 @@ class _BCEWithNegatives(torch.autograd.Function):
         programs = triton.cdiv(rows, block_n)
         count = mask.sum(dtype=torch.float32).clamp_min(1.0)
         partial = h.new_empty(programs, dtype=torch.float32)
-        _bce_kernel[(programs,)](
+        launch(
+            _bce_kernel,
+            (programs,),
             h,
             pos,
             neg,

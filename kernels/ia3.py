@@ -4,12 +4,13 @@ The forward reads each row's group id and scales it by that group's vector in a 
 row order. The backward walks rows in group-sorted order (:class:`~perpeft.kernels.segments.GroupSegments`):
 each program owns one group and one column block, keeps that group's scales in registers, writes
 ``dx = grad_out * scales[g]`` and accumulates ``dscales[g] = sum(x * grad_out)`` in fp32 from the same
-loads, so ``x`` and ``grad_out`` are read once for both gradients.
+loads, so ``x`` and ``grad_out`` are read once for both gradients. The group and split counts are not
+specialised on (``do_not_specialize``), so their values never compile another binary.
 """
 
 import torch
 
-from ._triton import target_programs, tl, triton
+from ._triton import launch, target_programs, tl, triton
 from .segments import GroupSegments, segment_groups
 
 _BLOCK_M = 32
@@ -29,7 +30,7 @@ def _scale_rows_kernel(x_ptr, scales_ptr, ids_ptr, out_ptr, N, K, BLOCK_M: tl.co
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "num_splits"])
 def _backward_kernel(
     x_ptr,
     grad_ptr,
@@ -41,7 +42,7 @@ def _backward_kernel(
     C,
     K,
     rows_per_id,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,
     WRITE_GRAD_X: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -54,7 +55,7 @@ def _backward_kernel(
     end = tl.load(offsets_ptr + group + 1) * rows_per_id
     s = tl.load(scales_ptr + group * K + cols, mask=cols < K, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for first in range(start + split * BLOCK_M, end, NUM_SPLITS * BLOCK_M):
+    for first in range(start + split * BLOCK_M, end, num_splits * BLOCK_M):
         positions = first + tl.arange(0, BLOCK_M)
         valid = positions < end
         ids = tl.load(order_ptr + positions // rows_per_id, mask=valid, other=0)
@@ -72,7 +73,7 @@ def _scale_rows(x: torch.Tensor, scales: torch.Tensor, group_ids: torch.Tensor, 
     rows, width = x.shape
     out = x.new_empty((rows, width), dtype=dtype)
     grid = (triton.cdiv(rows, _BLOCK_M), triton.cdiv(width, _BLOCK_K))
-    _scale_rows_kernel[grid](x, scales, group_ids, out, rows, width, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K)
+    launch(_scale_rows_kernel, grid, x, scales, group_ids, out, rows, width, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K)
     return out
 
 
@@ -104,7 +105,9 @@ class _GroupedIA3(torch.autograd.Function):
         splits = max(1, min(row_blocks, target_programs(x.device) // (groups * column_blocks)))
         grad_x = torch.empty_like(x) if need_x else None
         partial = x.new_empty((splits, groups, width), dtype=torch.float32)
-        _backward_kernel[(groups, column_blocks, splits)](
+        launch(
+            _backward_kernel,
+            (groups, column_blocks, splits),
             x,
             grad_out,
             scales,
@@ -115,7 +118,7 @@ class _GroupedIA3(torch.autograd.Function):
             groups,
             width,
             rows_per_id,
-            NUM_SPLITS=splits,
+            splits,
             WRITE_GRAD_X=need_x,
             BLOCK_M=_BLOCK_M,
             BLOCK_K=_BLOCK_K,

@@ -12,16 +12,22 @@ exact on the upcast values (10 mantissa bits hold 7 or 10), for fp32 inputs IEEE
 precision. At LoRA ranks the kernels are bandwidth bound, so the slower TF32 MMA costs nothing that
 matters, and it is the path Triton's interpreter computes correctly (it multiplies bf16 bit patterns).
 Ranks below 16 are padded to 16 inside the kernels by masked loads; stored weights are never padded.
+The group and split counts are not specialised on (``do_not_specialize``): a count of 1 or a multiple of
+16 would compile one more binary of the same kernel for nothing.
 """
 
 import torch
 
-from ._triton import dot_precision, target_programs, tl, triton
+from ._triton import dot_precision, launch, target_programs, tl, triton
 from .segments import GroupSegments, segment_groups
 
 _BLOCK_K_SHRINK = 64
-_BLOCK_N_EXPAND = 128
+_BLOCK_N_EXPAND = 64
 _BLOCK_WIDE = 128
+# Every LoRA kernel spreads its tile over 8 warps: at 4 a thread held up to 246 registers (the fp32
+# expand) and the fp32 weight-gradient reduction spilled 3 KB on sm_80, leaving 8-12 warps an SM; at 8
+# (and 64-column expand tiles) every ViT-B/32 launch keeps >= 16 (benchmarks/RESULTS.md, "Kernel resources").
+_NUM_WARPS = 8
 
 
 @triton.jit
@@ -47,7 +53,7 @@ def _sorted_rows(positions, end, order_ptr, rows_per_id):
     return ids * rows_per_id + positions % rows_per_id, valid
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C"])
 def _shrink_kernel(
     x_ptr,
     w_ptr,
@@ -62,7 +68,7 @@ def _shrink_kernel(
     stride_wg,
     stride_wr,
     stride_wk,
-    K_PER_SPLIT: tl.constexpr,
+    k_per_split,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -77,7 +83,7 @@ def _shrink_kernel(
         rr = tl.arange(0, BLOCK_R)
         w_base = w_ptr + group.to(tl.int64) * stride_wg + rr[None, :] * stride_wr
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(split * K_PER_SPLIT, (split + 1) * K_PER_SPLIT, BLOCK_K):
+        for k0 in range(split * k_per_split, (split + 1) * k_per_split, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=valid[:, None] & (ks[None, :] < K), other=0.0)
             w = tl.load(w_base + ks[:, None] * stride_wk, mask=(rr[None, :] < R) & (ks[:, None] < K), other=0.0)
@@ -86,7 +92,7 @@ def _shrink_kernel(
         tl.store(out, acc, mask=valid[:, None] & (rr[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C"])
 def _expand_kernel(
     s_ptr,
     w_ptr,
@@ -121,7 +127,7 @@ def _expand_kernel(
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (ms[None, :] < M))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "num_splits"])
 def _segment_outer_kernel(
     p_ptr,
     q_ptr,
@@ -133,7 +139,7 @@ def _segment_outer_kernel(
     C,
     rows_per_id,
     scaling,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -148,7 +154,7 @@ def _segment_outer_kernel(
     start = tl.load(offsets_ptr + group) * rows_per_id
     end = tl.load(offsets_ptr + group + 1) * rows_per_id
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for first in range(start + split * BLOCK_M, end, NUM_SPLITS * BLOCK_M):
+    for first in range(start + split * BLOCK_M, end, num_splits * BLOCK_M):
         rows, valid = _sorted_rows(first + tl.arange(0, BLOCK_M), end, order_ptr, rows_per_id)
         p = tl.load(
             p_ptr + rows[None, :] * WIDTH_P + pp[:, None], mask=valid[None, :] & (pp[:, None] < WIDTH_P), other=0.0
@@ -189,7 +195,9 @@ class _Launch:
         k_per_split = triton.cdiv(k_blocks, splits) * _BLOCK_K_SHRINK
         splits = triton.cdiv(width, k_per_split)
         out = x.new_empty((splits, self.num_rows, self.rank), dtype=torch.float32)
-        _shrink_kernel[(self.num_tiles, splits)](
+        launch(
+            _shrink_kernel,
+            (self.num_tiles, splits),
             x,
             w,
             out,
@@ -201,12 +209,13 @@ class _Launch:
             self.segments.num_groups,
             self.rows_per_id,
             *w_strides,
-            K_PER_SPLIT=k_per_split,
+            k_per_split,
             BLOCK_M=self.block_m,
             BLOCK_R=self.block_r,
             BLOCK_K=_BLOCK_K_SHRINK,
             BLOCK_C=self.block_c,
             PRECISION=dot_precision(x, w),
+            num_warps=_NUM_WARPS,
         )
         return out[0] if splits == 1 else out.sum(0)
 
@@ -222,7 +231,9 @@ class _Launch:
         """``[N, width]`` in ``dtype``: ``scaling * s[n] @ w[g(n)].T``, ``w`` read as ``[C, width, R]``."""
         out = s.new_empty((self.num_rows, width), dtype=dtype)
         grid = (self.num_tiles, triton.cdiv(width, _BLOCK_N_EXPAND))
-        _expand_kernel[grid](
+        launch(
+            _expand_kernel,
+            grid,
             s,
             w,
             out,
@@ -239,6 +250,7 @@ class _Launch:
             BLOCK_N=_BLOCK_N_EXPAND,
             BLOCK_C=self.block_c,
             PRECISION=dot_precision(s, w),
+            num_warps=_NUM_WARPS,
         )
         return out
 
@@ -250,7 +262,9 @@ class _Launch:
         row_blocks = triton.cdiv(self.num_rows, self.block_m)
         splits = max(1, min(row_blocks, self.target // (groups * tiles)))
         out = p.new_empty((splits, groups, width_p, width_q), dtype=torch.float32)
-        _segment_outer_kernel[(groups, tiles, splits)](
+        launch(
+            _segment_outer_kernel,
+            (groups, tiles, splits),
             p,
             q,
             out,
@@ -261,11 +275,12 @@ class _Launch:
             groups,
             self.rows_per_id,
             scaling,
-            NUM_SPLITS=splits,
+            splits,
             BLOCK_M=self.block_m,
             BLOCK_P=block_p,
             BLOCK_Q=block_q,
             PRECISION=dot_precision(p, q),
+            num_warps=_NUM_WARPS,
         )
         return (out[0] if splits == 1 else out.sum(0)).to(dtype)
 
