@@ -1,9 +1,44 @@
-"""Kernel tests run the Triton kernels: on CPU-only machines through Triton's interpreter."""
+"""Kernel tests run the Triton kernels: compiled on CUDA tensors where a GPU is present (each test file
+picks ``cuda`` then), through Triton's interpreter on CPU tensors without one.
 
+``PERPEFT_KERNEL_TESTS_DEVICE=cuda`` (set by ``benchmarks/gpu_check.sh``) demands the compiled path: the
+session stops with an error when CUDA is missing or Triton runs interpreted (``TRITON_INTERPRET=1``),
+so a GPU check cannot pass on interpreted kernels. The mode is printed in pytest's header and recorded
+as a JUnit suite property (``kernel_mode``) for the check's report.
+"""
+
+import os
 from collections.abc import Callable
 
 import pytest
 import torch
+
+REQUIRED_DEVICE = "PERPEFT_KERNEL_TESTS_DEVICE"
+
+
+def kernel_mode() -> str:
+    """How the Triton kernels run in this session: compiled on which GPU, or interpreted on the CPU."""
+    from perpeft.kernels._triton import triton
+
+    if triton.knobs.runtime.interpret:
+        return f"Triton {triton.__version__} interpreted (TRITON_INTERPRET=1), CPU tensors"
+    return f"Triton {triton.__version__} compiled, CUDA tensors on {torch.cuda.get_device_name()}"
+
+
+def pytest_report_header() -> str:
+    return f"perpeft kernels: {kernel_mode()}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def required_kernel_mode(record_testsuite_property: Callable[[str, object], None]) -> None:
+    """Stop the session when ``PERPEFT_KERNEL_TESTS_DEVICE=cuda`` asks for compiled kernels it cannot have."""
+    mode = kernel_mode()
+    record_testsuite_property("kernel_mode", mode)
+    required = os.environ.get(REQUIRED_DEVICE, "")
+    if required == "cuda" and (not torch.cuda.is_available() or "interpreted" in mode):
+        pytest.exit(f"{REQUIRED_DEVICE}=cuda, but the kernels run {mode}", returncode=3)
+    elif required not in ("", "cuda"):
+        pytest.exit(f"{REQUIRED_DEVICE}={required!r}: expected 'cuda' or unset", returncode=3)
 
 
 @pytest.fixture(autouse=True)
