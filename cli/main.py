@@ -22,8 +22,19 @@ METRIC_ORDER = ("HR@10", "HR@20", "HR@30", "NDCG@10", "NDCG@20", "NDCG@30")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-def cli() -> None:
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    envvar="PERPEFT_THREADS",
+    default=None,
+    help="CPU threads per process (torch intra-op). [$PERPEFT_THREADS, else one per core]",
+)
+def cli(threads: int | None) -> None:
     """PerPEFT: personalized PEFT of CLIP for multimodal sequential recommendation."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:

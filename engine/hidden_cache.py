@@ -173,7 +173,7 @@ def _build_hidden_states(
 def _encode(
     model: CLIPModel,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     pixel_values: torch.Tensor,
     text_layers: list[int],
     vision_layers: list[int],

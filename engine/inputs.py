@@ -4,7 +4,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,14 @@ def normalize_pixels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     return (pixels.float().div_(255.0) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: on CUDA copied from pinned memory without blocking the host (a copy
+    from pageable memory would wait for it); any other tensor with a plain ``to``."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class ItemInputs:
     """Token ids, attention masks and uint8 pixels of every item (row 0 is padding), memory-mapped.
@@ -52,26 +60,51 @@ class ItemInputs:
     pixels: np.ndarray
     present: np.ndarray
     directory: Path
+    text_widths: np.ndarray = field(init=False, repr=False)
+    right_padded: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Columns up to each title's last attended token. Titles are padded to the tokenizer's maximum (77
+        # for CLIP) but a batch needs only its longest title's columns: with CLIP's causal attention and
+        # EOS pooling, the columns after a row's last real token change none of its outputs. For the
+        # same reason a right-padded catalog needs no padding mask at all (causal attention never looks
+        # ahead), which spares the text tower building and checking one in every forward.
+        mask = np.asarray(self.attention_mask) != 0
+        last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
+        self.text_widths = np.where(mask.any(axis=1), last, 1)
+        columns = np.arange(mask.shape[1])
+        self.right_padded = bool(np.array_equal(mask, columns[None, :] < last[:, None]) and mask[:, 0].all())
 
     @property
     def has_missing(self) -> bool:
         """Whether any real item lacks its image or its title."""
         return not bool(self.present[1:].all())
 
+    def by_text_width(self) -> np.ndarray:
+        """Every item index (padding row included) ordered by title width: consecutive chunks of this
+        order hold titles of similar length, so `batch` cuts their token columns the most."""
+        return np.argsort(self.text_widths, kind="stable")
+
     def modalities(self, items: torch.Tensor, device: torch.device) -> torch.Tensor:
         """bool ``[N, 2]``: image and title presence of ``items``."""
-        return torch.from_numpy(self.present[items.cpu().numpy()]).to(device)
+        return to_device(torch.from_numpy(self.present[items.cpu().numpy()]), device)
 
-    def batch(self, items: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inputs of ``items`` on ``device``; pixels stay uint8 until they are on the device."""
+    def batch(
+        self, items: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Token ids, attention mask (None for a right-padded catalog: see above) and uint8 pixels of
+        ``items`` on ``device``, token columns cut to the batch's longest title; pixels stay uint8 until
+        they are on the device."""
         index = items.cpu().numpy()
-        tensors = [
-            torch.from_numpy(np.ascontiguousarray(array[index]))
-            for array in (self.input_ids, self.attention_mask, self.pixels)
-        ]
-        if device.type == "cuda":
-            return tuple(tensor.pin_memory().to(device, non_blocking=True) for tensor in tensors)
-        return tuple(tensors)
+        width = int(self.text_widths[index].max()) if index.size else 1
+        input_ids = torch.from_numpy(np.ascontiguousarray(self.input_ids[index, :width]))
+        mask = None if self.right_padded else torch.from_numpy(np.ascontiguousarray(self.attention_mask[index, :width]))
+        pixels = torch.from_numpy(np.ascontiguousarray(self.pixels[index]))
+        return (
+            to_device(input_ids, device),
+            None if mask is None else to_device(mask, device),
+            to_device(pixels, device),
+        )
 
 
 def modality_presence(dataset: Dataset) -> np.ndarray:

@@ -28,7 +28,7 @@ from .errors import InputError
 from .evaluate import HistoryIndex, full_ranking_metrics
 from .grouping import fit_groups
 from .hidden_cache import HiddenStates, load_hidden_states
-from .inputs import ItemInputs, load_item_inputs
+from .inputs import ItemInputs, load_item_inputs, to_device
 from .memory import PeakMemory
 from .methods import METHODS, large_adapter_config, method_of
 from .model import Recommender
@@ -225,22 +225,27 @@ class PerpeftModel(nn.Module):
 
     def item_vectors(self, items: torch.Tensor, group: int | torch.Tensor) -> torch.Tensor:
         """z for ``items`` (``[N]``, 0 allowed: padding gives zeros), each seen by ``group`` (one group for
-        all, or a per-row ``[N]`` tensor: the grouped encoder serves any mix of groups in one pass)."""
+        all, or a per-row ``[N]`` tensor: the grouped encoder serves any mix of groups in one pass).
+
+        Which rows are padding is decided on the host: with ``items`` on the CPU (as training and
+        evaluation pass them) a CUDA step never waits for the device to answer it."""
         device = self.recommender.item_embeddings.weight.device
-        items = items.to(device)
+        host = items.cpu()
+        items = to_device(host, device)
         if isinstance(group, torch.Tensor):
-            group_ids = group.to(device)
+            group_ids = to_device(group, device)
         else:
             group_ids = torch.full((items.shape[0],), group, dtype=torch.long, device=device)
         if self.encoder is None:
             return self.recommender.item_vectors(items, None, group_ids)
-        real = items != 0
+        real = (host != 0).nonzero().squeeze(1)
         multimodal = torch.zeros(items.shape[0], self.encoder.out_features, device=device)
-        if bool(real.any()):
+        if real.numel():
+            rows = to_device(real, device)
             with self._precision():
-                encoded = self.encoder(*self.inputs.batch(items[real], device), group_ids[real])
-            multimodal = multimodal.index_put((real.nonzero().squeeze(1),), encoded.float())
-        present = self.inputs.modalities(items, device)[:, self.present_columns] if self.fills_missing else None
+                encoded = self.encoder(*self.inputs.batch(host[real], device), group_ids[rows])
+            multimodal = multimodal.index_put((rows,), encoded.float())
+        present = self.inputs.modalities(host, device)[:, self.present_columns] if self.fills_missing else None
         return self.recommender.item_vectors(items, multimodal, group_ids, present)
 
     def personal_rows(self, users: torch.Tensor | None) -> torch.Tensor | None:
@@ -249,18 +254,19 @@ class PerpeftModel(nn.Module):
             return None
         if users is None:
             raise ValueError("this model has personal embeddings: pass the users")
-        return self.personal_index[users.to(self.personal_index.device)]
+        return self.personal_index[to_device(users, self.personal_index.device)]
 
     def forward(self, batch: Batch, device: torch.device) -> torch.Tensor:
         """The training loss of ``batch``: DistributedDataParallel calls the module, so this is ``training_loss``."""
         return self.training_loss(batch, device)
 
     def training_loss(self, batch: Batch, device: torch.device) -> torch.Tensor:
-        seq, pos, neg = (
-            torch.from_numpy(array).to(device, non_blocking=True) for array in (batch.seq, batch.pos, batch.neg)
-        )
-        unique, inverse = torch.unique(torch.stack([seq, pos, neg]), return_inverse=True)
-        vectors = self.item_vectors(unique, max(batch.group, 0))[inverse]
+        # Distinct items on the host (np.unique: sorted, like torch.unique), so no step waits for the device.
+        positions = np.stack([batch.seq, batch.pos, batch.neg])
+        unique, inverse = np.unique(positions, return_inverse=True)
+        inverse = to_device(torch.from_numpy(inverse.reshape(positions.shape)), device)
+        vectors = self.item_vectors(torch.from_numpy(unique), max(batch.group, 0))[inverse]
+        seq, pos = (to_device(torch.from_numpy(array), device) for array in (batch.seq, batch.pos))
         output = self.recommender.sequence_output(seq, vectors[0], self.personal_rows(torch.from_numpy(batch.users)))
         width = output.shape[-1]
         loss = bce_with_negatives(
@@ -273,15 +279,23 @@ class PerpeftModel(nn.Module):
 
     @torch.no_grad()
     def item_tables(self, num_items: int, chunk: int) -> torch.Tensor:
-        """Every group's item table ``[C, I+1, d]`` (row 0 is padding). Under a process group each rank
-        encodes a block of the chunks and the rows are gathered: the same batches as one process."""
+        """Every group's item table ``[C, I+1, d]`` (row 0 is padding). Items are encoded in chunks of
+        similar title length when the inputs are tokens (fewer padded columns). Under a process group
+        each rank encodes a block of the chunks and the rows are gathered: the same batches as one process."""
         device = self.recommender.item_embeddings.weight.device
         world = current_world()
-        parts = torch.arange(num_items + 1, device=device).split(chunk)
+        if isinstance(self.inputs, ItemInputs):
+            order = torch.from_numpy(self.inputs.by_text_width())
+        else:
+            order = torch.arange(num_items + 1)
+        parts = order.split(chunk)
         mine = [parts[index] for index in world.block(len(parts))]
         rows = [torch.stack([self.item_vectors(part, group) for group in range(self.groups)], dim=1) for part in mine]
         local = torch.cat(rows) if rows else torch.zeros(0, self.groups, self.recommender.hidden, device=device)
-        return world.gather_rows(local).transpose(0, 1).contiguous()
+        ordered = world.gather_rows(local)
+        tables = torch.empty_like(ordered)
+        tables[order.to(ordered.device)] = ordered
+        return tables.transpose(0, 1).contiguous()
 
     @torch.no_grad()
     def user_vectors(

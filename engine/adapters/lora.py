@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,13 +35,26 @@ class GroupedLoRALinear(nn.Module):
         for group in range(groups):
             nn.init.kaiming_uniform_(self.lora_A.data[group], a=math.sqrt(5))
 
+    def _keep_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """Elementwise Bernoulli(1 - dropout) mask of ``rows``, as a float tensor (multiplying by a bool one
+        takes a slow type-promoting path on CPU, forward and backward).
+
+        On CPU the uniforms come from NumPy's PCG64, seeded from torch's generator so that seeded runs and
+        resumes draw the same masks: CPU ``torch.rand`` is one serial Mersenne Twister, about twice as slow,
+        and these masks (one per adapted layer and step) were a tenth of a training step."""
+        if rows.device.type == "cpu":
+            seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+            uniform = torch.from_numpy(np.random.default_rng(seed).random(rows.shape, dtype=np.float32))
+        else:
+            uniform = torch.rand(rows.shape, dtype=torch.float32, device=rows.device)
+        return (uniform >= self.dropout).to(rows.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         rows = x.reshape(-1, x.shape[-1])
         scaling = self.scaling
         if self.training and self.dropout > 0.0:
-            keep = torch.rand(rows.shape, dtype=torch.float32, device=rows.device) >= self.dropout
-            rows = rows * keep
+            rows = rows * self._keep_mask(rows)
             scaling /= 1.0 - self.dropout
         delta = grouped_lora(
             rows,
