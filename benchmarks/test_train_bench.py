@@ -1,0 +1,208 @@
+"""The speed issue's job: step time with and without each lever, the end-to-end wall, and the research script.
+
+The job: a synthetic shop of 900 users and 360 items (`benchmarks.shops.SHOP_900`: titles of 17–35
+characters, 64-px JPEGs) and a local CLIP built from a config (64-d, 2 layers per tower, 32-px images,
+patch 8, projection 512, a byte-level BPE tokenizer with no merges: one token per character, 77 at
+most), LoRA r 4, C = 8, E1 10 + E2 20, batch 16, lr 1e-4, weight decay 1e-4, ``--no-baseline``, seed 0.
+
+- ``test_step_levers``: ms per Global-PEFT training step (forward, backward, AdamW) over the same 20
+  batches, with the engine as it is and with one lever undone at a time: token columns padded to 77
+  instead of cut to the batch's longest title; SDPA's default CPU flash kernel instead of the math
+  backend; 1 instead of 2 threads. Also on the demo (shipped tiny CLIP) for the thread count.
+- ``test_evaluation_tables``: the 8 groups' item tables of one evaluation, items in chunks of similar
+  title length (the engine) or in id order.
+- ``test_job_end_to_end``: ``perpeft-engine train`` on the job in a subprocess, wall time and metrics.
+- ``test_side_by_side_with_research_script``: the authors' ``perpeft_lora_ia3.py`` on the same files
+  (its clone given by ``$PERPEFT_PEER_CLONE``; skipped otherwise), then the engine, one after the other.
+
+Run on an idle machine (``uptime``): ``pytest benchmarks/test_train_bench.py --benchmark-enable -s``;
+the shop and CLIP are written once under ``$PERPEFT_BENCH_DIR`` (default: the engine cache's ``bench/``).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend
+
+from benchmarks.peers.research_scripts import run_research_script
+from benchmarks.shops import SHOP_900, write_byte_clip, write_shop
+from perpeft.engine.cache import cache_root
+from perpeft.engine.config import RunConfig
+from perpeft.engine.data.sampler import TrainSampler
+from perpeft.engine.data.split import leave_one_out
+from perpeft.engine.inputs import ItemInputs
+from perpeft.engine.train import PerpeftModel, RunInputs, load_run_inputs
+
+STEPS, WARMUP, ROUNDS = 20, 3, 3
+JOB = {"peft": "lora", "groups": 8, "epochs_global": 10, "epochs_perpeft": 20, "batch_size": 16, "lr": 1e-4}
+
+
+def bench_root() -> Path:
+    return Path(os.environ.get("PERPEFT_BENCH_DIR", cache_root() / "bench"))
+
+
+@pytest.fixture(scope="module")
+def shop() -> Path:
+    return write_shop(bench_root() / "shop-900", SHOP_900)
+
+
+@pytest.fixture(scope="module")
+def clip() -> Path:
+    return write_byte_clip(bench_root() / "byte-clip-64d")
+
+
+@pytest.fixture
+def threads() -> Iterator[None]:
+    """Restore the thread count a case changed."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclass
+class PlainInputs:
+    """The item inputs behind a plain source: `PerpeftModel.item_tables` keeps item-id order, and with
+    ``full_width`` every batch carries all 77 token columns, as before the column cut."""
+
+    inputs: ItemInputs
+    full_width: bool
+
+    @property
+    def has_missing(self) -> bool:
+        return self.inputs.has_missing
+
+    def modalities(self, items: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return self.inputs.modalities(items, device)
+
+    def batch(self, items: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if not self.full_width:
+            return self.inputs.batch(items, device)
+        index = items.numpy()
+        arrays = (self.inputs.input_ids, self.inputs.attention_mask, self.inputs.pixels)
+        return tuple(torch.from_numpy(np.ascontiguousarray(array[index])) for array in arrays)
+
+
+def job_config(data: str, clip: str) -> RunConfig:
+    return RunConfig(data=data, clip=clip, device="cpu", **JOB).resolved()
+
+
+def step_model(config: RunConfig, run_inputs: RunInputs, full_width: bool, attention: str) -> PerpeftModel:
+    torch.manual_seed(0)
+    inputs = PlainInputs(run_inputs.inputs, full_width=True) if full_width else run_inputs.inputs
+    model = PerpeftModel(config, run_inputs.make_encoder, inputs, run_inputs.dataset.num_items, 1).train()
+    if attention == "flash":
+        model.encoder.cpu_attention = (SDPBackend.FLASH_ATTENTION,)
+    return model
+
+
+LEVERS = {
+    "engine": {},
+    "no token-column cut": {"full_width": True},
+    "SDPA CPU flash kernel": {"attention": "flash"},
+    "1 thread": {"threads": 1},
+}
+
+
+@pytest.mark.parametrize("shape", ["shop", "demo"])
+@pytest.mark.parametrize("lever", list(LEVERS))
+def test_step_levers(benchmark, shop: Path, clip: Path, threads: None, shape: str, lever: str) -> None:
+    if shape == "demo" and lever not in ("engine", "1 thread"):
+        pytest.skip("the demo's tiny CLIP pads titles to 16 word tokens; only the thread count is measured there")
+    settings = {"full_width": False, "attention": "math", "threads": 2, **LEVERS[lever]}
+    torch.set_num_threads(settings["threads"])
+    config = job_config(str(shop), str(clip)) if shape == "shop" else RunConfig(device="cpu").resolved()
+    run_inputs = load_run_inputs(config, progress=False)
+    model = step_model(config, run_inputs, settings["full_width"], settings["attention"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    split = leave_one_out(run_inputs.dataset.sequences)
+    sampler = TrainSampler(split.train, run_inputs.dataset.num_items, config.maxlen, config.batch_size)
+    batches = sampler.epoch(np.random.default_rng(0))[: WARMUP + STEPS]
+    device = torch.device("cpu")
+
+    def train(steps: list) -> None:
+        for batch in steps:
+            loss = model(batch, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    train(batches[:WARMUP])
+    benchmark.pedantic(train, args=(batches[WARMUP:],), rounds=ROUNDS, iterations=1)
+    benchmark.extra_info.update(
+        shape=shape,
+        lever=lever,
+        threads=torch.get_num_threads(),
+        steps=STEPS,
+        ms_per_step_min=benchmark.stats.stats.min / STEPS * 1000,
+    )
+    print(f"\n{shape} · {lever}: {benchmark.stats.stats.min / STEPS * 1000:.1f} ms/step (min of {ROUNDS})")
+
+
+@pytest.mark.parametrize("order", ["by title width", "by item id"])
+def test_evaluation_tables(benchmark, shop: Path, clip: Path, threads: None, order: str) -> None:
+    torch.set_num_threads(2)
+    config = job_config(str(shop), str(clip))
+    run_inputs = load_run_inputs(config, progress=False)
+    inputs = run_inputs.inputs if order == "by title width" else PlainInputs(run_inputs.inputs, full_width=False)
+    torch.manual_seed(0)
+    model = PerpeftModel(config, run_inputs.make_encoder, inputs, run_inputs.dataset.num_items, config.groups).eval()
+    tables = benchmark.pedantic(
+        model.item_tables, args=(run_inputs.dataset.num_items, config.encode_batch_size), rounds=5
+    )
+    benchmark.extra_info.update(order=order, groups=config.groups, items=run_inputs.dataset.num_items)
+    assert tables.shape == (config.groups, run_inputs.dataset.num_items + 1, config.hidden)
+    print(f"\nevaluation tables ({order}): {benchmark.stats.stats.min:.3f} s (min of 5)")
+
+
+def train_job(shop: Path, clip: Path, out: Path) -> dict[str, object]:
+    """``perpeft-engine train`` on the job in a fresh process; wall time, metrics and per-stage train time."""
+    command = [
+        *(sys.executable, "-m", "perpeft.cli", "train", "--data", str(shop), "--clip", str(clip), "--peft", "lora"),
+        *("--groups", "8", "--epochs-global", "10", "--epochs-perpeft", "20", "--batch-size", "16"),
+        *("--lr", "1e-4", "--weight-decay", "1e-4", "--no-baseline", "--seed", "0", "--device", "cpu"),
+        *("--quiet", "--overwrite", "--out", str(out)),
+    ]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    state = json.loads((out / "state.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    seconds = {stage: sum(epoch["seconds"] for epoch in state[stage]["history"]) for stage in ("global", "perpeft")}
+    train = {stage: sum(epoch["train_seconds"] for epoch in state[stage]["history"]) for stage in ("global", "perpeft")}
+    return {"wall_seconds": wall, "stage_seconds": seconds, "train_seconds": train, "metrics": metrics}
+
+
+def test_job_end_to_end(benchmark, shop: Path, clip: Path, tmp_path: Path) -> None:
+    result = benchmark.pedantic(train_job, args=(shop, clip, tmp_path / "run"), rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+    print(f"\nengine: {result['wall_seconds']:.1f} s wall; {json.dumps(result['train_seconds'])}")
+
+
+@pytest.mark.skipif(
+    not os.environ.get("PERPEFT_PEER_CLONE"), reason="set PERPEFT_PEER_CLONE to a kswoo97/PerPEFT clone"
+)
+def test_side_by_side_with_research_script(benchmark, shop: Path, clip: Path, tmp_path: Path) -> None:
+    def both() -> dict[str, object]:
+        peer = run_research_script(
+            Path(os.environ["PERPEFT_PEER_CLONE"]), shop.parent / "release", clip, tmp_path / "peer", epochs_perpeft=20
+        )
+        engine = train_job(shop, clip, tmp_path / "engine")
+        return {"research_script": peer, "engine": engine, "ratio": peer["wall_seconds"] / engine["wall_seconds"]}
+
+    result = benchmark.pedantic(both, rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+    engine_test = result["engine"]["metrics"]["perpeft"]["test"]
+    print(
+        f"\nresearch script {result['research_script']['wall_seconds']:.1f} s, engine "
+        f"{result['engine']['wall_seconds']:.1f} s: {result['ratio']:.2f}×; PerPEFT test NDCG@20 "
+        f"research {result['research_script']['test']['NDCG@20']:.4f}, engine {engine_test['NDCG@20']:.4f}"
+    )
