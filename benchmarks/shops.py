@@ -15,6 +15,7 @@ merges (one token per character, 77 at most) and CLIP's image preprocessor setti
 """
 
 import json
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
+from perpeft.engine.cache import cache_root
 from perpeft.engine.data.authors import prepare_authors
 
 WORDS = [
@@ -91,6 +93,12 @@ WORDS = [
     "hobby",
     "school",
 ]
+
+
+def bench_root() -> Path:
+    """Where benchmarks keep the shops and CLIPs they write once: ``$PERPEFT_BENCH_DIR``, else the engine
+    cache's ``bench/``."""
+    return Path(os.environ.get("PERPEFT_BENCH_DIR", cache_root() / "bench"))
 
 
 @dataclass(frozen=True)

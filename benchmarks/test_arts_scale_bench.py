@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.shops import ARTS_SCALE, user_subset, write_shop
-from benchmarks.test_train_bench import bench_root
+from benchmarks.shops import ARTS_SCALE, bench_root, user_subset, write_shop
 from perpeft.engine.config import RunConfig
 from perpeft.engine.train import load_run_inputs
 

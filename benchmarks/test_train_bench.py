@@ -34,8 +34,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from benchmarks.peers.research_scripts import run_research_script
-from benchmarks.shops import SHOP_900, write_byte_clip, write_shop
-from perpeft.engine.cache import cache_root
+from benchmarks.shops import SHOP_900, bench_root, write_byte_clip, write_shop
 from perpeft.engine.config import RunConfig
 from perpeft.engine.data.sampler import TrainSampler
 from perpeft.engine.data.split import leave_one_out
@@ -44,10 +43,6 @@ from perpeft.engine.train import PerpeftModel, RunInputs, load_run_inputs
 
 STEPS, WARMUP, ROUNDS = 20, 3, 3
 JOB = {"peft": "lora", "groups": 8, "epochs_global": 10, "epochs_perpeft": 20, "batch_size": 16, "lr": 1e-4}
-
-
-def bench_root() -> Path:
-    return Path(os.environ.get("PERPEFT_BENCH_DIR", cache_root() / "bench"))
 
 
 @pytest.fixture(scope="module")

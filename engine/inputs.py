@@ -73,7 +73,7 @@ class ItemInputs:
         last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
         self.text_widths = np.where(mask.any(axis=1), last, 1)
         columns = np.arange(mask.shape[1])
-        self.right_padded = bool(np.array_equal(mask, columns[None, :] < last[:, None]) and mask[:, 0].all())
+        self.right_padded = bool(np.array_equal(mask, columns[None, :] < last[:, None]))
 
     @property
     def has_missing(self) -> bool:

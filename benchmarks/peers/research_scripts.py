@@ -16,7 +16,6 @@ weight decay are passed as the engine's job uses them. Images are decoded and pr
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -76,7 +75,6 @@ def run_research_script(
     groups: int = 8,
     lr: float = 1e-4,
     weight_decay: float = 1e-4,
-    threads: int | None = None,
 ) -> dict[str, object]:
     """Run the script to completion; its log goes to ``work/research.log``. Returns wall seconds and metrics."""
     script = clone / SCRIPT
@@ -90,12 +88,9 @@ def run_research_script(
         *("--lr", str(lr), "--wdecay", str(weight_decay), "--num_epochs", str(epochs_perpeft)),
         *("--C", str(groups), "--rank", "4", "--batch_size", "16"),
     ]
-    environment = dict(os.environ)
-    if threads is not None:
-        environment["OMP_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
     with open(work / "research.log", "w") as log:
-        completed = subprocess.run(command, cwd=work, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        completed = subprocess.run(command, cwd=work, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - started
     text = (work / "research.log").read_text()
     if completed.returncode != 0:
