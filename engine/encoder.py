@@ -1,6 +1,5 @@
 """CLIP as the item encoder: loading, grouped-adapter injection, and the two-tower forward."""
 
-import contextlib
 import copy
 import json
 import re
@@ -10,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import CLIPConfig, CLIPModel
 from transformers.utils import logging as transformers_logging
 
 from .adapters.context import GroupContext
 from .adapters.ia3 import GroupedIA3Linear
 from .adapters.lora import GroupedLoRALinear
+from .clip_layers import prepare_clip
 from .errors import InputError
 from .inputs import Tokenizer, normalize_pixels
 from .tiny_clip import CLIP_MEAN, CLIP_STD, TINY_CLIP_DIR, HashWordTokenizer, tiny_clip_config
@@ -29,10 +28,6 @@ LORA_TARGETS = ("q_proj", "v_proj")
 IA3_OUTPUT_TARGETS = ("k_proj", "v_proj")
 IA3_INPUT_TARGETS = ("fc1",)
 ADAPTED_LAYER = re.compile(r"^(text_model|vision_model)\.encoder\.layers\.\d+\.(self_attn|mlp)\.(\w+)$")
-# SDPA backends for CLIP's attention on CPU. At CLIP's short sequences (≤ 77 title tokens, ≤ 50 patches)
-# the math backend trains faster than the CPU flash kernel SDPA picks by default (benchmarks/RESULTS.md,
-# "Training step levers"); CUDA keeps SDPA's own choice.
-CPU_ATTENTION_BACKENDS = (SDPBackend.MATH,)
 
 
 @dataclass
@@ -190,11 +185,11 @@ class GroupedClipEncoder(nn.Module):
         # (the Global PEFT and PerPEFT stages of a run).
         self.clip = copy.deepcopy(bundle.model)
         self.clip.requires_grad_(False)
+        prepare_clip(self.clip)
         self.context = GroupContext()
         inject_adapters(self.clip, peft, groups, self.context, **adapter_settings)
         self.register_buffer("image_mean", torch.tensor(bundle.image_mean), persistent=False)
         self.register_buffer("image_std", torch.tensor(bundle.image_std), persistent=False)
-        self.cpu_attention: tuple[SDPBackend, ...] = CPU_ATTENTION_BACKENDS
 
     @property
     def out_features(self) -> int:
@@ -219,16 +214,14 @@ class GroupedClipEncoder(nn.Module):
     ) -> torch.Tensor:
         self.context.set(group_ids)
         parts = []
-        attention = sdpa_kernel(list(self.cpu_attention)) if pixels.device.type == "cpu" else contextlib.nullcontext()
         try:
-            with attention:
-                if "image" in self.modalities:
-                    pixel_values = normalize_pixels(pixels, self.image_mean, self.image_std)
-                    pooled = self.clip.vision_model(pixel_values=pixel_values).pooler_output
-                    parts.append(self.clip.visual_projection(pooled))
-                if "title" in self.modalities:
-                    pooled = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-                    parts.append(self.clip.text_projection(pooled))
+            if "image" in self.modalities:
+                pixel_values = normalize_pixels(pixels, self.image_mean, self.image_std)
+                pooled = self.clip.vision_model(pixel_values=pixel_values).pooler_output
+                parts.append(self.clip.visual_projection(pooled))
+            if "title" in self.modalities:
+                pooled = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+                parts.append(self.clip.text_projection(pooled))
         finally:
             self.context.clear()
         # CLIPModel's normalisation, written out: the towers are called one by one so a dropped one never runs.

@@ -434,6 +434,9 @@ class StageRunner:
             [parameter for parameter in model.parameters() if parameter.requires_grad],
             lr=config.lr,
             weight_decay=config.weight_decay,
+            # One kernel per parameter instead of ~10 ops each (CPU and CUDA): 0.7 vs 3.0 ms per step at
+            # the speed benchmark's ~60 tensors on CPU.
+            fused=True,
         )
         self.world = current_world()
         self.trainer: nn.Module = model

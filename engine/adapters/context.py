@@ -3,6 +3,7 @@
 import torch
 
 from perpeft.kernels import GroupSegments, segment_groups
+from perpeft.kernels.segments import shared_group
 
 
 class GroupContext:
@@ -19,16 +20,19 @@ class GroupContext:
         self._item_groups: torch.Tensor | None = None
         self._row_groups: dict[int, torch.Tensor] = {}
         self._segments: dict[int, GroupSegments] = {}
+        self._shared: dict[int, int | None] = {}
 
     def set(self, item_groups: torch.Tensor) -> None:
         self._item_groups = item_groups
         self._row_groups = {}
         self._segments = {}
+        self._shared = {}
 
     def clear(self) -> None:
         self._item_groups = None
         self._row_groups = {}
         self._segments = {}
+        self._shared = {}
 
     def _items(self) -> torch.Tensor:
         if self._item_groups is None:
@@ -51,3 +55,10 @@ class GroupContext:
             segments = segment_groups(self._items(), num_groups)
             self._segments[num_groups] = segments
         return segments
+
+    def shared_group(self, num_groups: int) -> int | None:
+        """The one group of every item, when there is one and finding out needs no device sync (see
+        ``kernels.shared_group``); asked once per forward."""
+        if num_groups not in self._shared:
+            self._shared[num_groups] = shared_group(self._items(), num_groups)
+        return self._shared[num_groups]

@@ -1,15 +1,15 @@
-"""The CLIP item encoder: token columns cut to a batch's longest title and CPU attention change no item vector."""
+"""The CLIP item encoder: token columns cut to a batch's longest title change no item vector, and the vectors
+are stock CLIP's features."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.nn.attention import SDPBackend
 from transformers import CLIPConfig, CLIPModel
 
 from perpeft.engine.encoder import ClipBundle, GroupedClipEncoder
-from perpeft.engine.inputs import ItemInputs
+from perpeft.engine.inputs import ItemInputs, normalize_pixels
 from perpeft.engine.tiny_clip import CLIP_MEAN, CLIP_STD
 
 TOKENS, BOS, EOS, VOCAB, ITEMS, GROUPS = 77, 510, 511, 512, 40, 3
@@ -89,15 +89,17 @@ def test_cut_token_columns_give_the_untrimmed_item_vectors(inputs: ItemInputs, e
     torch.testing.assert_close(smaller_batch, untrimmed[:5], rtol=1e-5, atol=1e-6)
 
 
-def test_cpu_attention_backend_changes_no_item_vector(inputs: ItemInputs, encoder: GroupedClipEncoder) -> None:
+def test_item_vectors_equal_stock_clip_features(inputs: ItemInputs, bundle: ClipBundle) -> None:
+    """The encoder's rewritten CLIP layers (``engine/clip_layers.py``) give stock ``CLIPModel``'s features."""
     items = torch.arange(ITEMS + 1)
-    batch = inputs.batch(items, torch.device("cpu"))
-    assert encoder.cpu_attention == (SDPBackend.MATH,)
+    input_ids, attention_mask, pixels = full_width(inputs, items)
+    encoder = GroupedClipEncoder(bundle, "none", 1).eval()
+    stock = bundle.model.eval()
     with torch.no_grad():
-        math = encoder(*batch, items % GROUPS)
-        encoder.cpu_attention = (SDPBackend.FLASH_ATTENTION,)
-        try:
-            flash = encoder(*batch, items % GROUPS)
-        finally:
-            encoder.cpu_attention = (SDPBackend.MATH,)
-    torch.testing.assert_close(math, flash, rtol=1e-5, atol=1e-6)
+        vectors = encoder(*inputs.batch(items, torch.device("cpu")), torch.zeros_like(items))
+        pixel_values = normalize_pixels(pixels, encoder.image_mean, encoder.image_std)
+        image = stock.get_image_features(pixel_values=pixel_values)
+        text = stock.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+    parts = [getattr(part, "pooler_output", part) for part in (image, text)]
+    expected = torch.cat([torch.nn.functional.normalize(part, dim=-1) for part in parts], dim=-1)
+    torch.testing.assert_close(vectors, expected, rtol=1e-5, atol=1e-6)
