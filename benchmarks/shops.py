@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from perpeft.engine.cache import cache_root
 from perpeft.engine.data.authors import prepare_authors
+from perpeft.engine.runtime.cache import cache_root
 
 WORDS = [
     "acrylic",

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.shops import ARTS_SCALE, bench_root, user_subset, write_shop
-from perpeft.engine.config import RunConfig
-from perpeft.engine.train import load_run_inputs
+from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.model.run_inputs import load_run_inputs
 
 FRACTIONS = {"1/4": 4, "1/2": 2, "all": 1}
 

@@ -20,11 +20,12 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
-from perpeft.engine.config import RunConfig
-from perpeft.engine.embed import grouped_item_tables
-from perpeft.engine.encoder import ClipBundle
-from perpeft.engine.tiny_clip import CLIP_MEAN, CLIP_STD
-from perpeft.engine.train import PerpeftModel, clip_encoder_factory
+from perpeft.engine.clip.loading import ClipBundle
+from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
+from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.model.perpeft import PerpeftModel
+from perpeft.engine.model.run_inputs import clip_encoder_factory
+from perpeft.engine.serve.embed import grouped_item_tables
 
 ITEMS, GROUPS, BATCH_PAIRS, ROUNDS = 32, 2, 32, 5
 TOKENS, IMAGE_SIZE = 77, 224

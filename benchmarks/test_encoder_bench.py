@@ -22,8 +22,10 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from perpeft.engine.encoder import CLIP_MEAN, CLIP_STD, ClipBundle, GroupedClipEncoder, architecture_config
-from perpeft.engine.inputs import normalize_pixels
+from perpeft.engine.clip.loading import ClipBundle, architecture_config
+from perpeft.engine.clip.preprocess import normalize_pixels
+from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
+from perpeft.engine.model.encoders import GroupedClipEncoder
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

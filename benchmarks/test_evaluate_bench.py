@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from perpeft.engine.evaluate import CPU_RANKING_BATCH, HistoryIndex, full_ranking_metrics, target_ranks
+from perpeft.engine.eval.metrics import CPU_RANKING_BATCH, HistoryIndex, full_ranking_metrics, target_ranks
 
 NUM_USERS, NUM_ITEMS, DIM, HISTORY_LENGTH = 24_511, 18_884, 32, 9
 LOOP_USERS = 1_000

@@ -24,12 +24,14 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from perpeft.engine.config import RunConfig
+from perpeft.engine.clip.loading import ClipBundle, architecture_config
+from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
+from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sampler import Batch, TrainSampler
-from perpeft.engine.encoder import CLIP_MEAN, CLIP_STD, ClipBundle, architecture_config
-from perpeft.engine.hidden_cache import load_hidden_states
-from perpeft.engine.inputs import ItemInputs
-from perpeft.engine.train import PerpeftModel, clip_encoder_factory, iisan_encoder_factory
+from perpeft.engine.features.hidden_states import load_hidden_states
+from perpeft.engine.features.inputs import ItemInputs
+from perpeft.engine.model.perpeft import PerpeftModel
+from perpeft.engine.model.run_inputs import clip_encoder_factory, iisan_encoder_factory
 
 ITEMS = 1_000
 EPOCH_USERS = 1_000

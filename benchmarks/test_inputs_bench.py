@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from perpeft.engine.data.dataset import Dataset
-from perpeft.engine.inputs import load_item_inputs
+from perpeft.engine.features.inputs import load_item_inputs
 
 ITEMS = int(os.environ.get("PERPEFT_BENCH_ITEMS", "20000"))
 IMAGE_SIZE = 224

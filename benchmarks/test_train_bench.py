@@ -8,7 +8,7 @@ most), LoRA r 4, C = 8, E1 10 + E2 20, batch 16, lr 1e-4, weight decay 1e-4, ``-
 - ``test_step_levers``: ms per Global-PEFT training step (forward, backward, AdamW) over the same 20
   batches, with the engine as it is and with one lever undone at a time: token columns padded to 77
   instead of cut to the batch's longest title; HF's SDPA attention under its math backend (the engine's
-  choice before `engine/clip_layers.py`) instead of the engine's bmm attention; CLIP's QuickGELU instead of
+  choice before `engine/clip/layers.py`) instead of the engine's bmm attention; CLIP's QuickGELU instead of
   the SiLU fold; the for-loop AdamW instead of the fused one; 1 instead of 2 threads. Also on the demo
   (shipped tiny CLIP) for the thread count.
 - ``test_evaluation_tables``: the 8 groups' item tables of one evaluation, items in chunks of similar
@@ -40,13 +40,14 @@ from transformers.activations import QuickGELUActivation
 
 from benchmarks.peers.research_scripts import run_research_script
 from benchmarks.shops import SHOP_900, bench_root, write_byte_clip, write_shop
-from perpeft.engine.adapters.context import GroupContext
-from perpeft.engine.clip_layers import QUICK_GELU_SLOPE
-from perpeft.engine.config import RunConfig
+from perpeft.engine.clip.layers import QUICK_GELU_SLOPE
+from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sampler import TrainSampler
 from perpeft.engine.data.split import leave_one_out
-from perpeft.engine.inputs import ItemInputs
-from perpeft.engine.train import PerpeftModel, RunInputs, load_run_inputs
+from perpeft.engine.features.inputs import ItemInputs
+from perpeft.engine.model.adapters.context import GroupContext
+from perpeft.engine.model.perpeft import PerpeftModel
+from perpeft.engine.model.run_inputs import RunInputs, load_run_inputs
 
 STEPS, WARMUP, ROUNDS = 20, 3, 5
 JOB = {"peft": "lora", "groups": 8, "epochs_global": 10, "epochs_perpeft": 20, "batch_size": 16, "lr": 1e-4}

@@ -33,7 +33,7 @@ def runs_distributed(device_option: str) -> Callable[[Callable[..., Any]], Calla
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             from torch.distributed import DistError
 
-            from perpeft.engine.distributed import join_process_group, leave_process_group
+            from perpeft.engine.runtime.distributed import join_process_group, leave_process_group
 
             world = join_process_group(kwargs.get(device_option) or "auto")
             try:

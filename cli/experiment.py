@@ -58,9 +58,9 @@ def experiment(
     **options: object,
 ) -> None:
     """Run a grid of cells × seeds, skipping finished runs, and write results.csv and table.md."""
-    from perpeft.engine.config import RunConfig
-    from perpeft.engine.experiment import RESULTS_CSV, TABLE_MD, build_grid, run_experiment
-    from perpeft.engine.methods import TABLE2_METHODS
+    from perpeft.engine.config.methods import TABLE2_METHODS
+    from perpeft.engine.config.run_config import RunConfig
+    from perpeft.engine.experiments.grid import RESULTS_CSV, TABLE_MD, build_grid, run_experiment
 
     peft_list = _list(pefts)
     if not peft_list or any(peft not in ("lora", "ia3", "iisan") for peft in peft_list):

@@ -28,13 +28,14 @@ run_option = click.option(
 @runs_distributed("device")
 def embed(run: Path, batch_size: int | None, device: str | None, overwrite: bool, quiet: bool) -> None:
     """Cache every group's item table and every user's vector in RUN/embeddings (resumable after interruption)."""
-    from perpeft.engine.embed import EMBEDDINGS, embed_run
+    from perpeft.engine.runtime.run_directory import RunDirectory
+    from perpeft.engine.serve.embed import embed_run
 
     embeddings = embed_run(run, batch_size, overwrite, device, progress=not quiet)
     groups, rows, width = embeddings.items.shape
     click.echo(
         f"item tables: {groups} groups × {rows - 1:,} items × {width}; user vectors: {embeddings.users.shape[0] - 1:,};"
-        f" written to {run / EMBEDDINGS}"
+        f" written to {RunDirectory(run).embeddings}"
     )
 
 
@@ -45,8 +46,8 @@ def embed(run: Path, batch_size: int | None, device: str | None, overwrite: bool
 @runs_distributed("device")
 def evaluate(run: Path, as_json: bool) -> None:
     """Recompute PerPEFT's validation and test metrics from the embeddings and compare them with metrics.json."""
-    from perpeft.engine.recommend import evaluate_run
-    from perpeft.engine.run import RunDirectory
+    from perpeft.engine.runtime.run_directory import RunDirectory
+    from perpeft.engine.serve.recommend import evaluate_run
 
     metrics = evaluate_run(run)
     recorded = RunDirectory.open(run).read_metrics()["perpeft"]
@@ -75,7 +76,7 @@ def recommend(run: Path, user: str | None, history: str | None, k: int, as_json:
     joins the group of the nearest K-Means centroid under the Global-PEFT snapshot (this loads the item
     encoder for the history's items) and is then scored the same way.
     """
-    from perpeft.engine.recommend import recommend as recommend_items
+    from perpeft.engine.serve.recommend import recommend as recommend_items
 
     items = None if history is None else [item.strip() for item in history.split(",") if item.strip()]
     result = recommend_items(run, k, user=user, history=items)
@@ -108,7 +109,7 @@ def recommend(run: Path, user: str | None, history: str | None, k: int, as_json:
 @reports_input_errors
 def export(run: Path, group: int, out: Path, overwrite: bool) -> None:
     """Write one group's LoRA or (IA)3 adapter as a Hugging Face peft directory (`PeftModel.from_pretrained`)."""
-    from perpeft.engine.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapter
+    from perpeft.engine.serve.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapter
 
     settings = export_adapter(run, group, out, overwrite)
     click.echo(f"{settings['peft_type']} adapter of group {group}: {out / ADAPTER_CONFIG}, {out / ADAPTER_WEIGHTS}")

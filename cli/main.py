@@ -14,9 +14,9 @@ from perpeft.cli.errors import reports_input_errors
 from perpeft.cli.experiment import experiment
 from perpeft.cli.inference import embed, evaluate, export, recommend
 from perpeft.cli.prepare import fetch_images, prepare
-from perpeft.engine.config import RunConfig
+from perpeft.engine.config.methods import METHODS
+from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
-from perpeft.engine.methods import METHODS
 
 METRIC_ORDER = ("HR@10", "HR@20", "HR@30", "NDCG@10", "NDCG@20", "NDCG@30")
 
@@ -171,8 +171,8 @@ def train(
     **options: Any,
 ) -> None:
     """Train a method end to end (default PerPEFT, with its Global PEFT baseline) and print test metrics."""
-    from perpeft.engine.distributed import launched_by_torchrun
-    from perpeft.engine.train import resume_run, train_new_run
+    from perpeft.engine.runtime.distributed import launched_by_torchrun
+    from perpeft.engine.train.pipeline import resume_run, train_new_run
 
     if nproc is not None and not launched_by_torchrun():
         relaunch_with_torchrun(nproc)
@@ -203,8 +203,9 @@ def train_reseeded(
     source_path: Path, out: Path | None, overwrite: bool, report: Any, quiet: bool, options: dict[str, Any]
 ) -> tuple[Any, dict[str, Any]]:
     """``train --global-from RUN --seed N``: RUN's settings, Global stage and groups; second stage with seed N."""
-    from perpeft.engine.run import RunDirectory
-    from perpeft.engine.train import RESEED_MACHINE_SETTINGS, reseeded_config, train_new_run
+    from perpeft.engine.runtime.run_directory import RunDirectory
+    from perpeft.engine.train.pipeline import train_new_run
+    from perpeft.engine.train.reseed import RESEED_MACHINE_SETTINGS, reseeded_config
 
     context = click.get_current_context()
     given = [
@@ -222,7 +223,7 @@ def train_reseeded(
     source = RunDirectory.open(source_path)
     machine = {name: options[name] for name in RESEED_MACHINE_SETTINGS if name in given}
     config = reseeded_config(source, options["seed"], **machine)
-    out = out or source.path.with_name(f"{source.path.name}-reseed{config.seed}")
+    out = out or source.reseed_path(config.seed)
     return train_new_run(config, out, overwrite, report, progress=not quiet, global_from=source)
 
 
@@ -243,7 +244,7 @@ def train_reseeded(
 @reports_input_errors
 def params(clip: str, peft: str, groups: int, items: int, missing_modalities: bool, as_json: bool) -> None:
     """Parameter count of each component, without loading weights (paper Table 8)."""
-    from perpeft.engine.params import parameter_counts
+    from perpeft.engine.model.params import parameter_counts
 
     counts = parameter_counts(clip, peft, groups, items, missing_modalities=missing_modalities)
     if as_json:

@@ -6,7 +6,8 @@ from typing import Any
 import click
 
 from perpeft.cli.errors import reports_input_errors
-from perpeft.engine.data.sources import MISSING_IMAGES, NAMED_DATASETS, default_data_dir
+from perpeft.engine.data.formats import MISSING_IMAGES
+from perpeft.engine.data.sources import NAMED_DATASETS, default_data_dir
 
 AUTHORS_NAMES = [*NAMED_DATASETS, *(named.authors_prefix for named in NAMED_DATASETS.values())]
 

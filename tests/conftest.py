@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from perpeft.engine.config import RunConfig
+from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.demo import DemoSpec, generate_demo
-from perpeft.engine.embed import embed_run
-from perpeft.engine.train import train_new_run
+from perpeft.engine.serve.embed import embed_run
+from perpeft.engine.train.pipeline import train_new_run
 
 SMALL_DEMO = DemoSpec(num_domains=2, num_users=96, items_per_domain=24, min_seq_len=5, max_seq_len=8)
 

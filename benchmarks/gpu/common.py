@@ -21,11 +21,11 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from benchmarks.shops import ARTS_SCALE
-from perpeft.engine.config import RunConfig
+from perpeft.engine.clip.loading import ClipBundle
+from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
+from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.dataset import Dataset
-from perpeft.engine.encoder import ClipBundle
-from perpeft.engine.inputs import ItemInputs
-from perpeft.engine.tiny_clip import CLIP_MEAN, CLIP_STD
+from perpeft.engine.features.inputs import ItemInputs
 
 from . import SMOKE_NOTE
 

@@ -11,9 +11,10 @@ Run: ``python -m benchmarks.gpu.embed_check --out embed.json`` (CUDA) or ``--smo
 
 import torch
 
-from perpeft.engine.embed import grouped_item_tables
-from perpeft.engine.memory import PeakMemory
-from perpeft.engine.train import PerpeftModel, clip_encoder_factory
+from perpeft.engine.model.perpeft import PerpeftModel
+from perpeft.engine.model.run_inputs import clip_encoder_factory
+from perpeft.engine.runtime.memory import PeakMemory
+from perpeft.engine.serve.embed import grouped_item_tables
 
 from .common import (
     ARTS,

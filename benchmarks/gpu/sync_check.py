@@ -43,7 +43,9 @@ import perpeft.engine
 import perpeft.kernels
 from perpeft.engine.data.sampler import TrainSampler
 from perpeft.engine.data.split import leave_one_out
-from perpeft.engine.train import ID_NORM_WEIGHT, PerpeftModel, clip_encoder_factory, train_epoch
+from perpeft.engine.model.perpeft import ID_NORM_WEIGHT, PerpeftModel
+from perpeft.engine.model.run_inputs import clip_encoder_factory
+from perpeft.engine.train.stages import train_epoch
 from perpeft.kernels import bce_with_negatives
 
 from .common import (

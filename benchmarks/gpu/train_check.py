@@ -22,22 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from perpeft.engine.config import RunConfig
+from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sampler import Batch, TrainSampler
 from perpeft.engine.data.split import Split, leave_one_out
-from perpeft.engine.grouping import fit_groups
-from perpeft.engine.memory import PeakMemory
-from perpeft.engine.run import RunDirectory
-from perpeft.engine.train import (
-    STAGE_INDEX,
-    EvaluationData,
-    PerpeftModel,
-    StageRunner,
-    clip_encoder_factory,
-    seed_torch,
-    silent,
-    train_epoch,
-)
+from perpeft.engine.eval.evaluation import EvaluationData
+from perpeft.engine.model.perpeft import PerpeftModel
+from perpeft.engine.model.run_inputs import clip_encoder_factory
+from perpeft.engine.runtime.memory import PeakMemory
+from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.train.grouping import fit_groups
+from perpeft.engine.train.pipeline import silent
+from perpeft.engine.train.stages import STAGE_INDEX, StageRunner, seed_torch, train_epoch
 
 from .common import (
     ARTS,

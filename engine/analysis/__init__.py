@@ -6,9 +6,9 @@ Every analysis reads a run's selected best-epoch weights, so it opens the run wi
 
 from pathlib import Path
 
-from ..errors import InputError
-from ..methods import method_of
-from ..run import RunDirectory
+from perpeft.engine.config.methods import method_of
+from perpeft.engine.errors import InputError
+from perpeft.engine.runtime.run_directory import RunDirectory
 
 
 def open_perpeft_run(path: Path) -> RunDirectory:

@@ -33,17 +33,20 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import rel_entr
 from tqdm.auto import tqdm
 
-from ..data.sources import load_dataset
-from ..embed import load_model
-from ..encoder import ClipBundle, load_clip, require_clip_adapters
-from ..errors import InputError
-from ..hidden_cache import eos_positions
-from ..inputs import load_item_inputs
-from ..recommend import engine_indices
-from ..run import atomic_write_bytes, load_tensors
-from ..tiny_clip import HashWordTokenizer
-from ..train import GROUPING, RunInputs, clip_encoder_factory, resolve_device
-from . import open_perpeft_run, refuse_existing
+from perpeft.engine.analysis import open_perpeft_run, refuse_existing
+from perpeft.engine.clip.loading import ClipBundle, load_clip
+from perpeft.engine.clip.tiny import HashWordTokenizer
+from perpeft.engine.data.sources import load_dataset
+from perpeft.engine.errors import InputError
+from perpeft.engine.features.hidden_states import eos_positions
+from perpeft.engine.features.inputs import load_item_inputs
+from perpeft.engine.model.encoders import require_clip_adapters
+from perpeft.engine.model.run_inputs import RunInputs, clip_encoder_factory
+from perpeft.engine.runtime.atomic import atomic_write_bytes
+from perpeft.engine.runtime.device import resolve_device
+from perpeft.engine.runtime.tensors import load_tensors
+from perpeft.engine.serve.embed import load_model
+from perpeft.engine.serve.recommend import engine_indices
 
 # (item, group) rows per text-tower pass: HF keeps every layer's [rows, heads, L, L] weights while recording.
 ATTENTION_BATCH_ROWS = 64
@@ -110,7 +113,7 @@ class AttentionProbe:
         self.encoder.clip.set_attn_implementation("eager")
         self.eos_token_id = self.encoder.clip.config.text_config.eos_token_id
         self.groups = config.groups
-        self.assignment = load_tensors(run.file(GROUPING))[0]["assignment"].numpy()
+        self.assignment = load_tensors(run.grouping)[0]["assignment"].numpy()
         self.group_sizes = np.bincount(self.assignment[1:], minlength=self.groups).tolist()
 
     def title_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

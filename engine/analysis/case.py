@@ -29,14 +29,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.sources import load_dataset
-from ..data.split import leave_one_out
-from ..embed import grouped_item_tables, load_embeddings, load_model
-from ..errors import InputError
-from ..recommend import engine_indices, top_k
-from ..run import atomic_write_bytes
-from ..train import load_run_inputs, resolve_device
-from . import open_perpeft_run, refuse_existing
+from perpeft.engine.analysis import open_perpeft_run, refuse_existing
+from perpeft.engine.data.sources import load_dataset
+from perpeft.engine.data.split import leave_one_out
+from perpeft.engine.errors import InputError
+from perpeft.engine.model.run_inputs import load_run_inputs
+from perpeft.engine.runtime.atomic import atomic_write_bytes
+from perpeft.engine.runtime.device import resolve_device
+from perpeft.engine.serve.embed import grouped_item_tables, load_embeddings, load_model
+from perpeft.engine.serve.recommend import engine_indices, top_k
 
 THUMBNAIL_SIZE = 128
 

@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..errors import InputError
-from .sources import (
+from perpeft.engine.data.sources import (
     PreparedDataset,
     check_output,
     id_problem,
@@ -39,6 +38,7 @@ from .sources import (
     verify_images,
     write_prepared,
 )
+from perpeft.engine.errors import InputError
 
 CORE = 5
 _GZIP_MAGIC = b"\x1f\x8b"

@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
-from .safe_pickle import load_plain_pickle
-from .sources import (
+from perpeft.engine.data.safe_pickle import load_plain_pickle
+from perpeft.engine.data.sources import (
     NAMED_DATASETS,
     PreparedDataset,
     check_output,
@@ -38,6 +37,7 @@ from .sources import (
     verify_images,
     write_prepared,
 )
+from perpeft.engine.errors import InputError
 
 AUTHORS_PREFIXES = {named.authors_prefix: name for name, named in NAMED_DATASETS.items()}
 

@@ -21,10 +21,10 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..errors import InputError
-from ..run import atomic_write_bytes, atomic_write_json
-from .amazon import JsonLines
-from .sources import id_problem
+from perpeft.engine.data.amazon import JsonLines
+from perpeft.engine.data.sources import id_problem
+from perpeft.engine.errors import InputError
+from perpeft.engine.runtime.atomic import atomic_write_bytes, atomic_write_json
 
 REPORT = "fetch_report.json"
 MAX_IMAGE_BYTES = 50 * 2**20

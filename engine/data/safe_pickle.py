@@ -10,7 +10,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from perpeft.engine.errors import InputError
 
 PLAIN_TYPES = (dict, list, tuple, str, int, float, bool, type(None))
 _ADMITTED = "only dict, list, tuple, str, int, float, bool and None are admitted"

@@ -21,11 +21,19 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..cache import cache_root, staging_directory
-from ..errors import InputError
-from .dataset import Dataset
-from .demo import DemoSpec, generate_demo
-from .formats import ITEM_COLUMN, MISSING_IMAGES, TIME_COLUMN, TITLE_COLUMN, USER_COLUMN, check_image, load_recbole
+from perpeft.engine.data.dataset import Dataset
+from perpeft.engine.data.demo import DemoSpec, generate_demo
+from perpeft.engine.data.formats import (
+    ITEM_COLUMN,
+    MISSING_IMAGES,
+    TIME_COLUMN,
+    TITLE_COLUMN,
+    USER_COLUMN,
+    check_image,
+    load_recbole,
+)
+from perpeft.engine.errors import InputError
+from perpeft.engine.runtime.cache import cache_root, staging_directory
 
 DEMO = "demo"
 DEMO_WORLD_SEED = 0

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from perpeft.cli.analyze import analyze
 from perpeft.cli.main import cli
-from perpeft.engine.embed import EMBEDDINGS
+from perpeft.engine.runtime.run_directory import EMBEDDINGS
 
 if analyze.name not in cli.commands:
     cli.add_command(analyze)

@@ -11,11 +11,11 @@ from peft import PeftModel
 
 from perpeft.cli.inference import embed, evaluate, export, recommend
 from perpeft.cli.main import cli
-from perpeft.engine.embed import EMBEDDINGS, load_model
-from perpeft.engine.encoder import load_clip
-from perpeft.engine.inputs import normalize_pixels
-from perpeft.engine.run import RunDirectory
-from perpeft.engine.train import load_run_inputs
+from perpeft.engine.clip.loading import load_clip
+from perpeft.engine.clip.preprocess import normalize_pixels
+from perpeft.engine.model.run_inputs import load_run_inputs
+from perpeft.engine.runtime.run_directory import EMBEDDINGS, RunDirectory
+from perpeft.engine.serve.embed import load_model
 
 for command in (embed, evaluate, recommend, export):
     if command.name not in cli.commands:

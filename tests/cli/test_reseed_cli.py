@@ -19,7 +19,7 @@ def test_reseeded_run_prints_where_its_global_stage_comes_from(demo_run, tmp_pat
     assert (config["seed"], config["global_seed"], config["device"]) == (4, 0, "cpu")
     default = train("--global-from", str(demo_run), "--seed", "6")
     assert default.exit_code == 0, default.output
-    assert (demo_run.parent / f"{demo_run.name}-reseed6" / "metrics.json").is_file()
+    assert (demo_run.parent / f"{demo_run.name}-reseed-6" / "metrics.json").is_file()
 
 
 def test_reseeding_input_errors(demo_run, tmp_path, assert_one_line_error):

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from perpeft.engine.encoder import CLIP_MEAN, CLIP_STD, ClipBundle
+from perpeft.engine.clip.loading import ClipBundle
+from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
 
 
 def small_clip_config() -> CLIPConfig:

@@ -23,12 +23,13 @@ from perpeft.engine.analysis.attention import (
     token_namer,
     write_attention_heatmap,
 )
-from perpeft.engine.encoder import load_clip
+from perpeft.engine.clip.loading import load_clip
+from perpeft.engine.clip.tiny import HashWordTokenizer
 from perpeft.engine.errors import InputError
-from perpeft.engine.export import export_adapter
-from perpeft.engine.run import RunDirectory
-from perpeft.engine.tiny_clip import HashWordTokenizer
-from perpeft.engine.train import reseeded_config, train_new_run
+from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.serve.export import export_adapter
+from perpeft.engine.train.pipeline import train_new_run
+from perpeft.engine.train.reseed import reseeded_config
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import torch
 
 from perpeft.engine.analysis.case import case_study, case_study_html, write_case_study_html
 from perpeft.engine.data.split import last_window, leave_one_out
-from perpeft.engine.embed import EMBEDDINGS, load_embeddings, load_model
 from perpeft.engine.errors import InputError
-from perpeft.engine.recommend import top_k
-from perpeft.engine.run import RunDirectory
-from perpeft.engine.train import load_run_inputs
+from perpeft.engine.model.run_inputs import load_run_inputs
+from perpeft.engine.runtime.run_directory import EMBEDDINGS, RunDirectory
+from perpeft.engine.serve.embed import load_embeddings, load_model
+from perpeft.engine.serve.recommend import top_k
 
 
 @pytest.fixture(scope="module")

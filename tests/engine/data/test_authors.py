@@ -14,7 +14,7 @@ from perpeft.engine.data.formats import load_recbole
 from perpeft.engine.data.safe_pickle import load_plain_pickle
 from perpeft.engine.data.sources import load_dataset
 from perpeft.engine.errors import InputError
-from perpeft.engine.train import train_new_run
+from perpeft.engine.train.pipeline import train_new_run
 
 KEYS = {1: "B0A", 2: "B0B", 3: "B0C", 4: "B0D", 5: "B0E", 6: "B0F", 7: "UNUSED"}
 TITLES = {"B0A": "Red\tpaint set", "B0B": "Brush", "B0C": None, "B0D": "Easel", "B0E": "Canvas", "B0F": "Ink"}

@@ -1,0 +1,1 @@
+"""The frozen CLIP backbone: loading, input preprocessing, the shipped tiny CLIP, faster layer rewrites."""

@@ -1,0 +1,1 @@
+"""What a run is: its settings (`RunConfig`), the paper's methods, and the values each setting allows."""

@@ -1,0 +1,44 @@
+"""Every value a run setting allows, defined once: `RunConfig` validates against these and the CLI builds its
+options (choices, defaults, help) from them. Methods have their own table (`methods.METHODS`)."""
+
+from dataclasses import dataclass
+
+from perpeft.engine.errors import InputError
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The allowed values of one setting, its default and the help line its CLI option shows."""
+
+    option: str
+    values: tuple[str, ...]
+    default: str
+    help: str
+
+    def check(self, value: str, where: str = "") -> None:
+        """InputError naming the option, the value and every allowed one, prefixed by ``where`` (a file)."""
+        if value not in self.values:
+            prefix = f"{where}: " if where else ""
+            raise InputError(f"{prefix}{self.option} {value}: expected one of {', '.join(self.values)}")
+
+
+PEFT = Choice(
+    "--peft",
+    ("lora", "ia3", "iisan"),
+    "lora",
+    "PEFT type: LoRA and (IA)3 inside both CLIP towers, or the IISAN side network over cached hidden states.",
+)
+# The PEFT types that put adapters inside CLIP (peft exports them; attention analysis reads them).
+ADAPTER_PEFTS = ("lora", "ia3")
+GROUPING = Choice(
+    "--grouping",
+    ("interest", "random"),
+    "interest",
+    "interest: cluster Global-PEFT user vectors; random: the Table 3 ablation.",
+)
+CLUSTERING = Choice("--clustering", ("kmeans", "gmm"), "kmeans", "Clustering of the user vectors (App. C.4.3).")
+PRECISION = Choice("--precision", ("auto", "fp32", "bf16"), "auto", "auto: bf16 autocast on CUDA, fp32 on CPU.")
+COMPILE = Choice("--compile", ("auto", "on", "off"), "auto", "torch.compile SASRec; auto: on CUDA only.")
+RUN_CHOICES = {"peft": PEFT, "grouping": GROUPING, "clustering": CLUSTERING, "precision": PRECISION, "compile": COMPILE}
+# An item's two modalities, in the encoder's output order (image columns first).
+MODALITIES = ("image", "title")

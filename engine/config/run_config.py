@@ -1,0 +1,112 @@
+"""One RunConfig holding every setting of a run, written to and read from ``config.json``."""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from perpeft.engine.config.methods import method_of
+from perpeft.engine.errors import InputError
+
+# The paper's settings (App. C.2) apply to real data; the demo is ~20× smaller, so it takes fewer,
+# larger-step epochs to converge inside the three-minute budget.
+PAPER_DEFAULTS = {"epochs_global": 10, "epochs_perpeft": 20, "lr": 1e-4, "weight_decay": 1e-4, "clip": None}
+DEMO_DEFAULTS = {"epochs_global": 6, "epochs_perpeft": 12, "lr": 1e-3, "weight_decay": 1e-4, "clip": "tiny"}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every hyperparameter, path and switch of a training run; ``None`` fields take the dataset's preset."""
+
+    data: str = "demo"
+    method: str = "perpeft"
+    data_dir: str | None = None
+    clip: str | None = None
+    peft: str = "lora"
+    groups: int = 8
+    epochs_global: int | None = None
+    epochs_perpeft: int | None = None
+    baseline: bool = True
+    batch_size: int = 16
+    lr: float | None = None
+    weight_decay: float | None = None
+    seed: int = 0
+    global_seed: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    compile: str = "auto"
+    maxlen: int = 10
+    hidden: int = 32
+    dropout: float = 0.3
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.1
+    group_negatives: bool = True
+    text: bool = True
+    image: bool = True
+    grouping: str = "interest"
+    clustering: str = "kmeans"
+    eval_batch_size: int = 1024
+    encode_batch_size: int = 256
+
+    def resolved(self) -> "RunConfig":
+        """Fill every ``None`` from the demo preset (``--data demo``) or the paper's settings."""
+        preset = DEMO_DEFAULTS if self.data == "demo" else PAPER_DEFAULTS
+        filled = {key: value for key, value in preset.items() if getattr(self, key) is None}
+        config = dataclasses.replace(self, **filled)
+        if config.clip is None:
+            raise InputError("--clip is required for real data: a local HF CLIP directory or a cached model id")
+        if config.compile not in ("auto", "on", "off"):
+            raise InputError(f"--compile {config.compile}: expected auto, on or off")
+        check_method(config)
+        if config.groups < 1 or config.epochs_global < 1 or config.epochs_perpeft < 0 or config.batch_size < 1:
+            raise InputError("--groups, --epochs-global and --batch-size must be positive")
+        return config
+
+    def stage_seed(self, stage: str) -> int:
+        """The seed of ``stage`` ("global", "grouping", "perpeft" or "grouped"): ``global_seed`` drives the
+        Global-PEFT stage and the grouping when set (a run that reuses another seed's Global stage), else
+        ``seed`` drives every stage."""
+        if self.global_seed is not None and stage in ("global", "grouping"):
+            return self.global_seed
+        return self.seed
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: Path) -> "RunConfig":
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise InputError(f"{path}: cannot read the run configuration ({error})") from None
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"{path}: unknown configuration keys {unknown}")
+        return cls(**values)
+
+
+def check_method(config: RunConfig) -> None:
+    """Refuse settings a method cannot honour, with one line saying why."""
+    method = method_of(config)
+    if config.grouping not in ("interest", "random"):
+        raise InputError(f"--grouping {config.grouping}: expected interest or random")
+    if config.clustering not in ("kmeans", "gmm"):
+        raise InputError(f"--clustering {config.clustering}: expected kmeans or gmm")
+    if not (config.text or config.image):
+        raise InputError("--no-text and --no-image together leave no modality: use --method wo-mm")
+    if (not config.text or not config.image) and method.encoder == "none":
+        raise InputError("--no-text / --no-image: --method wo-mm uses no modality to drop")
+    if (not config.text or not config.image) and method.uses_peft and config.peft == "iisan":
+        raise InputError("--no-text / --no-image: IISAN's inter-modal chain needs both modalities (use lora or ia3)")
+    if config.global_seed is not None and not method.two_stage:
+        raise InputError(
+            f"--method {config.method} has a single stage: a Global stage of another seed (--global-from) needs "
+            "a two-stage method"
+        )
+    if method.large and config.peft != "lora":
+        raise InputError(
+            f"--method large-global-peft sizes LoRA's rank (the paper's ablation uses LoRA); --peft {config.peft} "
+            "has no rank to grow"
+        )

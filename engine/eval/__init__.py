@@ -1,0 +1,1 @@
+"""Scoring users: full-ranking metrics, per-epoch evaluation, user vectors in the grouping space."""

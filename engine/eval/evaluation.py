@@ -1,0 +1,53 @@
+"""Per-epoch evaluation of a model: validation and test metrics with full ranking, each user through its group's table."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.data.split import Split, last_window
+from perpeft.engine.eval.metrics import HistoryIndex, full_ranking_metrics
+from perpeft.engine.model.perpeft import PerpeftModel
+from perpeft.engine.runtime.distributed import current_world
+
+
+@dataclass
+class EvaluationData:
+    """Everything evaluation needs that does not change between epochs."""
+
+    users: np.ndarray
+    windows: dict[str, torch.Tensor]
+    targets: dict[str, torch.Tensor]
+    histories: dict[str, HistoryIndex]
+
+    @classmethod
+    def build(cls, split: Split, maxlen: int, device: torch.device) -> "EvaluationData":
+        users = split.eval_users
+        windows, targets, histories = {}, {}, {}
+        for stage, target in (("valid", split.valid_target), ("test", split.test_target)):
+            stage_history = split.history(stage)
+            history = [stage_history[user] for user in users]
+            windows[stage] = torch.from_numpy(last_window(history, maxlen)).to(device)
+            targets[stage] = torch.from_numpy(target[users]).to(device)
+            histories[stage] = HistoryIndex.from_sequences(history).to(device)
+        return cls(users, windows, targets, histories)
+
+
+def evaluate_model(
+    model: PerpeftModel, data: EvaluationData, user_groups: np.ndarray, num_items: int, config: RunConfig
+) -> dict[str, dict[str, float]]:
+    """Validation and test metrics with full ranking, each user scored with its group's table."""
+    model.eval()
+    device = model.recommender.item_embeddings.weight.device
+    tables = model.item_tables(num_items, config.encode_batch_size)
+    # Under a process group each rank scores a block of the users; metric sums are added over ranks.
+    index = current_world().block_slice(len(data.users))
+    groups = torch.from_numpy(user_groups[data.users[index]]).to(device)
+    users = torch.from_numpy(data.users[index])
+    results = {}
+    for stage in ("valid", "test"):
+        vectors = model.user_vectors(data.windows[stage][index], groups, tables, config.eval_batch_size, users)
+        targets, histories = data.targets[stage][index], data.histories[stage].select(index)
+        results[stage] = full_ranking_metrics(vectors, tables, groups, targets, histories)
+    return results

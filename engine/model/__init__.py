@@ -1,0 +1,1 @@
+"""The recommender: grouped adapters, item encoders, projector + SASRec, the model every method trains."""

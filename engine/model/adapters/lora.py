@@ -1,0 +1,84 @@
+"""LoRA with all C groups stacked in one module per adapted ``nn.Linear``."""
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from perpeft.engine.model.adapters.context import GroupContext
+from perpeft.kernels import grouped_lora
+
+DRAW_LEVELS = 2**16
+
+
+class GroupedLoRALinear(nn.Module):
+    """``base(x) + scaling · B_g A_g dropout(x)`` with ``g`` the row's group (HF peft LoRA semantics).
+
+    ``lora_A`` is ``[C, r, in]`` (kaiming-uniform, a=√5, as peft), ``lora_B`` is ``[C, out, r]`` (zeros).
+    Dropout (train mode only) zeroes inputs of the LoRA branch with probability ``dropout`` rounded up to
+    a multiple of 2⁻¹⁶ (the masks come from 16-bit draws: 0.1 becomes 0.100006); the rescale by the exact
+    keep probability is folded into ``scaling`` (the branch is linear), so the input is masked by one
+    multiply and never rescaled. In eval mode a group-homogeneous batch runs one GEMM with that group's
+    merged weight ``W + scaling · B_g A_g`` (peft's merge, per call), not the base GEMM plus the branch.
+    """
+
+    def __init__(
+        self, base: nn.Linear, groups: int, rank: int, alpha: float, dropout: float, context: GroupContext
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        self.context = context
+        self.scaling = alpha / rank
+        self.dropout = dropout
+        self.drop_levels = math.ceil(dropout * DRAW_LEVELS)
+        self.keep_probability = 1.0 - self.drop_levels / DRAW_LEVELS
+        self.lora_A = nn.Parameter(torch.empty(groups, rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(groups, base.out_features, rank))
+        for group in range(groups):
+            nn.init.kaiming_uniform_(self.lora_A.data[group], a=math.sqrt(5))
+
+    def _keep_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """Elementwise Bernoulli(``keep_probability``) mask of ``rows``, as a float tensor (multiplying by a
+        bool one takes a slow type-promoting path on CPU, forward and backward).
+
+        On CPU the draws are 16-bit integers from NumPy's PCG64, seeded from torch's generator so that
+        seeded runs and resumes draw the same masks: CPU ``torch.rand`` is one serial Mersenne Twister, and
+        float32 uniforms cost twice the bytes; these masks (one per adapted layer and step) were a tenth of
+        a training step."""
+        if rows.device.type == "cpu":
+            seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+            draws = np.frombuffer(np.random.default_rng(seed).bytes(2 * rows.numel()), dtype=np.uint16)
+            keep = torch.from_numpy(draws.reshape(rows.shape) >= self.drop_levels)
+        else:
+            keep = torch.rand(rows.shape, dtype=torch.float32, device=rows.device) >= self.drop_levels / DRAW_LEVELS
+        return keep.to(rows.dtype)
+
+    def _merged_weight(self, group: int, dtype: torch.dtype) -> torch.Tensor:
+        return (self.base.weight + (self.scaling * self.lora_B[group]) @ self.lora_A[group]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self.lora_A.shape[0]
+        if not self.training:
+            group = self.context.shared_group(groups)
+            if group is not None:
+                weight = self._merged_weight(group, x.dtype)
+                bias = None if self.base.bias is None else self.base.bias.to(x.dtype)
+                return nn.functional.linear(x, weight, bias)
+        out = self.base(x)
+        rows = x.reshape(-1, x.shape[-1])
+        scaling = self.scaling
+        if self.training and self.dropout > 0.0:
+            rows = rows * self._keep_mask(rows)
+            scaling /= self.keep_probability
+        delta = grouped_lora(
+            rows,
+            self.lora_A.to(rows.dtype),
+            self.lora_B.to(rows.dtype),
+            self.context.row_groups(x),
+            scaling,
+            segments=self.context.segments(groups),
+        )
+        return out + delta.view(out.shape).to(out.dtype)

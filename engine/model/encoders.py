@@ -1,0 +1,162 @@
+"""CLIP as the item encoder: loading, grouped-adapter injection, and the two-tower forward."""
+
+import copy
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from perpeft.engine.clip.layers import prepare_clip
+from perpeft.engine.clip.loading import ClipBundle
+from perpeft.engine.clip.preprocess import normalize_pixels
+from perpeft.engine.errors import InputError
+from perpeft.engine.model.adapters.context import GroupContext
+from perpeft.engine.model.adapters.ia3 import GroupedIA3Linear
+from perpeft.engine.model.adapters.lora import GroupedLoRALinear
+
+PEFT_TYPES = ("lora", "ia3", "none")
+MODALITIES = ("image", "title")
+
+# Paper settings (§4.1.4, App. A): LoRA on q/v; (IA)3 on k/v outputs and fc1 inputs; both towers.
+LORA_TARGETS = ("q_proj", "v_proj")
+IA3_OUTPUT_TARGETS = ("k_proj", "v_proj")
+IA3_INPUT_TARGETS = ("fc1",)
+ADAPTED_LAYER = re.compile(r"^(text_model|vision_model)\.encoder\.layers\.\d+\.(self_attn|mlp)\.(\w+)$")
+
+
+def inject_adapters(
+    clip: nn.Module,
+    peft: str,
+    groups: int,
+    context: GroupContext,
+    lora_rank: int = 4,
+    lora_alpha: float = 8.0,
+    lora_dropout: float = 0.1,
+) -> None:
+    """Replace the paper's target ``nn.Linear`` layers of both towers by grouped adapters, in place."""
+    if peft not in PEFT_TYPES:
+        raise InputError(f"--peft {peft}: unknown PEFT type (known: {', '.join(PEFT_TYPES)})")
+    if peft == "none":
+        return
+    for name, module in list(clip.named_modules()):
+        match = ADAPTED_LAYER.match(name)
+        if match is None or not isinstance(module, nn.Linear):
+            continue
+        target = match.group(3)
+        if peft == "lora" and target in LORA_TARGETS:
+            wrapped = GroupedLoRALinear(module, groups, lora_rank, lora_alpha, lora_dropout, context)
+        elif peft == "ia3" and target in IA3_OUTPUT_TARGETS + IA3_INPUT_TARGETS:
+            wrapped = GroupedIA3Linear(module, groups, target in IA3_INPUT_TARGETS, context)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(clip.get_submodule(parent_name), child, wrapped)
+
+
+ADAPTER_PEFTS = ("lora", "ia3")
+
+
+def require_clip_adapters(run_path: Path, peft: str, purpose: str) -> None:
+    """InputError unless ``peft`` puts adapters inside CLIP (LoRA, (IA)3): ``purpose`` says what needs them."""
+    if peft not in ADAPTER_PEFTS:
+        reason = (
+            "IISAN is a side network over cached CLIP hidden states, not an adapter inside CLIP"
+            if peft == "iisan"
+            else "the run trains no CLIP adapter"
+        )
+        raise InputError(f"{run_path}: {purpose} needs a LoRA or (IA)3 run, not --peft {peft}: {reason}")
+
+
+def modality_columns(modalities: tuple[str, ...], width: int) -> dict[str, slice]:
+    """Columns of each modality's ``width``-wide embedding in the encoder output, in ``modalities`` order."""
+    return {name: slice(index * width, (index + 1) * width) for index, name in enumerate(modalities)}
+
+
+class GroupedClipEncoder(nn.Module):
+    """Frozen CLIP with grouped adapters: items of any mix of groups encoded in one batch.
+
+    Returns concat(image_embeds, text_embeds) (each L2-normalised, as CLIPModel does), the projector's
+    input; ``modalities`` drops a tower (the paper's w/o-text and w/o-image ablations) without running it.
+    """
+
+    def __init__(
+        self,
+        bundle: ClipBundle,
+        peft: str,
+        groups: int,
+        modalities: tuple[str, ...] = MODALITIES,
+        **adapter_settings: float,
+    ) -> None:
+        super().__init__()
+        unknown = set(modalities) - set(MODALITIES)
+        if unknown or not modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+        self.modalities = tuple(name for name in MODALITIES if name in modalities)
+        # A private copy: adapters are injected in place, and one bundle may serve several encoders
+        # (the Global PEFT and PerPEFT stages of a run).
+        self.clip = copy.deepcopy(bundle.model)
+        self.clip.requires_grad_(False)
+        prepare_clip(self.clip)
+        self.context = GroupContext()
+        inject_adapters(self.clip, peft, groups, self.context, **adapter_settings)
+        self.register_buffer("image_mean", torch.tensor(bundle.image_mean), persistent=False)
+        self.register_buffer("image_std", torch.tensor(bundle.image_std), persistent=False)
+
+    @property
+    def out_features(self) -> int:
+        """Width of concat(image_embeds, text_embeds) (or of the one kept), the projector's input."""
+        return len(self.modalities) * self.clip.config.projection_dim
+
+    @property
+    def modality_columns(self) -> dict[str, slice]:
+        """Which output columns come from the image and which from the title, in ``present`` order."""
+        return modality_columns(self.modalities, self.clip.config.projection_dim)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Only the adapter parameters (what training changes), keyed by module path."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pixels: torch.Tensor,
+        group_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        self.context.set(group_ids)
+        parts = []
+        try:
+            if "image" in self.modalities:
+                pixel_values = normalize_pixels(pixels, self.image_mean, self.image_std)
+                pooled = self.clip.vision_model(pixel_values=pixel_values).pooler_output
+                parts.append(self.clip.visual_projection(pooled))
+            if "title" in self.modalities:
+                pooled = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+                parts.append(self.clip.text_projection(pooled))
+        finally:
+            self.context.clear()
+        # CLIPModel's normalisation, written out: the towers are called one by one so a dropped one never runs.
+        return torch.cat([part / part.pow(2).sum(dim=-1, keepdim=True).sqrt() for part in parts], dim=-1)
+
+
+class FrozenFeatures(nn.Module):
+    """Frozen MM's item encoder: CLIP without adapters never changes, so its output for every item is
+    computed once (``encode_frozen``) and looked up; ``forward(items, group_ids)`` returns those rows."""
+
+    def __init__(self, features: torch.Tensor, modalities: tuple[str, ...], width: int) -> None:
+        super().__init__()
+        self.register_buffer("features", features, persistent=False)
+        self.modalities = modalities
+        self.width = width
+
+    @property
+    def out_features(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def modality_columns(self) -> dict[str, slice]:
+        return modality_columns(self.modalities, self.width)
+
+    def forward(self, items: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        return self.features[items]

@@ -1,0 +1,221 @@
+"""The model every method trains: an item encoder (grouped PEFT CLIP, frozen features or IISAN), the
+per-group projector, ID embeddings and SASRec, for C groups."""
+
+import contextlib
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from perpeft.engine.config.methods import METHODS
+from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.data.sampler import Batch
+from perpeft.engine.features.inputs import ItemInputs
+from perpeft.engine.model.encoders import MODALITIES
+from perpeft.engine.model.recommender import Recommender
+from perpeft.engine.runtime.device import resolve_device, to_device
+from perpeft.engine.runtime.distributed import current_world
+from perpeft.kernels import bce_with_negatives
+
+ID_NORM_WEIGHT = 1e-6
+
+
+class ItemInputSource(Protocol):
+    """Where an item encoder's inputs come from: cached tokens/pixels, or cached CLIP hidden states."""
+
+    def batch(self, items: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]: ...
+
+
+EncoderFactory = Callable[[int], nn.Module]
+
+
+class PerpeftModel(nn.Module):
+    """Item encoder with grouped PEFT (optional) + projector + ID embeddings + SASRec, for C groups.
+
+    ``C = 1`` is Global PEFT. The encoder is called as ``encoder(*inputs.batch(items), group_ids)`` and
+    exposes ``out_features``; only adapter, projector, embedding and SASRec parameters train.
+    ``personal_index`` (int64 ``[U+1]``, user → row) gives SASRec the method's user or group embedding
+    (User-level / Group-level); rows are users for User-level and the run's C groups for Group-level.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        make_encoder: EncoderFactory | None,
+        inputs: ItemInputSource | None,
+        num_items: int,
+        groups: int,
+        personal_index: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.groups = groups
+        self.inputs = inputs
+        self.encoder = make_encoder(groups) if make_encoder is not None else None
+        # Learned placeholders stand in for missing images/titles, only when the catalog has such items.
+        self.fills_missing = hasattr(self.encoder, "modality_columns") and bool(getattr(inputs, "has_missing", False))
+        if self.fills_missing:
+            self.present_columns = [MODALITIES.index(name) for name in self.encoder.modalities]
+        method = METHODS[config.method]
+        personal_rows = 0
+        if personal_index is not None:
+            personal_rows = config.groups if method.personal == "group" else personal_index.shape[0]
+            self.register_buffer("personal_index", personal_index.long(), persistent=False)
+        else:
+            self.personal_index = None
+        self.recommender = Recommender(
+            num_items,
+            groups,
+            self.encoder.out_features if self.encoder is not None else None,
+            hidden=config.hidden,
+            maxlen=config.maxlen,
+            dropout=config.dropout,
+            placeholders=self.encoder.modality_columns if self.fills_missing else None,
+            personal_rows=personal_rows,
+            personal_mode=method.personal_mode,
+        )
+        self.autocast = config.precision == "bf16" or (
+            config.precision == "auto" and resolve_device(config.device).type == "cuda"
+        )
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: parameter for name, parameter in self.named_parameters() if parameter.requires_grad}
+
+    def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        state = self.trainable_state()
+        missing = sorted(set(state) - set(tensors))
+        if missing:
+            raise KeyError(f"checkpoint lacks {missing[:3]}…")
+        with torch.no_grad():
+            for name, parameter in state.items():
+                parameter.copy_(tensors[name])
+
+    def init_from_single_group(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Every group's adapter and projector start as copies of the Global PEFT ones (paper §3.3.3);
+        personal (group) embeddings, which Global PEFT lacks, keep their initialisation."""
+        with torch.no_grad():
+            for name, parameter in self.trainable_state().items():
+                if name not in tensors and name.startswith("recommender.personal."):
+                    continue
+                source = tensors[name]
+                if source.shape == parameter.shape:
+                    parameter.copy_(source)
+                else:
+                    parameter.copy_(source.expand_as(parameter))
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        device = self.recommender.item_embeddings.weight.device
+        if self.autocast and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def item_vectors(self, items: torch.Tensor, group: int | torch.Tensor) -> torch.Tensor:
+        """z for ``items`` (``[N]``, 0 allowed: padding gives zeros), each seen by ``group`` (one group for
+        all, or a per-row ``[N]`` tensor: the grouped encoder serves any mix of groups in one pass).
+
+        Which rows are padding is decided on the host: with ``items`` on the CPU (as training and
+        evaluation pass them) a CUDA step never waits for the device to answer it."""
+        device = self.recommender.item_embeddings.weight.device
+        host = items.cpu()
+        items = to_device(host, device)
+        if isinstance(group, torch.Tensor):
+            group_ids = to_device(group, device)
+        else:
+            group_ids = torch.full((items.shape[0],), group, dtype=torch.long, device=device)
+        if self.encoder is None:
+            return self.recommender.item_vectors(items, None, group_ids)
+        real = (host != 0).nonzero().squeeze(1)
+        multimodal = torch.zeros(items.shape[0], self.encoder.out_features, device=device)
+        if real.numel():
+            rows = to_device(real, device)
+            with self._precision():
+                encoded = self.encoder(*self.inputs.batch(host[real], device), group_ids[rows])
+            multimodal = multimodal.index_put((rows,), encoded.float())
+        present = self.inputs.modalities(host, device)[:, self.present_columns] if self.fills_missing else None
+        return self.recommender.item_vectors(items, multimodal, group_ids, present)
+
+    def personal_rows(self, users: torch.Tensor | None) -> torch.Tensor | None:
+        """Rows of the personal embedding for ``users`` (None when the method has none)."""
+        if self.personal_index is None:
+            return None
+        if users is None:
+            raise ValueError("this model has personal embeddings: pass the users")
+        return self.personal_index[to_device(users, self.personal_index.device)]
+
+    def forward(self, batch: Batch, device: torch.device) -> torch.Tensor:
+        """The training loss of ``batch``: DistributedDataParallel calls the module, so this is ``training_loss``."""
+        return self.training_loss(batch, device)
+
+    def training_loss(self, batch: Batch, device: torch.device) -> torch.Tensor:
+        # Distinct items on the host (np.unique: sorted, like torch.unique), so no step waits for the device.
+        positions = np.stack([batch.seq, batch.pos, batch.neg])
+        unique, inverse = np.unique(positions, return_inverse=True)
+        inverse = to_device(torch.from_numpy(inverse.reshape(positions.shape)), device)
+        vectors = self.item_vectors(torch.from_numpy(unique), max(batch.group, 0))[inverse]
+        seq, pos = (to_device(torch.from_numpy(array), device) for array in (batch.seq, batch.pos))
+        output = self.recommender.sequence_output(seq, vectors[0], self.personal_rows(torch.from_numpy(batch.users)))
+        width = output.shape[-1]
+        loss = bce_with_negatives(
+            output.reshape(-1, width),
+            vectors[1].reshape(-1, width),
+            vectors[2].reshape(-1, width),
+            (pos != 0).reshape(-1),
+        )
+        return loss + ID_NORM_WEIGHT * self.recommender.id_norm()
+
+    @torch.no_grad()
+    def item_tables(self, num_items: int, chunk: int) -> torch.Tensor:
+        """Every group's item table ``[C, I+1, d]`` (row 0 is padding). Items are encoded in chunks of
+        similar title length when the inputs are tokens (fewer padded columns). Under a process group
+        each rank encodes a block of the chunks and the rows are gathered: the same batches as one process."""
+        device = self.recommender.item_embeddings.weight.device
+        world = current_world()
+        if isinstance(self.inputs, ItemInputs):
+            order = torch.from_numpy(self.inputs.by_text_width())
+        else:
+            order = torch.arange(num_items + 1)
+        parts = order.split(chunk)
+        mine = [parts[index] for index in world.block(len(parts))]
+        rows = [torch.stack([self.item_vectors(part, group) for group in range(self.groups)], dim=1) for part in mine]
+        local = torch.cat(rows) if rows else torch.zeros(0, self.groups, self.recommender.hidden, device=device)
+        ordered = world.gather_rows(local)
+        tables = torch.empty_like(ordered)
+        tables[order.to(ordered.device)] = ordered
+        return tables.transpose(0, 1).contiguous()
+
+    @torch.no_grad()
+    def user_vectors(
+        self,
+        windows: torch.Tensor,
+        user_groups: torch.Tensor,
+        tables: torch.Tensor,
+        chunk: int,
+        users: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """SASRec's last-position output for each ``[L]`` window, read through the user's group table;
+        ``users`` (engine ids) are needed only by methods with user or group embeddings."""
+        rows = self.personal_rows(users)
+        outputs = [windows.new_zeros((0, self.recommender.hidden), dtype=tables.dtype)]
+        for start in range(0, windows.shape[0], chunk):
+            window, groups = windows[start : start + chunk], user_groups[start : start + chunk]
+            vectors = tables[groups.unsqueeze(1), window]
+            personal = None if rows is None else rows[start : start + chunk]
+            outputs.append(self.recommender.sequence_output(window, vectors, personal)[:, -1])
+        return torch.cat(outputs)
+
+    @torch.no_grad()
+    def gathered_user_vectors(
+        self,
+        windows: torch.Tensor,
+        user_groups: torch.Tensor,
+        tables: torch.Tensor,
+        chunk: int,
+        users: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`user_vectors` of every window; under a process group each rank encodes a block of them and
+        the vectors are gathered on every rank."""
+        world = current_world()
+        block = world.block_slice(windows.shape[0])
+        personal = None if users is None else users[block]
+        return world.gather_rows(self.user_vectors(windows[block], user_groups[block], tables, chunk, personal))

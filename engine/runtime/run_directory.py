@@ -1,0 +1,156 @@
+"""The run directory: the one place that names the files inside a run.
+
+Layout (all written atomically)::
+
+    config.json                        the run's RunConfig
+    state.json                         progress: per-stage history, best epoch, grouping sizes, done
+    metrics.json                       the finished run's summary
+    <stage>/epoch-NNN.safetensors      the last completed epoch: trainable weights + optimizer state
+    <stage>/best.safetensors           the best epoch by validation HR@30
+    global/snapshot-e1.safetensors     Global PEFT at epoch E1, where the second stage starts
+    grouping.safetensors               user → group assignment and centroids
+    embeddings/                        `embed`'s per-group item tables, user vectors and ids
+"""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.errors import InputError
+from perpeft.engine.runtime.atomic import atomic_write_bytes, atomic_write_json
+
+CONFIG = "config.json"
+STATE = "state.json"
+METRICS = "metrics.json"
+SNAPSHOT = "global/snapshot-e1.safetensors"
+GROUPING = "grouping.safetensors"
+EMBEDDINGS = "embeddings"
+
+
+class RunDirectory:
+    """A run on disk: its configuration, progress state, metrics, checkpoints, grouping and embeddings."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @staticmethod
+    def holds_run(path: Path) -> bool:
+        """Whether ``path`` is a run directory (it has a ``config.json``)."""
+        return (path / CONFIG).is_file()
+
+    @classmethod
+    def create(cls, path: Path, config: RunConfig, overwrite: bool) -> "RunDirectory":
+        """A new run; an existing non-empty directory is refused unless ``overwrite``."""
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            if not overwrite:
+                raise InputError(
+                    f"{path}: run directory exists; pass --overwrite to replace it or --resume to continue"
+                )
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        atomic_write_bytes(path / CONFIG, (config.to_json() + "\n").encode())
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> "RunDirectory":
+        if not cls.holds_run(path):
+            raise InputError(f"{path}: not a run directory (no {CONFIG})")
+        return cls(path)
+
+    def reseed_path(self, seed: int) -> Path:
+        """Where a run reseeded from this one with ``seed`` goes by default: ``RUN-reseed-SEED`` beside it."""
+        return self.path.with_name(f"{self.path.name}-reseed-{seed}")
+
+    @property
+    def config(self) -> RunConfig:
+        return RunConfig.from_json_file(self.path / CONFIG)
+
+    def read_state(self) -> dict[str, Any]:
+        state_path = self.path / STATE
+        return json.loads(state_path.read_text()) if state_path.is_file() else {}
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        atomic_write_json(self.path / STATE, state)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run wrote its ``metrics.json``."""
+        return (self.path / METRICS).is_file()
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        atomic_write_json(self.path / METRICS, metrics)
+
+    def read_metrics(self) -> dict[str, Any]:
+        """``metrics.json``, written when the run finishes; InputError before that."""
+        if not self.finished:
+            raise InputError(f"{self.path}: run not finished (no {METRICS}); finish it with `train --resume`")
+        return json.loads((self.path / METRICS).read_text())
+
+    def checkpoint(self, stage: str, epoch: int) -> Path:
+        """The weights and optimizer state of ``stage`` after ``epoch`` (only the last one is kept)."""
+        return self.path / stage / f"epoch-{epoch:03d}.safetensors"
+
+    def best(self, stage: str) -> Path:
+        """Where ``stage``'s best-epoch weights are written during training."""
+        return self.path / stage / "best.safetensors"
+
+    def best_checkpoint(self, stage: str) -> Path:
+        """The selected best-epoch weights of ``stage`` ("global" or "perpeft") of a finished run."""
+        metrics = self.read_metrics()
+        if stage not in metrics:
+            raise InputError(
+                f"{self.path}: a --method {metrics.get('method')} run has no {stage} stage "
+                "(embed, evaluate, recommend and export serve PerPEFT runs)"
+            )
+        return self.best(stage)
+
+    def stage_files(self, stage: str) -> list[Path]:
+        """Every file ``stage`` has written (checkpoints, best weights, snapshot), temporary files excluded."""
+        directory = self.path / stage
+        return sorted(path for path in directory.iterdir() if path.is_file() and not path.name.startswith("."))
+
+    @property
+    def snapshot(self) -> Path:
+        """Global PEFT's weights at epoch E1, the second stage's starting point."""
+        return self.path / SNAPSHOT
+
+    @property
+    def grouping(self) -> Path:
+        """The user → group assignment and the centroids."""
+        return self.path / GROUPING
+
+    @property
+    def embeddings(self) -> Path:
+        """`embed`'s output directory."""
+        return self.path / EMBEDDINGS
+
+    @property
+    def embedded_items(self) -> Path:
+        """Per-group item tables ``[C, I+1, d]``."""
+        return self.embeddings / "items.safetensors"
+
+    @property
+    def embedded_users(self) -> Path:
+        """User vectors, their groups and the centroids."""
+        return self.embeddings / "users.safetensors"
+
+    @property
+    def embedded_ids(self) -> Path:
+        """The original user and item ids of the tables' rows."""
+        return self.embeddings / "ids.json"
+
+    @property
+    def embedding_chunks(self) -> Path:
+        """`embed`'s resumable partial chunks while it runs."""
+        return self.embeddings / ".partial"
+
+    @property
+    def embedding_outputs(self) -> tuple[Path, Path, Path]:
+        """The three files a finished `embed` has written."""
+        return self.embedded_items, self.embedded_users, self.embedded_ids

@@ -1,0 +1,191 @@
+"""Serving tables of a finished run (paper App. D.2): every group's item table and every user's vector.
+
+`embed_run` encodes all (item, group) pairs with the best-epoch PerPEFT weights in mixed-group batches
+(the grouped adapters let one CLIP pass serve every group) and writes, each file atomically:
+
+- ``embeddings/items.safetensors``: ``items`` float32 ``[C, I+1, d]``, z = 0.5·m + h, row 0 zeros;
+- ``embeddings/users.safetensors``: ``users`` float32 ``[U+1, d]``, SASRec's output for the test step
+  (history = train + validation item) read through the user's group table, row 0 zeros; ``groups``
+  int64 ``[U+1]`` (the run's grouping) and ``centroids`` float32 ``[C, d]`` (its K-Means centroids);
+- ``embeddings/ids.json``: ``{"users": [...], "items": [...]}``, the dataset's ids by engine index.
+
+Finished chunks of pairs wait under ``embeddings/.partial/`` until the tables are assembled, so a rerun
+after an interruption encodes only the chunks that are missing.
+"""
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from perpeft.engine.data.split import last_window, leave_one_out
+from perpeft.engine.errors import InputError
+from perpeft.engine.model.perpeft import PerpeftModel
+from perpeft.engine.model.run_inputs import RunInputs, load_run_inputs
+from perpeft.engine.runtime.atomic import atomic_write_json
+from perpeft.engine.runtime.device import resolve_device
+from perpeft.engine.runtime.distributed import current_world
+from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.runtime.tensors import load_tensors, save_tensors
+
+
+@dataclass
+class Embeddings:
+    """A run's cached tables, as described in the module docstring."""
+
+    items: torch.Tensor
+    users: torch.Tensor
+    groups: torch.Tensor
+    centroids: torch.Tensor
+
+
+def load_model(
+    run: RunDirectory, checkpoint: Path, groups: int, num_items: int, run_inputs: RunInputs | None = None
+) -> PerpeftModel:
+    """The run's model for ``groups`` groups with ``checkpoint``'s weights, in eval mode on the CPU.
+
+    Without ``run_inputs`` it has no item encoder and no projector: the SASRec and ID/position embeddings,
+    all that scoring from cached item tables needs.
+    """
+    make_encoder, inputs = (run_inputs.make_encoder, run_inputs.inputs) if run_inputs else (None, None)
+    model = PerpeftModel(run.config, make_encoder, inputs, num_items, groups)
+    model.load_trainable_state(load_tensors(checkpoint)[0])
+    return model.eval()
+
+
+def item_group_pairs(num_items: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items ``1..I`` each paired with every group, item-major, so that every batch mixes the groups."""
+    return torch.arange(1, num_items + 1).repeat_interleave(groups), torch.arange(groups).repeat(num_items)
+
+
+class PartialChunks:
+    """Finished chunks of an interrupted ``embed``, one safetensors file each, kept for one fingerprint.
+
+    A directory written for another fingerprint (checkpoint, chunking, device) is discarded on open.
+    """
+
+    def __init__(self, directory: Path, fingerprint: dict[str, Any]) -> None:
+        self.directory = directory
+        manifest = directory / "manifest.json"
+        if not manifest.is_file() or json.loads(manifest.read_text()) != fingerprint:
+            shutil.rmtree(directory, ignore_errors=True)
+            atomic_write_json(manifest, fingerprint)
+
+    def _path(self, index: int) -> Path:
+        return self.directory / f"chunk-{index:06d}.safetensors"
+
+    def load(self, index: int) -> torch.Tensor | None:
+        path = self._path(index)
+        return load_tensors(path)[0]["vectors"] if path.is_file() else None
+
+    def save(self, index: int, vectors: torch.Tensor) -> None:
+        save_tensors(self._path(index), {"vectors": vectors})
+
+    def discard(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@torch.no_grad()
+def grouped_item_tables(
+    model: PerpeftModel,
+    num_items: int,
+    batch_size: int,
+    chunks: PartialChunks | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Every group's item table ``[C, I+1, d]`` (row 0 zeros, on the CPU), ``batch_size`` pairs per pass.
+
+    With ``chunks``, each batch is a chunk: finished ones are read back, new ones are saved. Under a
+    process group each rank encodes a contiguous block of the chunks (the very batches one process
+    would), and the rows are gathered on every rank.
+    """
+    model.eval()
+    world = current_world()
+    items, group_ids = item_group_pairs(num_items, model.groups)
+    batches = list(zip(items.split(batch_size), group_ids.split(batch_size), strict=True))
+    mine = world.block(len(batches))
+    parts = [torch.zeros(0, model.recommender.hidden)]
+    bar = tqdm(mine, desc="Embedding items", unit="chunk", disable=not progress, leave=False, dynamic_ncols=True)
+    for index in bar:
+        part = chunks.load(index) if chunks is not None else None
+        if part is None:
+            part = model.item_vectors(*batches[index]).float().cpu()
+            if chunks is not None:
+                chunks.save(index, part)
+        parts.append(part)
+    tables = world.gather_rows(torch.cat(parts)).view(num_items, model.groups, -1).transpose(0, 1)
+    return torch.cat([tables.new_zeros(model.groups, 1, tables.shape[-1]), tables], dim=1)
+
+
+def embed_run(
+    path: Path,
+    batch_size: int | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+) -> Embeddings:
+    """Compute and write a finished run's embeddings (module docstring); ``batch_size`` is in (item, group)
+    pairs (default: the run's ``encode_batch_size``), ``device`` defaults to the run's.
+
+    Under ``torchrun`` the (item, group) chunks and then the users are sharded over the ranks, gathered,
+    and written once, by rank 0.
+    """
+    run = RunDirectory.open(path)
+    checkpoint = run.best_checkpoint("perpeft")
+    world = current_world()
+
+    def prepare_directory() -> None:
+        if overwrite:
+            shutil.rmtree(run.embeddings, ignore_errors=True)
+        elif all(path.is_file() for path in run.embedding_outputs):
+            raise InputError(f"{run.embeddings}: embeddings exist; pass --overwrite to recompute them")
+
+    world.main_first(prepare_directory, lambda: None)
+    config = run.config
+    run_inputs = load_run_inputs(config, progress)
+    progress = progress and world.is_main
+    dataset = run_inputs.dataset
+    target = resolve_device(device or config.device)
+    model = load_model(run, checkpoint, config.groups, dataset.num_items, run_inputs).to(target)
+    batch_size = batch_size or config.encode_batch_size
+    fingerprint = {
+        "checkpoint": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
+        "batch_size": batch_size,
+        "groups": config.groups,
+        "items": dataset.num_items,
+        "device": target.type,
+    }
+    # Rank 0 opens (or resets) the partial-chunk directory before the others add their chunks to it.
+    chunks = world.main_first(lambda: PartialChunks(run.embedding_chunks, fingerprint))
+    tables = grouped_item_tables(model, dataset.num_items, batch_size, chunks, progress)
+
+    grouping = load_tensors(run.grouping)[0]
+    windows = torch.from_numpy(last_window(leave_one_out(dataset.sequences).history("test"), config.maxlen))
+    users = model.gathered_user_vectors(
+        windows.to(target), grouping["assignment"].to(target), tables.to(target), config.eval_batch_size
+    ).cpu()
+    users[0] = 0.0
+    embeddings = Embeddings(tables, users, grouping["assignment"], grouping["centroids"])
+    if world.is_main:
+        save_tensors(run.embedded_items, {"items": embeddings.items})
+        save_tensors(
+            run.embedded_users,
+            {"users": embeddings.users, "groups": embeddings.groups, "centroids": embeddings.centroids},
+        )
+        atomic_write_json(run.embedded_ids, {"users": dataset.user_ids, "items": dataset.item_ids})
+        chunks.discard()
+    world.barrier()
+    return embeddings
+
+
+def load_embeddings(run: RunDirectory) -> Embeddings:
+    """The tables ``embed`` wrote for ``run``; InputError when they are missing or incomplete."""
+    if not all(path.is_file() for path in run.embedding_outputs):
+        raise InputError(f"{run.path}: no embeddings; compute them first with `perpeft-engine embed --run {run.path}`")
+    users = load_tensors(run.embedded_users)[0]
+    return Embeddings(load_tensors(run.embedded_items)[0]["items"], users["users"], users["groups"], users["centroids"])

@@ -1,0 +1,204 @@
+"""One training stage, epoch by epoch: seeding, batches dealt over ranks, evaluation, best-epoch selection and checkpoints."""
+
+import inspect
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.data.sampler import Batch, TrainSampler
+from perpeft.engine.eval.evaluation import EvaluationData, evaluate_model
+from perpeft.engine.model.perpeft import PerpeftModel
+from perpeft.engine.runtime.distributed import World, current_world
+from perpeft.engine.runtime.memory import PeakMemory
+from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.runtime.tensors import load_tensors, optimizer_tensors, restore_optimizer, save_tensors
+
+SELECTION_METRIC = "HR@30"
+
+
+STAGE_INDEX = {"global": 1, "perpeft": 2, "grouped": 2}
+
+
+STAGE_TITLES = {"global": "Global PEFT", "perpeft": "PerPEFT", "grouped": "Group-level"}
+
+
+Report = Callable[[str], None]
+
+
+# torch ≥ 2.13 renamed DDP's broadcast_buffers (and deprecated the old name).
+BUFFERS_NOT_SYNCED_PER_STEP = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def seed_torch(key: list[int]) -> None:
+    """Seed torch's RNG from a (run seed, stage, epoch) key, so every epoch's randomness is reproducible
+    on its own and a resumed run draws exactly what an uninterrupted one would. Ranks after the first
+    append their rank to the key (their dropout differs); rank 0 draws what a single process draws."""
+    rank = current_world().rank
+    torch.manual_seed(int(np.random.SeedSequence([*key, rank] if rank else key).generate_state(1)[0]))
+
+
+def rank_batches(batches: list[Batch], world: World) -> list[Batch]:
+    """This rank's share of an epoch's batches: dealt round-robin, so in one step each rank trains on a
+    different batch (of any group); the list wraps around so every rank takes the same number of steps."""
+    if world.size == 1:
+        return batches
+    rounds = -(-len(batches) // world.size)
+    dealt = [batches[index % len(batches)] for index in range(rounds * world.size)]
+    return dealt[world.rank :: world.size]
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: list[Batch],
+    device: torch.device,
+    description: str,
+    progress: bool,
+) -> float:
+    """One pass over ``batches``; ``model`` is the PerpeftModel or its DistributedDataParallel wrapper
+    (whose call all-reduces the gradients). Returns the mean loss over every rank's steps."""
+    model.train()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    bar = tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False, dynamic_ncols=True)
+    for steps, batch in enumerate(bar, start=1):
+        loss = model(batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        if progress:
+            bar.set_postfix(loss=f"{float(total) / steps:.4f}")
+    sums = current_world().sum(torch.stack([total.cpu(), torch.tensor(float(len(batches)), dtype=torch.float64)]))
+    return float(sums[0] / sums[1].clamp(min=1))
+
+
+class StageRunner:
+    """Trains one stage epoch by epoch with per-epoch evaluation, best-epoch selection and checkpoints."""
+
+    def __init__(
+        self,
+        name: str,
+        run: RunDirectory,
+        config: RunConfig,
+        model: PerpeftModel,
+        sampler: TrainSampler,
+        evaluation: EvaluationData,
+        user_groups: np.ndarray,
+        num_items: int,
+        device: torch.device,
+        report: Report,
+        progress: bool,
+    ) -> None:
+        self.name, self.run, self.config, self.model = name, run, config, model
+        self.sampler, self.evaluation, self.user_groups = sampler, evaluation, user_groups
+        self.num_items, self.device, self.report, self.progress = num_items, device, report, progress
+        self.optimizer = torch.optim.AdamW(
+            [parameter for parameter in model.parameters() if parameter.requires_grad],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            # One kernel per parameter instead of ~10 ops each (CPU and CUDA): 0.7 vs 3.0 ms per step at
+            # the speed benchmark's ~60 tensors on CPU.
+            fused=True,
+        )
+        self.world = current_world()
+        self.trainer: nn.Module = model
+        if self.world.joined:
+            # Every rank holds all C groups stacked in one tensor per layer, so every parameter gets a
+            # gradient in every step (zeros for the groups absent from a rank's batch): no unused-parameter
+            # search. Buffers (frozen features, personal index) are identical by construction.
+            self.trainer = nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None,
+                **BUFFERS_NOT_SYNCED_PER_STEP,
+            )
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Load model and optimizer from the stage's last completed epoch."""
+        completed = state.get("completed_epochs", 0)
+        if completed:
+            tensors, metadata = load_tensors(self.run.checkpoint(self.name, completed))
+            self.model.load_trainable_state(tensors)
+            restore_optimizer(self.optimizer, tensors, metadata["param_groups"])
+
+    def train(
+        self, epochs: int, state: dict[str, Any], save_state: Callable[[], None], on_epoch: Callable[[int], None]
+    ) -> None:
+        """Run epochs ``completed+1 .. epochs``, updating ``state`` (history, best) after each."""
+        state.setdefault("completed_epochs", 0)
+        state.setdefault("history", [])
+        stage_bar = tqdm(
+            total=epochs,
+            initial=state["completed_epochs"],
+            desc=STAGE_TITLES[self.name],
+            unit="epoch",
+            disable=not self.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for epoch in range(state["completed_epochs"] + 1, epochs + 1):
+            started = time.perf_counter()
+            seed = [self.config.stage_seed(self.name), STAGE_INDEX[self.name], epoch]
+            seed_torch(seed)
+            # The same batches on every rank (same seed), dealt round-robin between them.
+            batches = rank_batches(self.sampler.epoch(np.random.default_rng(seed)), self.world)
+            with PeakMemory(self.device) as peak:
+                loss = train_epoch(
+                    self.trainer,
+                    self.optimizer,
+                    batches,
+                    self.device,
+                    f"{self.name} epoch {epoch}/{epochs}",
+                    self.progress,
+                )
+            trained = time.perf_counter() - started
+            metrics = evaluate_model(self.model, self.evaluation, self.user_groups, self.num_items, self.config)
+            record = {
+                "epoch": epoch,
+                "loss": loss,
+                "seconds": time.perf_counter() - started,
+                "train_seconds": trained,
+                "train_peak_bytes": peak.bytes,
+                **metrics,
+            }
+            state["history"].append(record)
+            best = state.get("best")
+            improved = best is None or metrics["valid"][SELECTION_METRIC] > best["valid"][SELECTION_METRIC]
+            if improved:
+                state["best"] = {"epoch": epoch, "valid": metrics["valid"], "test": metrics["test"]}
+            previous = state["completed_epochs"]
+            state["completed_epochs"] = epoch
+            if self.world.is_main:  # ranks hold identical weights; one writes
+                if improved:
+                    save_tensors(self.run.best(self.name), self.model.trainable_state(), {"epoch": epoch})
+                on_epoch(epoch)
+                tensors, param_groups = optimizer_tensors(self.optimizer)
+                save_tensors(
+                    self.run.checkpoint(self.name, epoch),
+                    {**self.model.trainable_state(), **tensors},
+                    {"epoch": epoch, "param_groups": param_groups},
+                )
+                save_state()
+                if previous:
+                    self.run.checkpoint(self.name, previous).unlink(missing_ok=True)
+            self.world.barrier()
+            self.report(
+                f"{self.name} epoch {epoch}/{epochs}  loss {loss:.4f}  valid HR@30 {metrics['valid']['HR@30']:.4f}  "
+                f"test NDCG@20 {metrics['test']['NDCG@20']:.4f}{'  *' if improved else ''}"
+            )
+            stage_bar.update(1)
+        stage_bar.close()
+
+
+def stage_summary(stage_state: dict[str, Any], epochs: int) -> dict[str, Any]:
+    best = stage_state["best"]
+    return {"best_epoch": best["epoch"], "epochs": epochs, "valid": best["valid"], "test": best["test"]}

@@ -1,0 +1,105 @@
+"""CLIP's rewritten layers (bmm attention, QuickGELU folded into SiLU) equal stock HF CLIP, forward and backward."""
+
+import copy
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from perpeft.engine.clip.layers import QUICK_GELU_SLOPE, fold_quick_gelu, prepare_clip
+
+TOKENS, BOS, EOS, VOCAB, LAYERS = 20, 60, 61, 62, 2
+
+
+def random_clip(hidden_act: str = "quick_gelu") -> CLIPModel:
+    torch.manual_seed(0)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": LAYERS, "num_attention_heads": 4}
+    tower["hidden_act"] = hidden_act
+    text = {**tower, "vocab_size": VOCAB, "max_position_embeddings": TOKENS}
+    text.update(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS)
+    config = CLIPConfig(text_config=text, vision_config={**tower, "image_size": 16, "patch_size": 8}, projection_dim=24)
+    return CLIPModel(config)
+
+
+def titles(lengths: list[int], left_padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), EOS)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, length in enumerate(lengths):
+        tokens = torch.cat(
+            [torch.tensor([BOS]), torch.randint(0, BOS, (length - 2,), generator=generator), torch.tensor([EOS])]
+        )
+        columns = slice(width - length, width) if left_padded else slice(0, length)
+        ids[row, columns], mask[row, columns] = tokens, 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[CLIPModel, CLIPModel]:
+    stock = random_clip().train()
+    rewritten = copy.deepcopy(stock)
+    prepare_clip(rewritten)
+    return stock, rewritten
+
+
+def features(model: CLIPModel, ids: torch.Tensor, mask: torch.Tensor | None, pixels: torch.Tensor) -> torch.Tensor:
+    text = model.get_text_features(input_ids=ids, attention_mask=mask)
+    image = model.get_image_features(pixel_values=pixels)
+    return torch.cat([getattr(text, "pooler_output", text), getattr(image, "pooler_output", image)], dim=-1)
+
+
+@pytest.mark.parametrize("padding", ["right, no mask", "right, mask", "left, mask"])
+def test_rewritten_clip_gives_stock_features_and_gradients(models: tuple[CLIPModel, CLIPModel], padding: str) -> None:
+    stock, rewritten = models
+    ids, mask = titles([3, 9, 14, 20, 6], left_padded=padding.startswith("left"))
+    mask = None if padding.endswith("no mask") else mask
+    pixels = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    weights = torch.randn(5, 48, generator=torch.Generator().manual_seed(3))
+    results = []
+    for model in (stock, rewritten):
+        model.zero_grad(set_to_none=True)
+        out = features(model, ids, mask, pixels)
+        (out * weights).sum().backward()
+        results.append((out.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (stock_out, stock_grads), (out, grads) = results
+    torch.testing.assert_close(out, stock_out, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        # w' = 1.702·w in fc1 (so dL/dw' = dL/dw / 1.702) and w' = w / 1.702 in fc2's weight.
+        factor = 1 / QUICK_GELU_SLOPE if ".fc1." in name else QUICK_GELU_SLOPE if name.endswith("fc2.weight") else 1
+        if stock_grads[name] is None:
+            assert grad is None, name
+            continue
+        expected = stock_grads[name] * factor
+        scale = float(expected.abs().max().clamp_min(1.0))
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+
+def test_fully_masked_rows_match_sdpa(models: tuple[CLIPModel, CLIPModel]) -> None:
+    """Left padding: the first query rows may attend to nothing; SDPA gives them zero attention, and so must
+    the rewrite (a pad-as-EOS CLIP pools such a row)."""
+    stock, rewritten = models
+    ids, mask = titles([3, 20], left_padded=True)
+    with torch.no_grad():
+        expected = stock.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        actual = rewritten.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_weights_equal_eager(models: tuple[CLIPModel, CLIPModel]) -> None:
+    stock, rewritten = models
+    ids, mask = titles([4, 11, 7])
+    eager = copy.deepcopy(stock).eval()
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        expected = eager.text_model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        actual = rewritten.eval().text_model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    rewritten.train()
+    assert len(actual) == LAYERS
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_only_quick_gelu_mlps_are_folded() -> None:
+    assert fold_quick_gelu(random_clip("quick_gelu")) == 2 * LAYERS
+    assert fold_quick_gelu(random_clip("gelu")) == 0

@@ -1,0 +1,58 @@
+"""RunConfig: presets fill unset values, every setting a method cannot honour is refused in one line."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from perpeft.engine.config.run_config import DEMO_DEFAULTS, PAPER_DEFAULTS, RunConfig
+from perpeft.engine.errors import InputError
+
+
+def test_presets_fill_only_unset_values() -> None:
+    demo = RunConfig(lr=5e-4).resolved()
+    assert (demo.epochs_global, demo.epochs_perpeft, demo.clip) == (
+        DEMO_DEFAULTS["epochs_global"],
+        DEMO_DEFAULTS["epochs_perpeft"],
+        "tiny",
+    )
+    assert demo.lr == 5e-4
+    real = RunConfig(data="/data/arts", clip="/clip").resolved()
+    assert (real.epochs_global, real.lr) == (PAPER_DEFAULTS["epochs_global"], PAPER_DEFAULTS["lr"])
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"data": "/data/arts"}, "--clip is required"),
+        ({"compile": "maybe"}, "--compile maybe"),
+        ({"method": "magic"}, "--method magic: unknown method"),
+        ({"grouping": "alphabetical"}, "--grouping alphabetical"),
+        ({"clustering": "dbscan"}, "--clustering dbscan"),
+        ({"text": False, "image": False}, "leave no modality"),
+        ({"method": "wo-mm", "image": False}, "wo-mm uses no modality"),
+        ({"peft": "iisan", "text": False}, "IISAN's inter-modal chain"),
+        ({"method": "global-peft", "global_seed": 1}, "has a single stage"),
+        ({"method": "large-global-peft", "peft": "ia3"}, "sizes LoRA's rank"),
+        ({"groups": 0}, "must be positive"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_a_setting_that_cannot_run_is_refused(changes: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
+        RunConfig(**changes).resolved()
+
+
+def test_config_json_round_trips_and_unknown_keys_are_named(tmp_path: Path) -> None:
+    config = RunConfig(seed=5, groups=4).resolved()
+    (tmp_path / "config.json").write_text(config.to_json())
+    assert RunConfig.from_json_file(tmp_path / "config.json") == config
+    (tmp_path / "bad.json").write_text(json.dumps({**json.loads(config.to_json()), "colour": "red"}))
+    with pytest.raises(InputError, match=r"bad.json: unknown configuration keys \['colour'\]"):
+        RunConfig.from_json_file(tmp_path / "bad.json")
+
+
+def test_the_grouping_seed_is_the_global_seed_when_one_is_set() -> None:
+    plain, reseeded = RunConfig(seed=2), RunConfig(seed=2, global_seed=0)
+    assert [plain.stage_seed(stage) for stage in ("global", "grouping", "perpeft")] == [2, 2, 2]
+    assert [reseeded.stage_seed(stage) for stage in ("global", "grouping", "perpeft")] == [0, 0, 2]

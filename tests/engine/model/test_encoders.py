@@ -1,0 +1,107 @@
+"""The CLIP item encoder: token columns cut to a batch's longest title change no item vector, and the vectors
+are stock CLIP's features."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from perpeft.engine.clip.loading import ClipBundle
+from perpeft.engine.clip.preprocess import normalize_pixels
+from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
+from perpeft.engine.features.inputs import ItemInputs
+from perpeft.engine.model.encoders import GroupedClipEncoder
+
+TOKENS, BOS, EOS, VOCAB, ITEMS, GROUPS = 77, 510, 511, 512, 40, 3
+
+
+@pytest.fixture(scope="module")
+def bundle() -> ClipBundle:
+    """A random CLIP with HF's 77-token layout (pad = EOS, EOS pooling by id, not the legacy argmax)."""
+    torch.manual_seed(0)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    text = {**tower, "vocab_size": VOCAB, "max_position_embeddings": TOKENS}
+    text.update(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS)
+    config = CLIPConfig(text_config=text, vision_config={**tower, "image_size": 16, "patch_size": 8}, projection_dim=24)
+    return ClipBundle(CLIPModel(config).eval(), None, "random", 16, CLIP_MEAN, CLIP_STD, "random")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> ItemInputs:
+    """Titles of 3–30 tokens padded to 77 columns; row 0 is the padding item (BOS EOS)."""
+    rng = np.random.default_rng(0)
+    input_ids = np.full((ITEMS + 1, TOKENS), EOS, dtype=np.int64)
+    attention_mask = np.zeros((ITEMS + 1, TOKENS), dtype=np.int64)
+    for row, length in enumerate([2, *rng.integers(3, 31, size=ITEMS)]):
+        input_ids[row, :length] = [BOS, *rng.integers(0, BOS, size=length - 2), EOS]
+        attention_mask[row, :length] = 1
+    pixels = rng.integers(0, 256, size=(ITEMS + 1, 3, 16, 16), dtype=np.uint8)
+    present = np.ones((ITEMS + 1, 2), dtype=bool)
+    return ItemInputs(input_ids, attention_mask, pixels, present, Path(tmp_path_factory.mktemp("inputs")))
+
+
+@pytest.fixture(scope="module")
+def encoder(bundle: ClipBundle) -> GroupedClipEncoder:
+    """Grouped LoRA with non-zero, different B per group, so every group's adapter changes the output."""
+    torch.manual_seed(1)
+    encoder = GroupedClipEncoder(bundle, "lora", GROUPS).eval()
+    with torch.no_grad():
+        for name, parameter in encoder.named_parameters():
+            if name.endswith("lora_B"):
+                parameter.normal_(0, 0.5)
+    return encoder
+
+
+def full_width(inputs: ItemInputs, items: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    index = items.numpy()
+    return tuple(
+        torch.from_numpy(np.array(array[index])) for array in (inputs.input_ids, inputs.attention_mask, inputs.pixels)
+    )
+
+
+def test_text_widths_end_at_each_titles_last_token(inputs: ItemInputs) -> None:
+    np.testing.assert_array_equal(inputs.text_widths, inputs.attention_mask.sum(axis=1))
+    assert inputs.right_padded
+    items = torch.tensor([3, 7, 0, 12])
+    input_ids, attention_mask, _ = inputs.batch(items, torch.device("cpu"))
+    assert input_ids.shape[1] == inputs.attention_mask[items.numpy()].sum(axis=1).max()
+    assert attention_mask is None  # right padding: causal attention never reaches the padded columns
+    assert inputs.text_widths.max() < TOKENS  # the test cuts columns for real
+
+
+def test_a_mask_with_gaps_is_kept(inputs: ItemInputs, tmp_path: Path) -> None:
+    mask = np.array(inputs.attention_mask)
+    mask[5, 1] = 0  # a hole inside title 5: the mask is no longer a prefix
+    holed = ItemInputs(inputs.input_ids, mask, inputs.pixels, inputs.present, tmp_path)
+    assert not holed.right_padded
+    _, attention_mask, _ = holed.batch(torch.tensor([5, 6]), torch.device("cpu"))
+    np.testing.assert_array_equal(attention_mask.numpy(), mask[[5, 6], : holed.text_widths[[5, 6]].max()])
+
+
+def test_cut_token_columns_give_the_untrimmed_item_vectors(inputs: ItemInputs, encoder: GroupedClipEncoder) -> None:
+    items = torch.arange(ITEMS + 1)
+    groups = items % GROUPS
+    with torch.no_grad():
+        untrimmed = encoder(*full_width(inputs, items), groups)
+        trimmed = encoder(*inputs.batch(items, torch.device("cpu")), groups)
+        smaller_batch = encoder(*inputs.batch(items[:5], torch.device("cpu")), groups[:5])
+    torch.testing.assert_close(trimmed, untrimmed, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(smaller_batch, untrimmed[:5], rtol=1e-5, atol=1e-6)
+
+
+def test_item_vectors_equal_stock_clip_features(inputs: ItemInputs, bundle: ClipBundle) -> None:
+    """The encoder's rewritten CLIP layers (``engine/clip/layers.py``) give stock ``CLIPModel``'s features."""
+    items = torch.arange(ITEMS + 1)
+    input_ids, attention_mask, pixels = full_width(inputs, items)
+    encoder = GroupedClipEncoder(bundle, "none", 1).eval()
+    stock = bundle.model.eval()
+    with torch.no_grad():
+        vectors = encoder(*inputs.batch(items, torch.device("cpu")), torch.zeros_like(items))
+        pixel_values = normalize_pixels(pixels, encoder.image_mean, encoder.image_std)
+        image = stock.get_image_features(pixel_values=pixel_values)
+        text = stock.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+    parts = [getattr(part, "pooler_output", part) for part in (image, text)]
+    expected = torch.cat([torch.nn.functional.normalize(part, dim=-1) for part in parts], dim=-1)
+    torch.testing.assert_close(vectors, expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,112 @@
+"""Model pieces pinned to the paper's numbers: shapes, parameter counts, formulas (App. C.2, Table 8)."""
+
+import math
+
+import torch
+
+from perpeft.engine.model.params import parameter_counts
+from perpeft.engine.model.recommender import GroupedProjector, Recommender
+
+
+def test_sasrec_parameter_count_and_shapes():
+    recommender = Recommender(num_items=18884, groups=1, multimodal_dim=1024)
+    assert sum(p.numel() for p in recommender.sasrec.parameters()) == 12_992
+    assert sum(p.numel() for p in recommender.projector.parameters()) == 67_872
+    transductive = recommender.item_embeddings.weight.numel() + recommender.position_embeddings.weight.numel()
+    assert transductive == (18884 + 1) * 32 + 11 * 32 == 604_672
+    items = torch.tensor([[0, 0, 0, 5, 9, 2, 7, 1, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    output = recommender.eval().sequence_output(items, torch.randn(2, 10, 32))
+    assert output.shape == (2, 10, 32)
+
+
+def test_embeddings_padding_rows_are_zero_after_xavier_init():
+    recommender = Recommender(num_items=50, groups=2, multimodal_dim=16)
+    assert torch.count_nonzero(recommender.item_embeddings.weight[0]) == 0
+    assert torch.count_nonzero(recommender.position_embeddings.weight[0]) == 0
+
+
+def test_item_vector_is_half_multimodal_plus_id_and_padding_is_zero():
+    recommender = Recommender(num_items=20, groups=2, multimodal_dim=16)
+    items = torch.tensor([0, 3, 7])
+    multimodal = torch.randn(3, 16)
+    groups = torch.tensor([1, 1, 0])
+    z = recommender.item_vectors(items, multimodal, groups)
+    expected = 0.5 * recommender.projector(multimodal, groups) + recommender.item_embeddings(items)
+    torch.testing.assert_close(z[1:], expected[1:])
+    assert torch.count_nonzero(z[0]) == 0
+
+
+def test_sequence_input_is_scaled_by_sqrt_d_and_positions_skip_padding():
+    recommender = Recommender(num_items=20, groups=1, multimodal_dim=None, dropout=0.0).eval()
+    seen = {}
+    recommender.sasrec.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    items = torch.tensor([[0, 0, 4, 5]])
+    vectors = torch.randn(1, 4, 32)
+    recommender.sequence_output(items, vectors)
+    positions = recommender.position_embeddings(torch.tensor([[0, 0, 3, 4]]))
+    torch.testing.assert_close(seen["x"], vectors * math.sqrt(32) + positions)
+
+
+def one_group_of(projector: GroupedProjector, group: int) -> GroupedProjector:
+    """A one-group projector holding ``group``'s weights of ``projector``."""
+    single = GroupedProjector(1, projector.w1.shape[2], projector.w1.shape[1], projector.w2.shape[1])
+    with torch.no_grad():
+        for parameter, source in zip(single.parameters(), projector.parameters(), strict=True):
+            parameter.copy_(source[group : group + 1])
+    return single
+
+
+def test_grouped_projector_rows_use_their_own_group():
+    projector = GroupedProjector(groups=3, in_features=16, hidden=8, out_features=4)
+    x = torch.randn(6, 16)
+    groups = torch.tensor([2, 0, 1, 1, 2, 0])
+    mixed = projector(x, groups)
+    for group in range(3):
+        single = one_group_of(projector, group)
+        rows = groups == group
+        torch.testing.assert_close(mixed[rows], single(x[rows], torch.zeros(int(rows.sum()), dtype=torch.long)))
+
+
+def test_grouped_projector_gradients_equal_each_groups_own_and_repeat_bitwise():
+    """Mixed-group gradients are each group's single-projector gradients, and (one-hot GEMMs, no scatter-add)
+    identical from one backward to the next on a multi-threaded CPU."""
+    torch.manual_seed(0)
+    projector = GroupedProjector(groups=4, in_features=64, hidden=64, out_features=32)
+    x = torch.randn(4096, 64)
+    groups = torch.randint(0, 4, (4096,))
+    weights = torch.randn(4096, 32)
+
+    def gradients(model: GroupedProjector, rows: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        (model(x[rows], ids) * weights[rows]).sum().backward()
+        return [parameter.grad.clone() for parameter in model.parameters()]
+
+    everyone = torch.ones(4096, dtype=torch.bool)
+    mixed = gradients(projector, everyone, groups)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        for _ in range(5):
+            again = gradients(projector, everyone, groups)
+            assert all(torch.equal(a, b) for a, b in zip(mixed, again, strict=True))
+    finally:
+        torch.set_num_threads(threads)
+    for group in range(4):
+        rows = groups == group
+        own = gradients(one_group_of(projector, group), rows, torch.zeros(int(rows.sum()), dtype=torch.long))
+        for mixed_grad, own_grad in zip(mixed, own, strict=True):
+            torch.testing.assert_close(mixed_grad[group : group + 1], own_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_parameter_counts_match_paper_table_8():
+    counts = parameter_counts("vit-b-32", "ia3", groups=8, items=18884)
+    assert counts == {
+        "clip_frozen": 151_277_313,
+        "peft_per_group": 46_080,
+        "projector_per_group": 67_872,
+        "sasrec": 12_992,
+        "transductive": 604_672,
+        "global_peft_total": 731_616,
+        "perpeft_total": 1_529_280,
+    }
+    assert parameter_counts("vit-b-32", "lora", groups=8, items=18884)["peft_per_group"] == 245_760

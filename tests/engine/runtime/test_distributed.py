@@ -1,0 +1,128 @@
+"""Data parallelism with torchrun on CPU (gloo, 2 processes on this machine)."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from perpeft.engine.runtime.distributed import World
+from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.runtime.tensors import load_tensors
+from perpeft.engine.serve.embed import embed_run
+from perpeft.engine.serve.recommend import evaluate_run
+from perpeft.engine.train.stages import rank_batches
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+
+
+def _run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_blocks_cover_the_work_in_rank_order() -> None:
+    blocks = [World(rank, 3).block(10) for rank in range(3)]
+    assert [list(block) for block in blocks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    batches = list(range(5))
+    dealt = [rank_batches(batches, World(rank, 2)) for rank in range(2)]
+    assert dealt == [[0, 2, 4], [1, 3, 0]]  # same step count on both ranks; the list wraps around
+
+
+def test_two_rank_training_keeps_ranks_identical_after_every_step(small_demo: Path, tmp_path: Path) -> None:
+    _run([*TORCHRUN, str(WORKER), str(small_demo), str(tmp_path)])
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    assert all(rank["size"] == 2 for rank in ranks)
+    assert ranks[0]["steps"] == ranks[1]["steps"] > 0
+    assert ranks[0]["max_difference"] == ranks[1]["max_difference"] == 0.0
+    metrics = ranks[0]["metrics"]
+    assert ranks[1]["metrics"] == metrics
+    for stage in ("global", "perpeft"):
+        assert 0.05 < metrics[stage]["test"]["HR@30"] <= 1.0
+    # Only rank 0 wrote: one metrics file, one set of checkpoints.
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+
+
+def test_an_interrupted_two_rank_run_resumes_to_the_uninterrupted_metrics(small_demo: Path, tmp_path: Path) -> None:
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _run([*TORCHRUN, str(WORKER), str(small_demo), str(whole)])
+    _run([*TORCHRUN, str(WORKER), str(small_demo), str(cut), "cut"])
+    state = json.loads((cut / "run" / "state.json").read_text())
+    assert state["global"]["completed_epochs"] == 1 and not (cut / "run" / "metrics.json").exists()
+    _run([*TORCHRUN, str(WORKER), str(small_demo), str(cut), "resume"])
+    expected = json.loads((whole / "run" / "metrics.json").read_text())
+    assert json.loads((cut / "run" / "metrics.json").read_text()) == expected
+
+
+def test_sharded_embed_and_evaluate_equal_one_process(demo_run: Path, tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    shutil.copytree(demo_run, single)
+    embed_run(single, progress=False)
+    expected_metrics = evaluate_run(single)
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(demo_run, sharded)
+    _run([*TORCHRUN, "-m", "perpeft.cli", "--", "embed", "--run", str(sharded), "--quiet"])
+    for name in ("embedded_items", "embedded_users"):
+        expected, _ = load_tensors(getattr(RunDirectory(single), name))
+        actual, _ = load_tensors(getattr(RunDirectory(sharded), name))
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
+    result = _run([*TORCHRUN, "-m", "perpeft.cli", "--", "evaluate", "--run", str(sharded), "--json"])
+    printed = json.loads(result.stdout)  # rank 0 alone prints
+    for stage in ("valid", "test"):
+        assert printed[stage] == pytest.approx(expected_metrics[stage], rel=1e-12, abs=1e-15)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_killed_rank_ends_the_other_with_an_error_not_a_hang(small_demo: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "perpeft.cli", "train", "--data", str(small_demo), "--clip", "tiny", "--groups", "2",
+        "--epochs-global", "40", "--epochs-perpeft", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    ranks = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "PERPEFT_DIST_TIMEOUT": "30",
+        }
+        ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    state = tmp_path / "run" / "state.json"
+    deadline = time.monotonic() + 180
+    while not state.is_file() and time.monotonic() < deadline and ranks[0].poll() is None:
+        time.sleep(0.2)
+    assert state.is_file(), ranks[0].communicate(timeout=30)[1][-2000:]
+    ranks[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    try:
+        _, stderr = ranks[0].communicate(timeout=120)
+    finally:
+        for process in ranks:
+            process.kill()
+    waited = time.monotonic() - killed_at
+    assert ranks[0].returncode == 1
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "rank 0/2: the process group failed" in lines[0], stderr[-2000:]
+    assert waited < 60
