@@ -7,6 +7,8 @@ import click
 from tqdm.auto import tqdm
 
 from perpeft.cli.errors import reports_input_errors
+from perpeft.cli.options import run_options
+from perpeft.engine.config.choices import CLUSTERING, PEFT
 
 
 def _list(value: str, convert: type = str) -> list:
@@ -18,10 +20,8 @@ def _list(value: str, convert: type = str) -> list:
 
 
 @click.command()
-@click.option("--data", default="demo", show_default=True, help="As for train: demo, a named dataset or a directory.")
-@click.option("--data-dir", default=None, help="Where named datasets live (as for train).")
-@click.option("--clip", default=None, help="As for train. [demo: tiny]")
-@click.option("--peft", "pefts", default="lora", show_default=True, help="PEFT types, comma-separated.")
+@run_options
+@click.option("--peft", "pefts", default=PEFT.default, show_default=True, help="PEFT types, comma-separated.")
 @click.option(
     "--methods", default="", help="Table 2: 'all' or comma-separated methods (wo-mm, frozen-mm, global-peft, …)."
 )
@@ -35,14 +35,6 @@ def _list(value: str, convert: type = str) -> list:
     help="Table 7 with the first PEFT type (LoRA or (IA)3): attention JSD between groups and between seeds.",
 )
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds, comma-separated.")
-@click.option("--epochs-global", type=click.IntRange(min=1), default=None, help="E1. [demo: 6, else 10]")
-@click.option("--epochs-perpeft", type=click.IntRange(min=1), default=None, help="E2. [demo: 12, else 20]")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lr", type=float, default=None, help="[demo: 1e-3, else 1e-4]")
-@click.option("--weight-decay", type=float, default=None, help="[1e-4]")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
-@click.option("--compile", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Experiment directory (resumable).")
 @reports_input_errors
 def experiment(
@@ -63,11 +55,11 @@ def experiment(
     from perpeft.engine.experiments.grid import RESULTS_CSV, TABLE_MD, build_grid, run_experiment
 
     peft_list = _list(pefts)
-    if not peft_list or any(peft not in ("lora", "ia3", "iisan") for peft in peft_list):
-        raise click.BadParameter(f"{pefts!r}: expected lora, ia3 and/or iisan", param_hint="--peft")
+    if not peft_list or any(peft not in PEFT.values for peft in peft_list):
+        raise click.BadParameter(f"{pefts!r}: expected {', '.join(PEFT.values)}", param_hint="--peft")
     clustering_list = _list(clusterings)
-    if any(name not in ("kmeans", "gmm") for name in clustering_list):
-        raise click.BadParameter(f"{clusterings!r}: expected kmeans and/or gmm", param_hint="--clustering")
+    if any(name not in CLUSTERING.values for name in clustering_list):
+        raise click.BadParameter(f"{clusterings!r}: expected {', '.join(CLUSTERING.values)}", param_hint="--clustering")
     group_list = _list(group_counts, int)
     if any(count < 1 for count in group_list):
         raise click.BadParameter(f"{group_counts!r}: group counts must be positive", param_hint="--groups")

@@ -13,7 +13,9 @@ from perpeft.cli.distributed import relaunch_with_torchrun, runs_distributed
 from perpeft.cli.errors import reports_input_errors
 from perpeft.cli.experiment import experiment
 from perpeft.cli.inference import embed, evaluate, export, recommend
+from perpeft.cli.options import choice_option, config_default, run_options
 from perpeft.cli.prepare import fetch_images, prepare
+from perpeft.engine.config.choices import CLUSTERING, GROUPING, PEFT
 from perpeft.engine.config.methods import METHODS
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
@@ -65,77 +67,29 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 
 
 @cli.command()
-@click.option(
-    "--data",
-    default="demo",
-    show_default=True,
-    help="'demo', a prepared named dataset (arts, sports, toys, beauty) or a RecBole-style dataset directory.",
-)
-@click.option(
-    "--data-dir",
-    default=None,
-    help="Where named datasets live. [$PERPEFT_DATA, else ~/.cache/perpeft-engine/data]",
-)
-@click.option(
-    "--clip", default=None, help="'tiny', a local HF CLIP directory, or a model id in the local HF cache. [demo: tiny]"
-)
+@run_options
 @click.option(
     "--method",
     type=click.Choice(list(METHODS)),
-    default="perpeft",
+    default=config_default("method"),
     show_default=True,
     help="PerPEFT, a Table 2 baseline, or large-global-peft (Table 3).",
 )
-@click.option("--peft", type=click.Choice(["lora", "ia3", "iisan"]), default="lora", show_default=True)
-@click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True, help="Number of user groups C.")
+@choice_option(PEFT)
+@click.option(
+    "--groups",
+    type=click.IntRange(min=1),
+    default=config_default("groups"),
+    show_default=True,
+    help="Number of user groups C.",
+)
 @click.option("--no-text", is_flag=True, help="Ablation: encode item images only.")
 @click.option("--no-image", is_flag=True, help="Ablation: encode item titles only.")
 @click.option("--no-group-negatives", is_flag=True, help="Ablation: PerPEFT draws negatives from all items.")
-@click.option(
-    "--grouping",
-    type=click.Choice(["interest", "random"]),
-    default="interest",
-    show_default=True,
-    help="interest: cluster Global-PEFT user vectors; random: the Table 3 ablation.",
-)
-@click.option(
-    "--clustering",
-    type=click.Choice(["kmeans", "gmm"]),
-    default="kmeans",
-    show_default=True,
-    help="Clustering of the user vectors (App. C.4.3).",
-)
-@click.option(
-    "--epochs-global",
-    type=click.IntRange(min=1),
-    default=None,
-    help="E1, Global PEFT epochs before grouping. [demo: 6, else 10]",
-)
-@click.option(
-    "--epochs-perpeft", type=click.IntRange(min=1), default=None, help="E2, PerPEFT epochs. [demo: 12, else 20]"
-)
+@choice_option(GROUPING)
+@choice_option(CLUSTERING)
 @click.option("--no-baseline", is_flag=True, help="Stop Global PEFT at E1 instead of training the E1+E2 baseline.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Users per batch.")
-@click.option("--lr", type=float, default=None, help="AdamW learning rate. [demo: 1e-3, else 1e-4]")
-@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay. [1e-4]")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--device", default="auto", show_default=True, help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'…"
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16"]),
-    default="auto",
-    show_default=True,
-    help="auto: bf16 autocast on CUDA, fp32 on CPU.",
-)
-@click.option(
-    "--compile",
-    type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
-    help="torch.compile SASRec; auto: on CUDA only.",
-)
+@click.option("--seed", type=int, default=config_default("seed"), show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory. [runs/DATA-PEFT-seedN]")
 @click.option(
     "--resume", type=click.Path(path_type=Path), default=None, help="Continue the interrupted run in this directory."
@@ -234,7 +188,7 @@ def train_reseeded(
     show_default=True,
     help="Architecture alias (vit-b-32, tiny) or a local CLIP directory.",
 )
-@click.option("--peft", type=click.Choice(["lora", "ia3", "iisan"]), default="lora", show_default=True)
+@choice_option(PEFT)
 @click.option("--groups", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--items", type=click.IntRange(min=1), required=True, help="Number of items in the catalog.")
 @click.option(

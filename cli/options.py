@@ -1,15 +1,21 @@
 """Options that several commands share, built from the engine's one definition of each allowed value and
 preset (`engine.config.choices`, `engine.config.run_config`): a help text cannot drift from the code."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from perpeft.engine.config.choices import COMPILE, PRECISION, Choice
-from perpeft.engine.config.run_config import DEMO_DEFAULTS, PAPER_DEFAULTS
+from perpeft.engine.config.run_config import DEMO_DEFAULTS, PAPER_DEFAULTS, RunConfig
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def config_default(setting: str) -> Any:
+    """``RunConfig``'s default for ``setting``, so an option's default is the engine's."""
+    return next(field.default for field in dataclasses.fields(RunConfig) if field.name == setting)
 
 
 def preset_help(text: str, setting: str) -> str:
@@ -35,7 +41,7 @@ def choice_option(choice: Choice, *names: str, help: str | None = None) -> Decor
 RUN_OPTIONS: tuple[Decorator, ...] = (
     click.option(
         "--data",
-        default="demo",
+        default=config_default("data"),
         show_default=True,
         help="'demo', a prepared named dataset (arts, sports, toys, beauty) or a RecBole-style dataset directory.",
     ),
@@ -59,11 +65,20 @@ RUN_OPTIONS: tuple[Decorator, ...] = (
         default=None,
         help=preset_help("E2, PerPEFT epochs.", "epochs_perpeft"),
     ),
-    click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Users per batch."),
+    click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=config_default("batch_size"),
+        show_default=True,
+        help="Users per batch.",
+    ),
     click.option("--lr", type=float, default=None, help=preset_help("AdamW learning rate.", "lr")),
     click.option("--weight-decay", type=float, default=None, help=preset_help("AdamW weight decay.", "weight_decay")),
     click.option(
-        "--device", default="auto", show_default=True, help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'…"
+        "--device",
+        default=config_default("device"),
+        show_default=True,
+        help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'…",
     ),
     choice_option(PRECISION),
     choice_option(COMPILE),

@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from perpeft.engine.config.choices import RUN_CHOICES
 from perpeft.engine.config.methods import method_of
 from perpeft.engine.errors import InputError
 
@@ -56,12 +57,21 @@ class RunConfig:
         config = dataclasses.replace(self, **filled)
         if config.clip is None:
             raise InputError("--clip is required for real data: a local HF CLIP directory or a cached model id")
-        if config.compile not in ("auto", "on", "off"):
-            raise InputError(f"--compile {config.compile}: expected auto, on or off")
-        check_method(config)
-        if config.groups < 1 or config.epochs_global < 1 or config.epochs_perpeft < 0 or config.batch_size < 1:
-            raise InputError("--groups, --epochs-global and --batch-size must be positive")
+        config.check()
         return config
+
+    def check(self, where: str = "") -> None:
+        """InputError (prefixed by ``where``, a file) for a value no setting allows or a combination the
+        method cannot honour."""
+        for name, choice in RUN_CHOICES.items():
+            choice.check(getattr(self, name), where)
+        check_method(self, where)
+        for name in ("groups", "epochs_global", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"{where + ': ' if where else ''}--{name.replace('_', '-')} {value}: must be positive")
+        if self.epochs_perpeft is not None and self.epochs_perpeft < 0:
+            raise InputError(f"{where + ': ' if where else ''}--epochs-perpeft {self.epochs_perpeft}: must be ≥ 0")
 
     def stage_seed(self, stage: str) -> int:
         """The seed of ``stage`` ("global", "grouping", "perpeft" or "grouped"): ``global_seed`` drives the
@@ -84,16 +94,21 @@ class RunConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"{path}: unknown configuration keys {unknown}")
-        return cls(**values)
+        config = cls(**values)
+        config.check(str(path))
+        return config
 
 
-def check_method(config: RunConfig) -> None:
+def check_method(config: RunConfig, where: str = "") -> None:
     """Refuse settings a method cannot honour, with one line saying why."""
+    try:
+        _check_method(config)
+    except InputError as error:
+        raise InputError(f"{where}: {error}" if where else str(error)) from None
+
+
+def _check_method(config: RunConfig) -> None:
     method = method_of(config)
-    if config.grouping not in ("interest", "random"):
-        raise InputError(f"--grouping {config.grouping}: expected interest or random")
-    if config.clustering not in ("kmeans", "gmm"):
-        raise InputError(f"--clustering {config.clustering}: expected kmeans or gmm")
     if not (config.text or config.image):
         raise InputError("--no-text and --no-image together leave no modality: use --method wo-mm")
     if (not config.text or not config.image) and method.encoder == "none":

@@ -32,11 +32,11 @@ from typing import Any
 from scipy import stats
 
 from perpeft.engine.analysis.attention import divergences as attention_divergences
+from perpeft.engine.config.choices import ADAPTER_PEFTS
 from perpeft.engine.config.methods import METHODS, TABLE2_METHODS, method_of
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sources import load_dataset
 from perpeft.engine.errors import InputError
-from perpeft.engine.model.encoders import ADAPTER_PEFTS
 from perpeft.engine.model.params import large_adapter_config, parameter_counts
 from perpeft.engine.runtime.atomic import atomic_write_bytes
 from perpeft.engine.runtime.run_directory import RunDirectory

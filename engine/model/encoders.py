@@ -10,13 +10,13 @@ from torch import nn
 from perpeft.engine.clip.layers import prepare_clip
 from perpeft.engine.clip.loading import ClipBundle
 from perpeft.engine.clip.preprocess import normalize_pixels
+from perpeft.engine.config.choices import ADAPTER_PEFTS, MODALITIES
 from perpeft.engine.errors import InputError
 from perpeft.engine.model.adapters.context import GroupContext
 from perpeft.engine.model.adapters.ia3 import GroupedIA3Linear
 from perpeft.engine.model.adapters.lora import GroupedLoRALinear
 
-PEFT_TYPES = ("lora", "ia3", "none")
-MODALITIES = ("image", "title")
+NO_ADAPTERS = "none"  # the encoder of Frozen MM: CLIP as it is
 
 # Paper settings (§4.1.4, App. A): LoRA on q/v; (IA)3 on k/v outputs and fc1 inputs; both towers.
 LORA_TARGETS = ("q_proj", "v_proj")
@@ -35,9 +35,9 @@ def inject_adapters(
     lora_dropout: float = 0.1,
 ) -> None:
     """Replace the paper's target ``nn.Linear`` layers of both towers by grouped adapters, in place."""
-    if peft not in PEFT_TYPES:
-        raise InputError(f"--peft {peft}: unknown PEFT type (known: {', '.join(PEFT_TYPES)})")
-    if peft == "none":
+    if peft not in (*ADAPTER_PEFTS, NO_ADAPTERS):
+        raise ValueError(f"adapters inside CLIP are {', '.join(ADAPTER_PEFTS)} (or {NO_ADAPTERS}), not {peft}")
+    if peft == NO_ADAPTERS:
         return
     for name, module in list(clip.named_modules()):
         match = ADAPTED_LAYER.match(name)
@@ -54,18 +54,13 @@ def inject_adapters(
         setattr(clip.get_submodule(parent_name), child, wrapped)
 
 
-ADAPTER_PEFTS = ("lora", "ia3")
-
-
 def require_clip_adapters(run_path: Path, peft: str, purpose: str) -> None:
     """InputError unless ``peft`` puts adapters inside CLIP (LoRA, (IA)3): ``purpose`` says what needs them."""
     if peft not in ADAPTER_PEFTS:
-        reason = (
-            "IISAN is a side network over cached CLIP hidden states, not an adapter inside CLIP"
-            if peft == "iisan"
-            else "the run trains no CLIP adapter"
+        raise InputError(
+            f"{run_path}: {purpose} needs a LoRA or (IA)3 run, not --peft {peft}: IISAN is a side network over "
+            "cached CLIP hidden states, not an adapter inside CLIP"
         )
-        raise InputError(f"{run_path}: {purpose} needs a LoRA or (IA)3 run, not --peft {peft}: {reason}")
 
 
 def modality_columns(modalities: tuple[str, ...], width: int) -> dict[str, slice]:

@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from perpeft.engine.config.choices import MODALITIES
 from perpeft.engine.config.methods import METHODS
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sampler import Batch
 from perpeft.engine.features.inputs import ItemInputs
-from perpeft.engine.model.encoders import MODALITIES
 from perpeft.engine.model.recommender import Recommender
-from perpeft.engine.runtime.device import resolve_device, to_device
+from perpeft.engine.runtime.device import to_device, uses_bf16_autocast
 from perpeft.engine.runtime.distributed import current_world
 from perpeft.kernels import bce_with_negatives
 
@@ -75,9 +75,7 @@ class PerpeftModel(nn.Module):
             personal_rows=personal_rows,
             personal_mode=method.personal_mode,
         )
-        self.autocast = config.precision == "bf16" or (
-            config.precision == "auto" and resolve_device(config.device).type == "cuda"
-        )
+        self.precision = config.precision
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: parameter for name, parameter in self.named_parameters() if parameter.requires_grad}
@@ -104,11 +102,14 @@ class PerpeftModel(nn.Module):
                 else:
                     parameter.copy_(source.expand_as(parameter))
 
+    @property
+    def autocast(self) -> bool:
+        """Whether the encoder runs under bf16 autocast on the device the model is on now (not the one it was
+        trained on: a CPU-trained run embedded on CUDA takes CUDA's policy)."""
+        return uses_bf16_autocast(self.precision, self.recommender.item_embeddings.weight.device)
+
     def _precision(self) -> contextlib.AbstractContextManager:
-        device = self.recommender.item_embeddings.weight.device
-        if self.autocast and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
 
     def item_vectors(self, items: torch.Tensor, group: int | torch.Tensor) -> torch.Tensor:
         """z for ``items`` (``[N]``, 0 allowed: padding gives zeros), each seen by ``group`` (one group for

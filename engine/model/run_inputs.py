@@ -7,6 +7,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from perpeft.engine.clip.loading import ClipBundle, load_clip
+from perpeft.engine.config.choices import MODALITIES
 from perpeft.engine.config.methods import method_of
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.dataset import Dataset
@@ -14,7 +15,7 @@ from perpeft.engine.data.sources import load_dataset
 from perpeft.engine.features.hidden_states import HiddenStates, load_hidden_states
 from perpeft.engine.features.inputs import ItemInputs, load_item_inputs
 from perpeft.engine.model.adapters.iisan import GroupedIISAN
-from perpeft.engine.model.encoders import MODALITIES, FrozenFeatures, GroupedClipEncoder
+from perpeft.engine.model.encoders import NO_ADAPTERS, FrozenFeatures, GroupedClipEncoder
 from perpeft.engine.model.perpeft import EncoderFactory, ItemInputSource
 from perpeft.engine.runtime.device import resolve_device
 from perpeft.engine.runtime.distributed import current_world
@@ -64,7 +65,7 @@ def encode_frozen(
     config: RunConfig, bundle: ClipBundle, inputs: ItemInputs, device: torch.device, progress: bool
 ) -> tuple[EncoderFactory, ItemIds]:
     """Frozen MM: every item through CLIP without adapters once; training then only looks rows up."""
-    encoder = GroupedClipEncoder(bundle, "none", 1, kept_modalities(config)).to(device).eval()
+    encoder = GroupedClipEncoder(bundle, NO_ADAPTERS, 1, kept_modalities(config)).to(device).eval()
     items = torch.arange(inputs.present.shape[0])
     parts = []
     for chunk in tqdm(items.split(config.encode_batch_size), desc="frozen CLIP", disable=not progress, leave=False):

@@ -8,6 +8,12 @@ def compiles_sasrec(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
+def uses_bf16_autocast(precision: str, device: torch.device) -> bool:
+    """bf16 autocast for ``--precision auto`` or ``bf16`` on CUDA; fp32 everywhere else (``fp32``, and any
+    CPU: its bf16 GEMMs are no faster there)."""
+    return device.type == "cuda" and precision in ("auto", "bf16")
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present."""
     if name == "auto":

@@ -25,7 +25,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ENCODER_PREFIX = "encoder.clip."
 PEFT_PREFIX = "base_model.model."
-PEFT_TYPES = {"lora": "LORA", "ia3": "IA3"}
+PEFT_LIBRARY_TYPES = {"lora": "LORA", "ia3": "IA3"}  # peft's names of our adapter types
 CLIP_CLASS = {"base_model_class": "CLIPModel", "parent_library": "transformers.models.clip.modeling_clip"}
 
 
@@ -37,7 +37,7 @@ def adapter_config(config: RunConfig) -> dict[str, Any]:
         "fan_in_fan_out": False,
         "inference_mode": True,
         "modules_to_save": None,
-        "peft_type": PEFT_TYPES[config.peft],
+        "peft_type": PEFT_LIBRARY_TYPES[config.peft],
         "revision": None,
         "task_type": None,
     }

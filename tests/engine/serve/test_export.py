@@ -84,12 +84,20 @@ def test_lora_config_is_the_runs(tmp_path):
     assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["peft_type"] == "LORA"
 
 
-@pytest.mark.parametrize(("peft", "reason"), [("iisan", "IISAN is a side network"), ("none", "no CLIP adapter")])
-def test_refuses_runs_without_a_peft_equivalent(tmp_path, peft, reason):
-    path, _ = finished_run(tmp_path, peft)
-    with pytest.raises(InputError, match=reason):
+def test_refuses_runs_without_a_peft_equivalent(tmp_path):
+    path, _ = finished_run(tmp_path, "iisan")
+    with pytest.raises(InputError, match="IISAN is a side network"):
         export_adapter(path, 0, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_config_json_with_an_unknown_peft_is_refused_when_the_run_opens(tmp_path):
+    """Validation names the file and every PEFT type, instead of failing deep inside the encoder."""
+    path, _ = finished_run(tmp_path, "lora")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "peft": "prefix-tuning"}))
+    with pytest.raises(InputError, match=r"config.json: --peft prefix-tuning: expected one of lora, ia3, iisan"):
+        export_adapter(path, 0, tmp_path / "adapter")
 
 
 def test_refuses_unknown_group_and_non_empty_out(tmp_path):
