@@ -52,7 +52,8 @@ def experiment(
     """Run a grid of cells × seeds, skipping finished runs, and write results.csv and table.md."""
     from perpeft.engine.config.methods import TABLE2_METHODS
     from perpeft.engine.config.run_config import RunConfig
-    from perpeft.engine.experiments.grid import RESULTS_CSV, TABLE_MD, build_grid, run_experiment
+    from perpeft.engine.experiments.grid import build_grid
+    from perpeft.engine.experiments.runner import RESULTS_CSV, TABLE_MD, run_experiment
 
     peft_list = _list(pefts)
     if not peft_list or any(peft not in PEFT.values for peft in peft_list):

@@ -46,12 +46,12 @@ def embed(run: Path, batch_size: int | None, device: str | None, overwrite: bool
 @runs_distributed("device")
 def evaluate(run: Path, as_json: bool) -> None:
     """Recompute PerPEFT's validation and test metrics from the embeddings and compare them with metrics.json."""
+    from perpeft.engine.eval.report import largest_difference
     from perpeft.engine.runtime.run_directory import RunDirectory
     from perpeft.engine.serve.recommend import evaluate_run
 
     metrics = evaluate_run(run)
-    recorded = RunDirectory.open(run).read_metrics()["perpeft"]
-    difference = max(abs(value - recorded[stage][name]) for stage in metrics for name, value in metrics[stage].items())
+    difference = largest_difference(metrics, RunDirectory.open(run).read_metrics()["perpeft"])
     if as_json:
         click.echo(json.dumps({**metrics, "max_abs_difference": difference}, indent=2))
         return

@@ -19,8 +19,9 @@ from perpeft.engine.config.choices import CLUSTERING, GROUPING, PEFT
 from perpeft.engine.config.methods import METHODS
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
-
-METRIC_ORDER = ("HR@10", "HR@20", "HR@30", "NDCG@10", "NDCG@20", "NDCG@30")
+from perpeft.engine.eval.metrics import METRIC_NAMES
+from perpeft.engine.eval.report import relative_change, result_rows
+from perpeft.engine.runtime.run_directory import RunDirectory
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -41,29 +42,24 @@ def cli(threads: int | None) -> None:
 
 def metrics_table(metrics: dict[str, Any]) -> str:
     """Test metrics of the run's method; for PerPEFT, Global PEFT and PerPEFT side by side with the change."""
-    method = METHODS[metrics.get("method", "perpeft")]
     peft = f" · {metrics['peft']}" if metrics.get("peft") else ""
     global_seed = f" (Global stage and groups of seed {metrics['global_seed']})" if "global_seed" in metrics else ""
-    rows = [
-        f"{metrics['dataset']} · {method.name}{peft} · C={metrics['groups']} · seed {metrics['seed']}{global_seed}  "
-        "(test, best epoch by valid HR@30)",
-        f"{'':<22}" + "".join(f"{name:>10}" for name in METRIC_ORDER),
+    lines = [
+        f"{metrics['dataset']} · {metrics['method']}{peft} · C={metrics['groups']} · seed {metrics['seed']}"
+        f"{global_seed}  (test, best epoch by valid HR@30)",
+        f"{'':<22}" + "".join(f"{name:>10}" for name in METRIC_NAMES),
     ]
-    if not method.grouped_adapters:
-        result = metrics[metrics["result"]]["test"]
-        rows.append(f"{method.title:<22}" + "".join(f"{result[name]:>10.4f}" for name in METRIC_ORDER))
-        return "\n".join(rows)
-    glob, per = metrics["global"]["test"], metrics["perpeft"]["test"]
-    label = "Global PEFT" if metrics["global"].get("model") == "baseline" else "Global PEFT (stage 1)"
-    rows += [
-        f"{label:<22}" + "".join(f"{glob[name]:>10.4f}" for name in METRIC_ORDER),
-        f"{'PerPEFT':<22}" + "".join(f"{per[name]:>10.4f}" for name in METRIC_ORDER),
-        f"{'change':<22}"
-        + "".join(
-            f"{(per[name] / glob[name] - 1) * 100:>+9.1f}%" if glob[name] else f"{'n/a':>10}" for name in METRIC_ORDER
-        ),
-    ]
-    return "\n".join(rows)
+    rows = result_rows(metrics)
+    lines += [f"{label:<22}" + "".join(f"{values[name]:>10.4f}" for name in METRIC_NAMES) for label, values in rows]
+    if len(rows) == 2:
+        change = relative_change(rows[0][1], rows[1][1])
+        lines.append(
+            f"{'change':<22}"
+            + "".join(
+                f"{change[name] * 100:>+9.1f}%" if change[name] is not None else f"{'n/a':>10}" for name in METRIC_NAMES
+            )
+        )
+    return "\n".join(lines)
 
 
 @cli.command()
@@ -145,9 +141,7 @@ def train(
             group_negatives=not no_group_negatives,
             **options,
         )
-        if out is None:
-            method = "" if config.method == "perpeft" else f"{config.method}-"
-            out = Path("runs") / f"{Path(config.data).name}-{method}{config.peft}-seed{config.seed}"
+        out = out or RunDirectory.default_path(config)
         run, metrics = train_new_run(config, out, overwrite, report, progress=not quiet)
     click.echo(metrics_table(metrics))
     click.echo(f"run directory: {run.path}")

@@ -63,6 +63,12 @@ class RunDirectory:
             raise InputError(f"{path}: not a run directory (no {CONFIG})")
         return cls(path)
 
+    @staticmethod
+    def default_path(config: RunConfig) -> Path:
+        """Where `train` puts a run without ``--out``: ``runs/DATA-[METHOD-]PEFT-seedN`` (PerPEFT unnamed)."""
+        method = "" if config.method == "perpeft" else f"{config.method}-"
+        return Path("runs") / f"{Path(config.data).name}-{method}{config.peft}-seed{config.seed}"
+
     def reseed_path(self, seed: int) -> Path:
         """Where a run reseeded from this one with ``seed`` goes by default: ``RUN-reseed-SEED`` beside it."""
         return self.path.with_name(f"{self.path.name}-reseed-{seed}")

@@ -14,15 +14,9 @@ from perpeft.engine.analysis.attention import divergence
 from perpeft.engine.config.methods import TABLE2_METHODS
 from perpeft.engine.errors import InputError
 from perpeft.engine.experiments import grid as experiment
-from perpeft.engine.experiments.grid import (
-    Cell,
-    Finished,
-    build_grid,
-    methods_table,
-    paired_p_values,
-    run_experiment,
-    run_name,
-)
+from perpeft.engine.experiments.grid import Cell, Finished, build_grid, run_name
+from perpeft.engine.experiments.runner import run_experiment
+from perpeft.engine.experiments.tables import methods_table, paired_p_values
 from perpeft.engine.runtime.run_directory import RunDirectory
 
 

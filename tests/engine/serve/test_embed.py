@@ -13,13 +13,7 @@ from perpeft.engine.model.run_inputs import load_run_inputs
 from perpeft.engine.runtime.run_directory import EMBEDDINGS, RunDirectory
 from perpeft.engine.runtime.tensors import load_tensors
 from perpeft.engine.serve import embed as embed_module
-from perpeft.engine.serve.embed import (
-    PartialChunks,
-    embed_run,
-    item_group_pairs,
-    load_embeddings,
-    load_model,
-)
+from perpeft.engine.serve.embed import PartialChunks, embed_run, item_group_pairs, load_embeddings, load_model
 
 
 class Interrupt(Exception):
