@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from perpeft.cli.errors import reports_input_errors
+from perpeft.engine.runtime.run_directory import RunDirectory
 
 run_option = click.option(
     "--run", "run", type=click.Path(path_type=Path), required=True, help="A finished PerPEFT run directory."
@@ -46,7 +47,7 @@ def attention(run: Path, item: str, png: Path | None, no_png: bool, overwrite: b
     from perpeft.engine.analysis import refuse_existing
     from perpeft.engine.analysis.attention import title_attention, write_attention_heatmap
 
-    png = None if no_png else png or run / "analysis" / f"attention-{output_name(item)}.png"
+    png = None if no_png else png or RunDirectory(run).analysis_file("attention", output_name(item), ".png")
     if png is not None:
         refuse_existing(png, overwrite)
     (result,) = title_attention(run, [item])
@@ -145,7 +146,7 @@ def case(
     from perpeft.engine.analysis import refuse_existing
     from perpeft.engine.analysis.case import case_study, write_case_study_html
 
-    page = page or run / "analysis" / f"case-{output_name(user)}.html"
+    page = page or RunDirectory(run).analysis_file("case", output_name(user), ".html")
     refuse_existing(page, overwrite)
     study = case_study(run, user, k, other_group, progress=not quiet)
     test = f"test item {study.test_item}" if study.test_item is not None else "no test item"

@@ -19,7 +19,7 @@ from perpeft.engine.config.choices import CLUSTERING, GROUPING, PEFT
 from perpeft.engine.config.methods import METHODS
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
-from perpeft.engine.eval.metrics import METRIC_NAMES
+from perpeft.engine.eval.metrics import METRIC_NAMES, SELECTION_METRIC
 from perpeft.engine.eval.report import relative_change, result_rows
 from perpeft.engine.runtime.run_directory import RunDirectory
 
@@ -46,7 +46,7 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     global_seed = f" (Global stage and groups of seed {metrics['global_seed']})" if "global_seed" in metrics else ""
     lines = [
         f"{metrics['dataset']} · {metrics['method']}{peft} · C={metrics['groups']} · seed {metrics['seed']}"
-        f"{global_seed}  (test, best epoch by valid HR@30)",
+        f"{global_seed}  (test, best epoch by valid {SELECTION_METRIC})",
         f"{'':<22}" + "".join(f"{name:>10}" for name in METRIC_NAMES),
     ]
     rows = result_rows(metrics)

@@ -9,18 +9,18 @@ Liger-Kernel's fused cross-entropy does), so the graph can be walked backward on
 
 import torch
 
-from ._triton import launch, tl, triton
+from ._triton import jit, launch, tl, triton
 
 _MAX_BLOCK_D = 1024
 _TILE_ELEMENTS = 4096  # per program and input: 8 warps hold three fp32 tiles in 48 registers a thread
 
 
-@triton.jit
+@jit
 def _softplus(x):
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
-@triton.jit
+@jit
 def _bce_kernel(
     h_ptr,
     pos_ptr,

@@ -10,14 +10,14 @@ specialised on (``do_not_specialize``), so their values never compile another bi
 
 import torch
 
-from ._triton import launch, target_programs, tl, triton
+from ._triton import jit, launch, target_programs, tl, triton
 from .segments import GroupSegments, segment_groups
 
 _BLOCK_M = 32
 _BLOCK_K = 128
 
 
-@triton.jit
+@jit
 def _scale_rows_kernel(x_ptr, scales_ptr, ids_ptr, out_ptr, N, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """``out[n, k] = x[n, k] * scales[ids[n], k]`` for one row block and one column block."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -30,7 +30,7 @@ def _scale_rows_kernel(x_ptr, scales_ptr, ids_ptr, out_ptr, N, K, BLOCK_M: tl.co
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["C", "num_splits"])
+@jit(do_not_specialize=["C", "num_splits"])
 def _backward_kernel(
     x_ptr,
     grad_ptr,

@@ -18,7 +18,7 @@ The group and split counts are not specialised on (``do_not_specialize``): a cou
 
 import torch
 
-from ._triton import dot_precision, launch, target_programs, tl, triton
+from ._triton import dot_precision, jit, launch, target_programs, tl, triton
 from .segments import GroupSegments, segment_groups
 
 _BLOCK_K_SHRINK = 64
@@ -30,7 +30,7 @@ _BLOCK_WIDE = 128
 _NUM_WARPS = 8
 
 
-@triton.jit
+@jit
 def _locate_tile(tile, counts_ptr, rows_per_id, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Group of row tile ``tile`` and its [start, group end) in sorted row positions (group >= C: no tile)."""
     cs = tl.arange(0, BLOCK_C)
@@ -45,7 +45,7 @@ def _locate_tile(tile, counts_ptr, rows_per_id, C, BLOCK_M: tl.constexpr, BLOCK_
     return group, group_start + (tile - first_tile) * BLOCK_M, group_end
 
 
-@triton.jit
+@jit
 def _sorted_rows(positions, end, order_ptr, rows_per_id):
     """Input rows at sorted ``positions`` (token ``t`` of the ``i``-th sorted id) and their validity."""
     valid = positions < end
@@ -53,7 +53,7 @@ def _sorted_rows(positions, end, order_ptr, rows_per_id):
     return ids * rows_per_id + positions % rows_per_id, valid
 
 
-@triton.jit(do_not_specialize=["C"])
+@jit(do_not_specialize=["C"])
 def _shrink_kernel(
     x_ptr,
     w_ptr,
@@ -92,7 +92,7 @@ def _shrink_kernel(
         tl.store(out, acc, mask=valid[:, None] & (rr[None, :] < R))
 
 
-@triton.jit(do_not_specialize=["C"])
+@jit(do_not_specialize=["C"])
 def _expand_kernel(
     s_ptr,
     w_ptr,
@@ -127,7 +127,7 @@ def _expand_kernel(
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (ms[None, :] < M))
 
 
-@triton.jit(do_not_specialize=["C", "num_splits"])
+@jit(do_not_specialize=["C", "num_splits"])
 def _segment_outer_kernel(
     p_ptr,
     q_ptr,

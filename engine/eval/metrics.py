@@ -22,6 +22,7 @@ from torch import Tensor
 from perpeft.engine.runtime.distributed import current_world
 
 KS = (10, 20, 30)
+SELECTION_METRIC = "HR@30"  # the validation metric that selects each stage's best epoch (paper App. C.2)
 METRIC_NAMES = tuple(f"{name}@{k}" for name in ("HR", "NDCG") for k in KS)  # the order every report uses
 # Users per scoring step: on CPU a [64, I] score matrix stays in cache (2.6× faster than 1024 at 18,884
 # items, benchmarks/test_evaluate_bench.py); a GPU wants large matmuls.

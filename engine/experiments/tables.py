@@ -13,7 +13,7 @@ from perpeft.engine.analysis.attention import divergences as attention_divergenc
 from perpeft.engine.config.methods import METHODS, TABLE2_METHODS
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sources import load_dataset
-from perpeft.engine.eval.metrics import METRIC_NAMES
+from perpeft.engine.eval.metrics import METRIC_NAMES, SELECTION_METRIC
 from perpeft.engine.eval.report import result_metrics
 from perpeft.engine.experiments.grid import Finished
 from perpeft.engine.model.params import parameter_counts
@@ -244,7 +244,8 @@ def tables_markdown(
         "",
         f"Settings: E1 = {settings.epochs_global}, E2 = {settings.epochs_perpeft} (single-stage methods train "
         f"E1 + E2 epochs), lr {settings.lr:g}, weight decay {settings.weight_decay:g}, batch {settings.batch_size}, "
-        f"C = {settings.groups} unless a row says otherwise. Test metrics at the best epoch by validation HR@30, "
+        f"C = {settings.groups} unless a row says otherwise. Test metrics at the best epoch by validation "
+        f"{SELECTION_METRIC}, "
         "×100, mean (standard deviation) over seeds. Bold: best mean per column (per PEFT block in Table 2).",
         "",
     ]

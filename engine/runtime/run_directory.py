@@ -10,6 +10,7 @@ Layout (all written atomically)::
     global/snapshot-e1.safetensors     Global PEFT at epoch E1, where the second stage starts
     grouping.safetensors               user → group assignment and centroids
     embeddings/                        `embed`'s per-group item tables, user vectors and ids
+    analysis/                          `analyze` pages and heat maps
 """
 
 import json
@@ -135,6 +136,10 @@ class RunDirectory:
     def embeddings(self) -> Path:
         """`embed`'s output directory."""
         return self.path / EMBEDDINGS
+
+    def analysis_file(self, kind: str, subject: str, suffix: str) -> Path:
+        """Where `analyze` writes ``kind`` ("attention", "case") about ``subject`` (an item or user id)."""
+        return self.path / "analysis" / f"{kind}-{subject}{suffix}"
 
     @property
     def embedded_items(self) -> Path:

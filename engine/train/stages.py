@@ -13,14 +13,12 @@ from tqdm.auto import tqdm
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sampler import Batch, TrainSampler
 from perpeft.engine.eval.evaluation import EvaluationData, evaluate_model
+from perpeft.engine.eval.metrics import SELECTION_METRIC
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.runtime.distributed import World, current_world
 from perpeft.engine.runtime.memory import PeakMemory
 from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.runtime.tensors import load_tensors, optimizer_tensors, restore_optimizer, save_tensors
-
-SELECTION_METRIC = "HR@30"
-
 
 STAGE_INDEX = {"global": 1, "perpeft": 2, "grouped": 2}
 
@@ -192,7 +190,7 @@ class StageRunner:
                     self.run.checkpoint(self.name, previous).unlink(missing_ok=True)
             self.world.barrier()
             self.report(
-                f"{self.name} epoch {epoch}/{epochs}  loss {loss:.4f}  valid HR@30 {metrics['valid']['HR@30']:.4f}  "
+                f"{self.name} epoch {epoch}/{epochs}  loss {loss:.4f}  valid {SELECTION_METRIC} {metrics['valid'][SELECTION_METRIC]:.4f}  "
                 f"test NDCG@20 {metrics['test']['NDCG@20']:.4f}{'  *' if improved else ''}"
             )
             stage_bar.update(1)

@@ -18,10 +18,10 @@ REQUIRED_DEVICE = "PERPEFT_KERNEL_TESTS_DEVICE"
 
 def kernel_mode() -> str:
     """How the Triton kernels run in this session: compiled on which GPU, or interpreted on the CPU."""
-    from perpeft.kernels._triton import triton
+    from perpeft.kernels._triton import INTERPRETED, triton
 
-    if triton.knobs.runtime.interpret:
-        return f"Triton {triton.__version__} interpreted (TRITON_INTERPRET=1), CPU tensors"
+    if INTERPRETED:
+        return f"Triton {triton.__version__} interpreted, CPU tensors"
     return f"Triton {triton.__version__} compiled, CUDA tensors on {torch.cuda.get_device_name()}"
 
 

@@ -1,6 +1,8 @@
 """The dispatch: which path each op takes under PERPEFT_KERNELS, and the segment metadata it accepts."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -48,7 +50,6 @@ def test_torch_forces_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_triton_runs_cpu_tensors_in_the_interpreter() -> None:
     assert kernel_backend(torch.zeros(1)) == "triton"
     assert _grad_fn_names() == ["_GroupedLoRABackward", "_GroupedIA3Backward", "_BCEWithNegativesBackward"]
-    assert os.environ["TRITON_INTERPRET"] == "1"
 
 
 @pytest.mark.parametrize("value", ["cuda", "TRITON!", "reference"])
@@ -71,3 +72,17 @@ def test_segments_sort_stably_and_count_empty_groups() -> None:
     assert segments.rows_per_id(15) == 3
     with pytest.raises(ValueError, match="evenly"):
         segments.rows_per_id(7)
+
+
+def test_importing_the_kernels_leaves_the_process_environment_alone() -> None:
+    """Without CUDA the kernels are decorated in interpreter mode, but TRITON_INTERPRET is set only while they
+    are: other Triton users in the process see the environment unchanged."""
+    code = (
+        "import os, torch\n"
+        "from perpeft.kernels import bce, ia3, lora\n"
+        "assert 'TRITON_INTERPRET' not in os.environ, os.environ['TRITON_INTERPRET']\n"
+        "assert type(lora._shrink_kernel).__name__ == ('JITFunction' if torch.cuda.is_available() else 'InterpretedFunction')\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
