@@ -99,7 +99,7 @@ def job_config(data: str, clip: str) -> RunConfig:
 
 
 def unfold_quick_gelu(clip: torch.nn.Module) -> None:
-    """Undo `clip_layers.fold_quick_gelu` on an encoder's CLIP copy: QuickGELU again, fc1 and fc2 rescaled back."""
+    """Undo `engine.clip.layers.fold_quick_gelu` on an encoder's CLIP copy: QuickGELU again, fc1 and fc2 rescaled back."""
     for module in clip.modules():
         if isinstance(getattr(module, "activation_fn", None), torch.nn.SiLU):
             fc1 = getattr(module.fc1, "base", module.fc1)

@@ -10,7 +10,7 @@
   forward and backward; QuickGELU is three elementwise passes forward and five backward over the widest
   activation of the tower. (IA)3's scaling of ``fc1``'s input is linear, so it commutes with the fold.
 
-Both change item vectors only by float rounding (``tests/engine/test_clip_layers.py``).
+Both change item vectors only by float rounding (``tests/engine/clip/test_layers.py``).
 """
 
 import torch
