@@ -153,7 +153,7 @@ def train_reseeded(
     """``train --global-from RUN --seed N``: RUN's settings, Global stage and groups; second stage with seed N."""
     from perpeft.engine.runtime.run_directory import RunDirectory
     from perpeft.engine.train.pipeline import train_new_run
-    from perpeft.engine.train.reseed import RESEED_MACHINE_SETTINGS, reseeded_config
+    from perpeft.engine.train.reseed import RESEED_MACHINE_SETTINGS, check_reseed_settings, reseeded_config
 
     context = click.get_current_context()
     given = [
@@ -162,12 +162,7 @@ def train_reseeded(
         if context.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
     ]
     given += [name for name in ("no_baseline", "no_text", "no_image", "no_group_negatives") if context.params[name]]
-    conflicting = [name for name in given if name not in ("seed", *RESEED_MACHINE_SETTINGS)]
-    if conflicting:
-        flags = ", ".join("--" + name.replace("_", "-") for name in conflicting)
-        raise InputError(f"--global-from {source_path} takes every setting from that run's config.json; drop {flags}")
-    if "seed" not in given:
-        raise InputError("--global-from needs --seed: the second stage's seed, another than the run's own")
+    check_reseed_settings(source_path, given)
     source = RunDirectory.open(source_path)
     machine = {name: options[name] for name in RESEED_MACHINE_SETTINGS if name in given}
     config = reseeded_config(source, options["seed"], **machine)

@@ -2,6 +2,7 @@
 the second stage with another seed."""
 
 import dataclasses
+from pathlib import Path
 
 from perpeft.engine.config.methods import method_of
 from perpeft.engine.config.run_config import RunConfig
@@ -11,6 +12,18 @@ from perpeft.engine.runtime.run_directory import RunDirectory
 
 # Settings of the machine, not of the experiment: a run reusing another's Global stage may change them.
 RESEED_MACHINE_SETTINGS = ("device", "precision", "compile")
+
+
+def check_reseed_settings(source_path: Path, given: list[str]) -> None:
+    """InputError unless the settings a user gave for a reseeded run (``given``: RunConfig field names and
+    the ``no_*`` flags) are the seed, which is required, and machine settings: every other setting comes
+    from the source run's config.json."""
+    conflicting = [name for name in given if name not in ("seed", *RESEED_MACHINE_SETTINGS)]
+    if conflicting:
+        flags = ", ".join("--" + name.replace("_", "-") for name in conflicting)
+        raise InputError(f"--global-from {source_path} takes every setting from that run's config.json; drop {flags}")
+    if "seed" not in given:
+        raise InputError("--global-from needs --seed: the second stage's seed, another than the run's own")
 
 
 def reseeded_config(source: RunDirectory, seed: int, **machine: str) -> RunConfig:
