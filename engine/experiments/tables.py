@@ -216,7 +216,7 @@ def scalability_table(finished: list[Finished]) -> list[str]:
         state, config = run.read_state(), run.config
         per_stage = {}
         for stage in ("global", "perpeft"):
-            history = state[stage]["history"]
+            history = state.stage(stage).history
             per_stage[stage] = (
                 statistics.mean(record["train_seconds"] for record in history),
                 max(record["train_peak_bytes"] for record in history) / 2**20,

@@ -21,6 +21,7 @@ from typing import Any
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
 from perpeft.engine.runtime.atomic import atomic_write_bytes, atomic_write_json
+from perpeft.engine.runtime.run_state import RunState
 
 CONFIG = "config.json"
 STATE = "state.json"
@@ -78,12 +79,13 @@ class RunDirectory:
     def config(self) -> RunConfig:
         return RunConfig.from_json_file(self.path / CONFIG)
 
-    def read_state(self) -> dict[str, Any]:
-        state_path = self.path / STATE
-        return json.loads(state_path.read_text()) if state_path.is_file() else {}
+    def read_state(self) -> RunState:
+        """The run's progress (empty before its first epoch)."""
+        path = self.path / STATE
+        return RunState.from_json(json.loads(path.read_text()), str(path)) if path.is_file() else RunState()
 
-    def write_state(self, state: dict[str, Any]) -> None:
-        atomic_write_json(self.path / STATE, state)
+    def write_state(self, state: RunState) -> None:
+        atomic_write_json(self.path / STATE, state.to_json())
 
     @property
     def finished(self) -> bool:

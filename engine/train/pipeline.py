@@ -17,6 +17,7 @@ from perpeft.engine.model.run_inputs import RunInputs, load_run_inputs
 from perpeft.engine.runtime.device import compiles_sasrec, resolve_device
 from perpeft.engine.runtime.distributed import current_world
 from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.runtime.run_state import GroupingRecord
 from perpeft.engine.runtime.tensors import load_tensors, save_tensors
 from perpeft.engine.train.grouping import fit_groups
 from perpeft.engine.train.reseed import reuse_global_stage, shares_global_stage
@@ -69,7 +70,7 @@ def run_pipeline(
         runner = StageRunner(
             name, run, config, model, sampler, evaluation, user_groups, dataset.num_items, device, report, progress
         )
-        runner.resume(state.setdefault(name, {}))
+        runner.resume(state.stage(name))
         return runner
 
     plain_sampler = TrainSampler(split.train, dataset.num_items, config.maxlen, config.batch_size)
@@ -80,18 +81,18 @@ def run_pipeline(
         if method.two_stage and epoch == e1:
             save_tensors(run.snapshot, global_stage.model.trainable_state(), {"epoch": epoch})
 
-    global_stage.train(global_epochs, state["global"], save_state, save_snapshot)
+    global_stage.train(global_epochs, state.stage("global"), save_state, save_snapshot)
     stages = {"global": global_epochs}
 
     if method.two_stage:
-        if "grouping" not in state:
+        if state.grouping is None:
             global_stage.model.load_trainable_state(load_tensors(run.snapshot)[0])
             assignment, centroids = fit_groups(global_stage.model, split, dataset.num_items, config)
             if world.is_main:
                 grouping = {"assignment": torch.from_numpy(assignment), "centroids": centroids}
                 save_tensors(run.grouping, grouping)
             sizes = np.bincount(assignment[1:], minlength=config.groups).tolist()
-            state["grouping"] = {"sizes": sizes, "grouping": config.grouping, "clustering": config.clustering}
+            state.grouping = GroupingRecord(sizes, config.grouping, config.clustering)
             save_state()
             world.barrier()
             report(f"grouping: {config.groups} groups of sizes {sizes}")
@@ -106,9 +107,9 @@ def run_pipeline(
         else:
             name = "grouped"
             second = stage(name, 1, plain_sampler, no_groups, assignment)
-        if not state[name].get("completed_epochs"):
+        if not state.stage(name).completed_epochs:
             second.model.init_from_single_group(load_tensors(run.snapshot)[0])
-        second.train(e2, state[name], save_state, lambda epoch: None)
+        second.train(e2, state.stage(name), save_state, lambda epoch: None)
         stages[name] = e2
 
     metrics = {
@@ -119,13 +120,13 @@ def run_pipeline(
         "seed": config.seed,
         **({"global_seed": config.global_seed} if config.global_seed is not None else {}),
         "result": list(stages)[-1],
-        **{name: stage_summary(state[name], epochs) for name, epochs in stages.items()},
+        **{name: stage_summary(state.stage(name), epochs) for name, epochs in stages.items()},
     }
     if method.two_stage:
         metrics["global"]["model"] = "baseline" if config.baseline else "stage1"
     if world.is_main:
         run.write_metrics(metrics)
-    state["done"] = True
+    state.done = True
     save_state()
     world.barrier()
     return metrics

@@ -9,6 +9,7 @@ from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
 from perpeft.engine.runtime.atomic import atomic_write_bytes
 from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.runtime.run_state import RunState
 
 # Settings of the machine, not of the experiment: a run reusing another's Global stage may change them.
 RESEED_MACHINE_SETTINGS = ("device", "precision", "compile")
@@ -35,7 +36,7 @@ def reseeded_config(source: RunDirectory, seed: int, **machine: str) -> RunConfi
     if not method_of(config).two_stage:
         raise InputError(f"{source.path}: a --method {config.method} run has no Global stage and grouping to reuse")
     state = source.read_state()
-    if "grouping" not in state or not (source.snapshot.is_file() and source.grouping.is_file()):
+    if state.grouping is None or not (source.snapshot.is_file() and source.grouping.is_file()):
         raise InputError(
             f"{source.path}: its Global stage and grouping are not finished; finish it with `train --resume`"
         )
@@ -63,4 +64,4 @@ def reuse_global_stage(source: RunDirectory, run: RunDirectory) -> None:
         atomic_write_bytes(run.path / path.relative_to(source.path), path.read_bytes())
     atomic_write_bytes(run.grouping, source.grouping.read_bytes())
     state = source.read_state()
-    run.write_state({"global": state["global"], "grouping": state["grouping"]})
+    run.write_state(RunState({"global": state.stage("global")}, state.grouping))

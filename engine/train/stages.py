@@ -18,6 +18,7 @@ from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.runtime.distributed import World, current_world
 from perpeft.engine.runtime.memory import PeakMemory
 from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.runtime.run_state import StageProgress
 from perpeft.engine.runtime.tensors import load_tensors, optimizer_tensors, restore_optimizer, save_tensors
 
 STAGE_INDEX = {"global": 1, "perpeft": 2, "grouped": 2}
@@ -120,30 +121,28 @@ class StageRunner:
                 **BUFFERS_NOT_SYNCED_PER_STEP,
             )
 
-    def resume(self, state: dict[str, Any]) -> None:
+    def resume(self, progress: StageProgress) -> None:
         """Load model and optimizer from the stage's last completed epoch."""
-        completed = state.get("completed_epochs", 0)
+        completed = progress.completed_epochs
         if completed:
             tensors, metadata = load_tensors(self.run.checkpoint(self.name, completed))
             self.model.load_trainable_state(tensors)
             restore_optimizer(self.optimizer, tensors, metadata["param_groups"])
 
     def train(
-        self, epochs: int, state: dict[str, Any], save_state: Callable[[], None], on_epoch: Callable[[int], None]
+        self, epochs: int, progress: StageProgress, save_state: Callable[[], None], on_epoch: Callable[[int], None]
     ) -> None:
-        """Run epochs ``completed+1 .. epochs``, updating ``state`` (history, best) after each."""
-        state.setdefault("completed_epochs", 0)
-        state.setdefault("history", [])
+        """Run epochs ``completed+1 .. epochs``, updating ``progress`` (history, best) after each."""
         stage_bar = tqdm(
             total=epochs,
-            initial=state["completed_epochs"],
+            initial=progress.completed_epochs,
             desc=STAGE_TITLES[self.name],
             unit="epoch",
             disable=not self.progress,
             leave=False,
             dynamic_ncols=True,
         )
-        for epoch in range(state["completed_epochs"] + 1, epochs + 1):
+        for epoch in range(progress.completed_epochs + 1, epochs + 1):
             started = time.perf_counter()
             seed = [self.config.stage_seed(self.name), STAGE_INDEX[self.name], epoch]
             seed_torch(seed)
@@ -168,13 +167,13 @@ class StageRunner:
                 "train_peak_bytes": peak.bytes,
                 **metrics,
             }
-            state["history"].append(record)
-            best = state.get("best")
+            progress.history.append(record)
+            best = progress.best
             improved = best is None or metrics["valid"][SELECTION_METRIC] > best["valid"][SELECTION_METRIC]
             if improved:
-                state["best"] = {"epoch": epoch, "valid": metrics["valid"], "test": metrics["test"]}
-            previous = state["completed_epochs"]
-            state["completed_epochs"] = epoch
+                progress.best = {"epoch": epoch, "valid": metrics["valid"], "test": metrics["test"]}
+            previous = progress.completed_epochs
+            progress.completed_epochs = epoch
             if self.world.is_main:  # ranks hold identical weights; one writes
                 if improved:
                     save_tensors(self.run.best(self.name), self.model.trainable_state(), {"epoch": epoch})
@@ -197,6 +196,7 @@ class StageRunner:
         stage_bar.close()
 
 
-def stage_summary(stage_state: dict[str, Any], epochs: int) -> dict[str, Any]:
-    best = stage_state["best"]
+def stage_summary(progress: StageProgress, epochs: int) -> dict[str, Any]:
+    """A finished stage's entry in ``metrics.json``: its best epoch and that epoch's metrics."""
+    best = progress.best
     return {"best_epoch": best["epoch"], "epochs": epochs, "valid": best["valid"], "test": best["test"]}

@@ -216,8 +216,8 @@ def test_each_grouping_reaches_the_run_and_is_recorded(small_demo: Path, small_c
         config = small_config(small_demo, groups=3, epochs_perpeft=1, baseline=False, **changes)
         run, _ = train_new_run(config, tmp_path / name, False, **SILENT)
         assignments[name] = load_tensors(run.grouping)[0]["assignment"].numpy()
-        recorded = run.read_state()["grouping"]
-        assert (recorded["clustering"], recorded["grouping"]) == (config.clustering, config.grouping)
+        recorded = run.read_state().grouping
+        assert (recorded.clustering, recorded.grouping) == (config.clustering, config.grouping)
     sizes = np.bincount(assignments["random"][1:], minlength=3)
     assert sizes.max() - sizes.min() <= 1
     np.testing.assert_array_equal(assignments["random"], assignments["random-again"])

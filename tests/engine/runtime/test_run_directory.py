@@ -8,6 +8,7 @@ import pytest
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
 from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.runtime.run_state import GroupingRecord, RunState, StageProgress
 
 
 def test_a_new_run_holds_its_config_and_nothing_else(tmp_path: Path) -> None:
@@ -16,7 +17,7 @@ def test_a_new_run_holds_its_config_and_nothing_else(tmp_path: Path) -> None:
     assert RunDirectory.holds_run(run.path)
     assert run.config == config
     assert [path.name for path in run.path.iterdir()] == ["config.json"]
-    assert run.read_state() == {}
+    assert run.read_state() == RunState()
     assert not run.finished
 
 
@@ -62,8 +63,16 @@ def test_state_and_metrics_round_trip_and_unfinished_reads_fail(tmp_path: Path) 
         run.read_metrics()
     with pytest.raises(InputError, match="not finished"):
         run.best_checkpoint("perpeft")
-    run.write_state({"global": {"completed_epochs": 2}})
-    assert run.read_state() == {"global": {"completed_epochs": 2}}
+    state = RunState(
+        {"global": StageProgress(2, [{"epoch": 1}, {"epoch": 2}], {"epoch": 2})},
+        GroupingRecord([3, 4], "interest", "kmeans"),
+    )
+    run.write_state(state)
+    assert run.read_state() == state
+    assert json.loads((run.path / "state.json").read_text()) == {
+        "global": {"completed_epochs": 2, "history": [{"epoch": 1}, {"epoch": 2}], "best": {"epoch": 2}},
+        "grouping": {"sizes": [3, 4], "grouping": "interest", "clustering": "kmeans"},
+    }
     run.write_metrics({"method": "global-peft", "global": {}})
     assert run.finished and run.read_metrics()["method"] == "global-peft"
     assert run.best_checkpoint("global") == run.best("global")
@@ -75,3 +84,13 @@ def test_state_and_metrics_round_trip_and_unfinished_reads_fail(tmp_path: Path) 
 def test_opening_a_directory_without_a_config_fails_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not a run directory"):
         RunDirectory.open(tmp_path)
+
+
+def test_a_state_json_with_unknown_keys_is_refused_naming_the_file(tmp_path: Path) -> None:
+    run = RunDirectory.create(tmp_path / "run", RunConfig(), overwrite=False)
+    (run.path / "state.json").write_text(json.dumps({"global": {"completed_epochs": 1, "history": []}, "colour": 1}))
+    with pytest.raises(InputError, match=r"state\.json: unknown progress keys \['colour'\]"):
+        run.read_state()
+    (run.path / "state.json").write_text(json.dumps({"global": {"epochs": 1}}))
+    with pytest.raises(InputError, match=r"state\.json: malformed progress record"):
+        run.read_state()

@@ -40,12 +40,12 @@ def test_reseeded_run_copies_the_global_stage_and_retrains_the_second(source, re
         assert (out / "global" / path.name).read_bytes() == path.read_bytes(), path.name
     assert (out / GROUPING).read_bytes() == source.grouping.read_bytes()
     source_state, state = source.read_state(), RunDirectory.open(out).read_state()
-    assert state["global"] == source_state["global"] and state["grouping"] == source_state["grouping"]
+    assert state.stage("global") == source_state.stage("global") and state.grouping == source_state.grouping
     source_metrics = source.read_metrics()
     assert metrics["global"] == source_metrics["global"]
     assert (metrics["seed"], metrics["global_seed"]) == (5, 0) and "global_seed" not in source_metrics
     # Another seed for the second stage: other batches, negatives and dropout, so another loss.
-    assert state["perpeft"]["history"][0]["loss"] != source_state["perpeft"]["history"][0]["loss"]
+    assert state.stage("perpeft").history[0]["loss"] != source_state.stage("perpeft").history[0]["loss"]
 
 
 def test_global_seed_drives_the_global_stage_and_grouping(source, reseeded, small_demo, small_config, tmp_path):
@@ -56,8 +56,8 @@ def test_global_seed_drives_the_global_stage_and_grouping(source, reseeded, smal
     state = RunDirectory.open(tmp_path / "scratch").read_state()
     source_state = source.read_state()
     np.testing.assert_allclose(
-        [epoch["loss"] for epoch in state["global"]["history"]],
-        [epoch["loss"] for epoch in source_state["global"]["history"]],
+        [epoch["loss"] for epoch in state.stage("global").history],
+        [epoch["loss"] for epoch in source_state.stage("global").history],
         rtol=1e-6,
     )
     np.testing.assert_array_equal(
@@ -66,8 +66,8 @@ def test_global_seed_drives_the_global_stage_and_grouping(source, reseeded, smal
     )
     copied = RunDirectory.open(reseeded[0]).read_state()
     np.testing.assert_allclose(
-        [epoch["loss"] for epoch in state["perpeft"]["history"]],
-        [epoch["loss"] for epoch in copied["perpeft"]["history"]],
+        [epoch["loss"] for epoch in state.stage("perpeft").history],
+        [epoch["loss"] for epoch in copied.stage("perpeft").history],
         rtol=1e-6,
     )
     assert metrics["perpeft"]["test"] == pytest.approx(reseeded[1]["perpeft"]["test"], rel=1e-6)
@@ -84,7 +84,7 @@ def test_reseeding_refuses_what_it_cannot_reuse(source, small_demo, small_config
     (unfinished / "global").mkdir(parents=True)
     (unfinished / "config.json").write_text(source.config.to_json())
     state = source.read_state()
-    (unfinished / "state.json").write_text(json.dumps({"global": state["global"]}))
+    (unfinished / "state.json").write_text(json.dumps({"global": state.stage("global").to_json()}))
     with pytest.raises(InputError, match="not finished"):
         reseeded_config(RunDirectory.open(unfinished), 1)
     with pytest.raises(InputError, match="single stage"):
