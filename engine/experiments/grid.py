@@ -31,9 +31,8 @@ from perpeft.engine.config.methods import METHODS, method_of
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
 from perpeft.engine.eval.report import result_metrics
-from perpeft.engine.model.params import large_adapter_config
 from perpeft.engine.runtime.run_directory import RunDirectory
-from perpeft.engine.train.pipeline import resume_run, silent, train_new_run
+from perpeft.engine.train.pipeline import resume_run, silent, train_new_run, trained_config
 from perpeft.engine.train.reseed import reseeded_config
 
 RESEED_OFFSET = 1  # Table 7's reseeded run of seed s trains its second stage with seed s + RESEED_OFFSET
@@ -132,10 +131,7 @@ def _train_cell(config: RunConfig, path: Path, global_from: RunDirectory | None 
     a directory holding another configuration is refused."""
     if RunDirectory.holds_run(path):
         run = RunDirectory.open(path)
-        expected = config.resolved()
-        if method_of(expected).large:
-            expected = large_adapter_config(expected)[0]
-        if run.config != expected:
+        if run.config != trained_config(config)[0]:
             raise InputError(f"{path}: holds a run of another configuration; use another --out")
         if run.finished:
             return run.read_metrics()

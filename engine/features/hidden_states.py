@@ -19,10 +19,8 @@ changed catalog or model builds a new cache and an unchanged one is never rebuil
 import hashlib
 import json
 import math
-import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from transformers import CLIPConfig, CLIPModel
 from perpeft.engine.clip.loading import ClipBundle
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.features.inputs import ItemInputs
+from perpeft.engine.runtime.atomic import atomic_write_bytes
 from perpeft.engine.runtime.cache import cache_root, publish_directory, staging_directory
 
 FORMAT = "iisan-hidden-v1"
@@ -109,7 +108,7 @@ def clip_fingerprint(model: CLIPModel) -> str:
     if memo.is_file():
         return memo.read_text()
     fingerprint = _hash_model(model)
-    _write_text_atomic(memo, fingerprint)
+    atomic_write_bytes(memo, fingerprint.encode())
     return fingerprint
 
 
@@ -265,11 +264,3 @@ def _weight_sample(model: CLIPModel) -> bytes:
         flat = tensor.detach().reshape(-1)
         parts += [name.encode(), _tensor_bytes(flat[:: max(1, flat.numel() // SAMPLES_PER_TENSOR)]).tobytes()]
     return b"\0".join(parts)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as file:
-        file.write(text)
-    os.replace(temporary, path)

@@ -16,7 +16,7 @@ from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.errors import InputError
 from perpeft.engine.eval.evaluation import EvaluationData
 from perpeft.engine.eval.metrics import full_ranking_metrics
-from perpeft.engine.eval.users import nearest_centroid
+from perpeft.engine.eval.users import grouping_space_vectors, nearest_centroid
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.model.run_inputs import load_run_inputs
 from perpeft.engine.runtime.distributed import current_world
@@ -73,19 +73,6 @@ def engine_indices(ids: list[str | None], wanted: list[str], option: str) -> np.
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise InputError(f"{option}: unknown id{'s' if len(unknown) > 1 else ''} {shown}")
     return np.array([index[value] for value in wanted], dtype=np.int64)
-
-
-def grouping_space_vectors(snapshot: PerpeftModel, histories: list[np.ndarray], maxlen: int) -> torch.Tensor:
-    """Users' vectors ``[N, d]`` in the grouping space: the Global-PEFT snapshot's SASRec output at the last
-    position of each history's last ``maxlen`` items, the only items it encodes."""
-    windows = last_window(histories, maxlen)
-    items = torch.from_numpy(np.unique(windows[windows != 0]))
-    with torch.no_grad():
-        vectors = snapshot.item_vectors(items, 0)
-    table = vectors.new_zeros(1, snapshot.recommender.item_embeddings.num_embeddings, vectors.shape[-1])
-    table[0, items] = vectors
-    groups = torch.zeros(len(histories), dtype=torch.long)
-    return snapshot.user_vectors(torch.from_numpy(windows), groups, table, len(histories))
 
 
 def top_k(

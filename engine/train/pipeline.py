@@ -136,6 +136,15 @@ def silent(line: str) -> None:
     """A report that prints nothing (ranks other than 0, cells of an experiment grid)."""
 
 
+def trained_config(config: RunConfig) -> tuple[RunConfig, dict[str, int] | None]:
+    """The configuration a run of ``config`` trains and writes to its ``config.json``: resolved, and for
+    Large Global PEFT with LoRA's rank grown to PerPEFT's adapter count (the counts returned, else None)."""
+    config = config.resolved()
+    if method_of(config).large:
+        return large_adapter_config(config)
+    return config, None
+
+
 def train_new_run(
     config: RunConfig,
     out: Path,
@@ -146,9 +155,8 @@ def train_new_run(
 ) -> tuple[RunDirectory, dict[str, Any]]:
     """Validate the inputs, then create ``out`` (refusing an existing run unless ``overwrite``) and train;
     with ``global_from`` (see `reseeded_config`) the run starts from that run's Global stage and grouping."""
-    config = config.resolved()
-    if method_of(config).large:
-        config, counts = large_adapter_config(config)
+    config, counts = trained_config(config)
+    if counts is not None:
         report(
             f"large-global-peft: one LoRA adapter of rank {config.lora_rank} has "
             f"{counts['large_global_peft_adapter']:,} parameters; PerPEFT's {config.groups} adapters "

@@ -8,11 +8,11 @@ import torch
 
 from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.errors import InputError
-from perpeft.engine.eval.users import nearest_centroid, user_space_vectors
+from perpeft.engine.eval.users import grouping_space_vectors, nearest_centroid, user_space_vectors
 from perpeft.engine.model.run_inputs import load_run_inputs
 from perpeft.engine.runtime.run_directory import EMBEDDINGS, RunDirectory
 from perpeft.engine.serve.embed import load_embeddings, load_model
-from perpeft.engine.serve.recommend import evaluate_run, grouping_space_vectors, recommend
+from perpeft.engine.serve.recommend import evaluate_run, recommend
 
 
 @pytest.fixture(scope="module")
