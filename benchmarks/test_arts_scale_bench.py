@@ -28,6 +28,7 @@ import pytest
 
 from benchmarks.shops import ARTS_SCALE, bench_root, user_subset, write_shop
 from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.model.run_inputs import load_run_inputs
 
 FRACTIONS = {"1/4": 4, "1/2": 2, "all": 1}
@@ -36,7 +37,8 @@ FRACTIONS = {"1/4": 4, "1/2": 2, "all": 1}
 @pytest.fixture(scope="module")
 def arts() -> Path:
     dataset = write_shop(bench_root() / "arts-scale", ARTS_SCALE)
-    load_run_inputs(RunConfig(data=str(dataset), clip="tiny", device="cpu").resolved(), progress=True)
+    config = RunConfig(data=str(dataset), clip="tiny", device="cpu").resolved()
+    load_run_inputs(config, run_dataset(config), progress=True)
     return dataset
 
 

@@ -43,6 +43,7 @@ from benchmarks.shops import SHOP_900, bench_root, write_byte_clip, write_shop
 from perpeft.engine.clip.layers import QUICK_GELU_SLOPE
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sampler import TrainSampler
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import leave_one_out
 from perpeft.engine.features.inputs import ItemInputs
 from perpeft.engine.model.adapters.context import GroupContext
@@ -161,7 +162,7 @@ def test_step_levers(benchmark, shop: Path, clip: Path, threads: None, shape: st
     machine hits all of them alike; the figure of each is its fastest round."""
     levers = LEVERS if shape == "shop" else {name: LEVERS[name] for name in ("engine", "1 thread")}
     config = job_config(str(shop), str(clip)) if shape == "shop" else RunConfig(device="cpu").resolved()
-    run_inputs = load_run_inputs(config, progress=False)
+    run_inputs = load_run_inputs(config, run_dataset(config), progress=False)
     split = leave_one_out(run_inputs.dataset.sequences)
     sampler = TrainSampler(split.train, run_inputs.dataset.num_items, config.maxlen, config.batch_size)
     batches = sampler.epoch(np.random.default_rng(0))[: WARMUP + STEPS]
@@ -195,7 +196,7 @@ def test_evaluation_tables(
 ) -> None:
     torch.set_num_threads(2)
     config = job_config(str(shop), str(clip))
-    run_inputs = load_run_inputs(config, progress=False)
+    run_inputs = load_run_inputs(config, run_dataset(config), progress=False)
     inputs = PlainInputs(run_inputs.inputs, full_width=False) if variant == "by item id" else run_inputs.inputs
     if variant == "LoRA branch, not merged":
         monkeypatch.setattr(GroupContext, "shared_group", lambda context, groups: None)

@@ -1,5 +1,5 @@
-"""``perpeft-engine analyze attention|divergence|case``: look inside a finished PerPEFT run (paper §4.4, §4.5,
-App. C.5.1)."""
+"""``perpeft-engine analyze curves|attention|divergence|case``: training curves of any run, and a look inside
+a finished PerPEFT run (paper §4.4, §4.5, App. C.5.1)."""
 
 import json
 import math
@@ -26,7 +26,23 @@ def output_name(value: str) -> str:
 
 @click.group()
 def analyze() -> None:
-    """Attention per group, its divergence between groups and seeds, and a user's recommendations side by side."""
+    """Training curves, attention per group, its divergence between groups and seeds, and a user's
+    recommendations side by side."""
+
+
+@analyze.command()
+@click.option("--run", "run", type=click.Path(path_type=Path), required=True, help="A run directory (any method).")
+@click.option("--png", type=click.Path(path_type=Path), default=None, help="Output. [RUN/analysis/curves.png]")
+@overwrite_option
+@reports_input_errors
+def curves(run: Path, png: Path | None, overwrite: bool) -> None:
+    """Per-epoch training curves of both stages: loss, and HR@K and NDCG@K on validation and test."""
+    from perpeft.engine.analysis.curves import write_curves
+
+    directory = RunDirectory.open(run)
+    png = png or directory.curves
+    write_curves(directory, png, overwrite)
+    click.echo(f"curves: {png}")
 
 
 @analyze.command()

@@ -7,7 +7,7 @@ import click
 from tqdm.auto import tqdm
 
 from perpeft.cli.errors import reports_input_errors
-from perpeft.cli.options import run_options
+from perpeft.cli.options import SCHEDULE, tunable_run_options
 from perpeft.engine.config.choices import CLUSTERING, PEFT
 
 
@@ -20,7 +20,7 @@ def _list(value: str, convert: type = str) -> list:
 
 
 @click.command()
-@run_options
+@tunable_run_options
 @click.option("--peft", "pefts", default=PEFT.default, show_default=True, help="PEFT types, comma-separated.")
 @click.option(
     "--methods", default="", help="Table 2: 'all' or comma-separated methods (wo-mm, frozen-mm, global-peft, …)."
@@ -67,6 +67,8 @@ def experiment(
     method_list = list(TABLE2_METHODS) if methods == "all" else _list(methods)
     cells = build_grid(peft_list, method_list, ablations, clustering_list, group_list, scalability, divergence)
     started = time.perf_counter()
-    run_experiment(RunConfig(baseline=False, **options), cells, _list(seeds, int), out, tqdm.write)
+    tuning = {setting: options.pop(setting) for _, setting, _, _ in SCHEDULE}
+    tuning = {setting: values for setting, values in tuning.items() if values is not None}
+    run_experiment(RunConfig(baseline=False, **options), cells, _list(seeds, int), out, tqdm.write, tuning)
     click.echo((out / TABLE_MD).read_text())
     click.echo(f"results: {out / RESULTS_CSV}  ·  wall time of this invocation: {time.perf_counter() - started:.0f} s")

@@ -20,7 +20,7 @@ from perpeft.engine.config.methods import METHODS
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
 from perpeft.engine.eval.metrics import METRIC_NAMES, SELECTION_METRIC
-from perpeft.engine.eval.report import relative_change, result_rows
+from perpeft.engine.eval.report import relative_change, result_rows, still_improving
 from perpeft.engine.runtime.run_directory import RunDirectory
 
 
@@ -79,8 +79,16 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     show_default=True,
     help="Number of user groups C.",
 )
-@click.option("--no-text", is_flag=True, help="Ablation: encode item images only.")
-@click.option("--no-image", is_flag=True, help="Ablation: encode item titles only.")
+@click.option(
+    "--text/--no-text",
+    default=None,
+    help="Encode item text; --no-text is the ablation that encodes images only. [when the catalog has text]",
+)
+@click.option(
+    "--image/--no-image",
+    default=None,
+    help="Encode item images; --no-image is the ablation that encodes text only. [when the catalog has images]",
+)
 @click.option("--no-group-negatives", is_flag=True, help="Ablation: PerPEFT draws negatives from all items.")
 @choice_option(GROUPING)
 @choice_option(CLUSTERING)
@@ -115,8 +123,6 @@ def train(
     overwrite: bool,
     quiet: bool,
     no_baseline: bool,
-    no_text: bool,
-    no_image: bool,
     no_group_negatives: bool,
     **options: Any,
 ) -> None:
@@ -136,14 +142,14 @@ def train(
     else:
         config = RunConfig(
             baseline=not no_baseline,
-            text=not no_text,
-            image=not no_image,
             group_negatives=not no_group_negatives,
             **options,
         )
         out = out or RunDirectory.default_path(config)
         run, metrics = train_new_run(config, out, overwrite, report, progress=not quiet)
     click.echo(metrics_table(metrics))
+    for warning in still_improving(metrics):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"run directory: {run.path}")
 
 
@@ -161,7 +167,8 @@ def train_reseeded(
         for name in options
         if context.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
     ]
-    given += [name for name in ("no_baseline", "no_text", "no_image", "no_group_negatives") if context.params[name]]
+    given += [name for name in ("no_baseline", "no_group_negatives") if context.params[name]]
+    given = [f"no_{name}" if name in ("text", "image") and options[name] is False else name for name in given]
     check_reseed_settings(source_path, given)
     source = RunDirectory.open(source_path)
     machine = {name: options[name] for name in RESEED_MACHINE_SETTINGS if name in given}

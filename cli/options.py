@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from perpeft.engine.config.choices import COMPILE, PRECISION, Choice
+from perpeft.engine.config.choices import COMPILE, PRECISION, TRAIN_WINDOWS, Choice
 from perpeft.engine.config.run_config import DEMO_DEFAULTS, PAPER_DEFAULTS, RunConfig
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -49,31 +49,23 @@ RUN_OPTIONS: tuple[Decorator, ...] = (
         "--data-dir", default=None, help="Where named datasets live. [$PERPEFT_DATA, else ~/.cache/perpeft-engine/data]"
     ),
     click.option(
+        "--text-fields",
+        default=None,
+        help="Item-file columns joined into an item's text, comma-separated (e.g. movie_title,class). [title]",
+    ),
+    click.option(
         "--clip",
         default=None,
         help=preset_help("'tiny', a local HF CLIP directory, or a model id in the local HF cache.", "clip"),
-    ),
-    click.option(
-        "--epochs-global",
-        type=click.IntRange(min=1),
-        default=None,
-        help=preset_help("E1, Global PEFT epochs before grouping.", "epochs_global"),
-    ),
-    click.option(
-        "--epochs-perpeft",
-        type=click.IntRange(min=1),
-        default=None,
-        help=preset_help("E2, PerPEFT epochs.", "epochs_perpeft"),
     ),
     click.option(
         "--batch-size",
         type=click.IntRange(min=1),
         default=config_default("batch_size"),
         show_default=True,
-        help="Users per batch.",
+        help="Training windows (users with --train-windows last) per batch.",
     ),
-    click.option("--lr", type=float, default=None, help=preset_help("AdamW learning rate.", "lr")),
-    click.option("--weight-decay", type=float, default=None, help=preset_help("AdamW weight decay.", "weight_decay")),
+    choice_option(TRAIN_WINDOWS),
     click.option(
         "--device",
         default=config_default("device"),
@@ -85,8 +77,52 @@ RUN_OPTIONS: tuple[Decorator, ...] = (
 )
 
 
-def run_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The data, model-source, schedule and machine options `train` and `experiment` share."""
-    for option in reversed(RUN_OPTIONS):
+# The schedule settings an experiment can tune: (option, setting, type, help).
+SCHEDULE = (
+    ("--epochs-global", "epochs_global", int, "E1, Global PEFT epochs before grouping."),
+    ("--epochs-perpeft", "epochs_perpeft", int, "E2, PerPEFT epochs."),
+    ("--lr", "lr", float, "AdamW learning rate."),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay."),
+)
+
+
+def schedule_options(tunable: bool) -> tuple[Decorator, ...]:
+    """E1, E2, learning rate and weight decay: one value each, or (``tunable``) comma-separated values that
+    an experiment tries, selecting per cell by validation."""
+    options = []
+    for option, setting, kind, text in SCHEDULE:
+        if tunable:
+            help_text = preset_help(f"{text} Several, comma-separated, are tuned by validation.", setting)
+            options.append(click.option(option, default=None, callback=_values_of(kind), help=help_text))
+        else:
+            value_type = click.IntRange(min=1) if kind is int else float
+            options.append(click.option(option, type=value_type, default=None, help=preset_help(text, setting)))
+    return tuple(options)
+
+
+def _values_of(kind: type) -> Callable[[click.Context, click.Parameter, str | None], list[Any] | None]:
+    def parse(context: click.Context, parameter: click.Parameter, value: str | None) -> list[Any] | None:
+        if value is None:
+            return None
+        try:
+            values = [kind(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected comma-separated {kind.__name__} values") from None
+        if not values or (kind is int and min(values) < 1):
+            raise click.BadParameter(f"{value!r}: expected comma-separated positive values")
+        return values
+
+    return parse
+
+
+def run_options(command: Callable[..., Any], tunable: bool = False) -> Callable[..., Any]:
+    """The data, model-source, schedule and machine options `train` and `experiment` share; ``tunable``
+    makes the schedule options take several values."""
+    for option in reversed((*RUN_OPTIONS, *schedule_options(tunable))):
         command = option(command)
     return command
+
+
+def tunable_run_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`run_options` with schedule options that take several comma-separated values (`experiment`)."""
+    return run_options(command, tunable=True)

@@ -9,8 +9,6 @@ from perpeft.cli.errors import reports_input_errors
 from perpeft.engine.data.formats import MISSING_IMAGES
 from perpeft.engine.data.sources import NAMED_DATASETS, default_data_dir
 
-AUTHORS_NAMES = [*NAMED_DATASETS, *(named.authors_prefix for named in NAMED_DATASETS.values())]
-
 
 def stats_summary(stats: dict[str, Any], out: Path) -> str:
     """The paper's Table 1 columns, missing modalities and every drop, for the terminal."""
@@ -22,10 +20,12 @@ def stats_summary(stats: dict[str, Any], out: Path) -> str:
         "dropped: " + ", ".join(f"{reason} {count:,}" for reason, count in stats["dropped"].items()),
         f"written: {out} (statistics in {out / 'stats.json'})",
     ]
-    if stats["items_without_image"]:
+    if stats["items_without_image"] == stats["items"]:
+        rows.append("note: no item has an image: a catalog without images, which trains on text only")
+    elif stats["items_without_image"]:
         rows.append(
-            f"note: items without image are listed in {out / MISSING_IMAGES}; the loader needs an image per item"
-            " (fetch them with `perpeft-engine fetch-images --items` and prepare again with --overwrite)"
+            f"note: items without image are listed in {out / MISSING_IMAGES} and train with a learned placeholder"
+            " image (fetch them with `perpeft-engine fetch-images --items` and prepare again with --overwrite)"
         )
     return "\n".join(rows)
 
@@ -42,18 +42,25 @@ def prepare() -> None:
     required=True,
     help="Directory of the authors' PREFIX_final.txt, PREFIX_*_final.pickle and PREFIX_images/.",
 )
-@click.option("--name", type=click.Choice(AUTHORS_NAMES), required=True, help="Dataset (short name or file prefix).")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output directory. [DATA_DIR/NAME]")
+@click.option(
+    "--name",
+    default=None,
+    help=f"Dataset ({', '.join(NAMED_DATASETS)}) or any file prefix. [the one release in --src]",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Output directory. [DATA_DIR/NAME, or DATA_DIR/PREFIX]"
+)
 @click.option("--skip-bad-images", is_flag=True, help="Keep items whose image is unreadable, without image.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_input_errors
-def authors(src: Path, name: str, out: Path | None, skip_bad_images: bool, overwrite: bool, quiet: bool) -> None:
+def authors(src: Path, name: str | None, out: Path | None, skip_bad_images: bool, overwrite: bool, quiet: bool) -> None:
     """The authors' released files → a dataset directory (timestamps: line numbers, which keep the order)."""
-    from perpeft.engine.data.authors import AUTHORS_PREFIXES, prepare_authors
+    from perpeft.engine.data.authors import authors_prefix, default_output_name, detect_prefix, prepare_authors
 
     if out is None:
-        out = default_data_dir() / AUTHORS_PREFIXES.get(name, name)
+        prefix = detect_prefix(src) if name is None else authors_prefix(name)
+        out = default_data_dir() / default_output_name(prefix)
     stats = prepare_authors(src, name, out, skip_bad_images, overwrite, progress=not quiet)
     click.echo(stats_summary(stats, out))
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from perpeft.engine.analysis import open_perpeft_run, refuse_existing
 from perpeft.engine.clip.loading import ClipBundle, load_clip
 from perpeft.engine.clip.tiny import HashWordTokenizer
-from perpeft.engine.data.sources import load_dataset
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.errors import InputError
 from perpeft.engine.features.hidden_states import eos_positions
 from perpeft.engine.features.inputs import load_item_inputs
@@ -101,7 +101,7 @@ class AttentionProbe:
         if not config.text:
             raise InputError(f"{run.path}: trained without titles (--no-text): its text adapters never trained")
         self.run = run
-        self.dataset = load_dataset(config.data, config.data_dir)
+        self.dataset = run_dataset(config)
         bundle = load_clip(config.clip)
         self.special_ids, self.namer = token_namer(bundle)
         self.inputs = load_item_inputs(self.dataset, bundle.tokenizer, bundle.tokenizer_id, bundle.image_size, progress)

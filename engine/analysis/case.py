@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from perpeft.engine.analysis import open_perpeft_run, refuse_existing
-from perpeft.engine.data.sources import load_dataset
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import leave_one_out
 from perpeft.engine.errors import InputError
 from perpeft.engine.model.run_inputs import load_run_inputs
@@ -109,7 +109,7 @@ def case_study(
     if k < 1:
         raise InputError(f"--k {k}: must be at least 1")
     embeddings = load_embeddings(run)
-    dataset = load_dataset(config.data, config.data_dir)
+    dataset = run_dataset(config)
     user = int(engine_indices(dataset.user_ids, [user_id], "--user")[0])
     group = int(embeddings.groups[user])
     if other_group is None:
@@ -127,7 +127,7 @@ def case_study(
         f"PerPEFT · own group {group}": top_k(perpeft, embeddings.items, history, group, k, config.maxlen),
         f"PerPEFT · group {other_group}": top_k(perpeft, embeddings.items, history, other_group, k, config.maxlen),
     }
-    run_inputs = load_run_inputs(config, progress)
+    run_inputs = load_run_inputs(config, dataset, progress)
     global_peft = load_model(run, run.best_checkpoint("global"), 1, dataset.num_items, run_inputs)
     tables = grouped_item_tables(
         global_peft.to(resolve_device(device or config.device)),

@@ -39,6 +39,21 @@ GROUPING = Choice(
 CLUSTERING = Choice("--clustering", ("kmeans", "gmm"), "kmeans", "Clustering of the user vectors (App. C.4.3).")
 PRECISION = Choice("--precision", ("auto", "fp32", "bf16"), "auto", "auto: bf16 autocast on CUDA, fp32 on CPU.")
 COMPILE = Choice("--compile", ("auto", "on", "off"), "auto", "torch.compile SASRec; auto: on CUDA only.")
-RUN_CHOICES = {"peft": PEFT, "grouping": GROUPING, "clustering": CLUSTERING, "precision": PRECISION, "compile": COMPILE}
+TRAIN_WINDOWS = Choice(
+    "--train-windows",
+    ("last", "all", "prefix"),
+    "last",
+    "last: each user's most recent window (the paper); all: every training target once per epoch, in"
+    " non-overlapping windows (long histories); prefix: one sample per training target with its full"
+    " context (RecBole's), ~maxlen times the steps of all.",
+)
+RUN_CHOICES = {
+    "peft": PEFT,
+    "grouping": GROUPING,
+    "clustering": CLUSTERING,
+    "precision": PRECISION,
+    "compile": COMPILE,
+    "train_windows": TRAIN_WINDOWS,
+}
 # An item's two modalities, in the encoder's output order (image columns first).
 MODALITIES = ("image", "title")

@@ -43,19 +43,22 @@ class RunConfig:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.1
     group_negatives: bool = True
-    text: bool = True
-    image: bool = True
+    text: bool | None = None  # None: encode the modality when the catalog has it
+    image: bool | None = None
+    text_fields: str | None = None  # item-file columns joined into an item's text, comma-separated
+    train_windows: str = "last"
     grouping: str = "interest"
     clustering: str = "kmeans"
     eval_batch_size: int = 1024
     encode_batch_size: int = 256
 
     def resolved(self) -> "RunConfig":
-        """Fill every ``None`` from the demo preset (``--data demo``) or the paper's settings."""
+        """Fill every ``None`` from the demo preset (``--data demo``) or the paper's settings (item-ID methods
+        need no CLIP)."""
         preset = DEMO_DEFAULTS if self.data == "demo" else PAPER_DEFAULTS
         filled = {key: value for key, value in preset.items() if getattr(self, key) is None}
         config = dataclasses.replace(self, **filled)
-        if config.clip is None:
+        if config.clip is None and method_of(config).encoder != "none":
             raise InputError("--clip is required for real data: a local HF CLIP directory or a cached model id")
         config.check()
         return config
@@ -72,6 +75,43 @@ class RunConfig:
                 raise InputError(f"{where + ': ' if where else ''}--{name.replace('_', '-')} {value}: must be positive")
         if self.epochs_perpeft is not None and self.epochs_perpeft < 0:
             raise InputError(f"{where + ': ' if where else ''}--epochs-perpeft {self.epochs_perpeft}: must be ≥ 0")
+
+    @property
+    def text_field_names(self) -> tuple[str, ...] | None:
+        """``text_fields`` as a tuple of column names (None: the loader's default)."""
+        if self.text_fields is None:
+            return None
+        return tuple(field.strip() for field in self.text_fields.split(","))
+
+    def for_catalog(self, has_text: bool, has_images: bool, where: str) -> "RunConfig":
+        """The modalities this run encodes on a catalog (``where``, its directory): an unset one is encoded
+        when the catalog has it; asking for one the catalog lacks, or leaving nothing to encode, is an
+        InputError. Item-ID methods use no modality and record both as not dropped."""
+        if method_of(self).encoder == "none":
+            return dataclasses.replace(self, text=self.text is not False, image=self.image is not False)
+        if self.image and not has_images:
+            raise InputError(f"{where}: the catalog has no images (no images/ directory): drop --image")
+        if self.text and not has_text:
+            raise InputError(f"{where}: the catalog has no item text: drop --text")
+        if not (has_text or has_images):
+            raise InputError(f"{where}: the catalog has neither item text nor images: use --method wo-mm")
+        config = dataclasses.replace(
+            self,
+            text=has_text if self.text is None else self.text,
+            image=has_images if self.image is None else self.image,
+        )
+        lacking = "no images" if not has_images else "no item text"
+        if not (config.text or config.image):
+            raise InputError(
+                f"{where}: the catalog has {lacking} and --no-{'image' if has_images else 'text'} drops"
+                " the other modality: nothing to encode"
+            )
+        if config.peft == "iisan" and method_of(config).uses_peft and not (config.text and config.image):
+            raise InputError(
+                f"{where}: the catalog has {lacking}: IISAN's inter-modal chain needs both modalities"
+                " (use --peft lora or ia3)"
+            )
+        return config
 
     def stage_seed(self, stage: str) -> int:
         """The seed of ``stage`` ("global", "grouping", "perpeft" or "grouped"): ``global_seed`` drives the
@@ -109,12 +149,15 @@ def check_method(config: RunConfig, where: str = "") -> None:
 
 def _check_method(config: RunConfig) -> None:
     method = method_of(config)
-    if not (config.text or config.image):
+    dropped = config.text is False or config.image is False
+    if config.text is False and config.image is False:
         raise InputError("--no-text and --no-image together leave no modality: use --method wo-mm")
-    if (not config.text or not config.image) and method.encoder == "none":
+    if dropped and method.encoder == "none":
         raise InputError("--no-text / --no-image: --method wo-mm uses no modality to drop")
-    if (not config.text or not config.image) and method.uses_peft and config.peft == "iisan":
+    if dropped and method.uses_peft and config.peft == "iisan":
         raise InputError("--no-text / --no-image: IISAN's inter-modal chain needs both modalities (use lora or ia3)")
+    if config.text_fields is not None and not all(config.text_field_names):
+        raise InputError(f"--text-fields {config.text_fields!r}: expected comma-separated column names")
     if config.global_seed is not None and not method.two_stage:
         raise InputError(
             f"--method {config.method} has a single stage: a Global stage of another seed (--global-from) needs "

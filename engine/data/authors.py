@@ -1,12 +1,13 @@
 """Road 1: the authors' released files → a prepared dataset directory (see `sources`).
 
-Input, for PREFIX in ``arts``, ``sports_outdoors``, ``toys_games``, ``beauty_care``:
+Input, for PREFIX the paper's ``arts``, ``sports_outdoors``, ``toys_games``, ``beauty_care`` or any other
+release in the same layout (`detect_prefix` finds it when ``SRC`` holds one):
 
 - ``SRC/PREFIX_final.txt``: lines "user item", 1-based ids, each user's purchases in time order;
 - ``SRC/PREFIX_item2id_final.pickle``: item index → item key (the ASIN; the authors' code maps index i to
   the i-th value);
 - ``SRC/PREFIX_texts_final.pickle``: item key → title;
-- ``SRC/PREFIX_images/KEY.jpg``.
+- ``SRC/PREFIX_images/KEY.jpg`` (without that directory: a catalog without images).
 
 Choices:
 
@@ -42,21 +43,52 @@ from perpeft.engine.errors import InputError
 AUTHORS_PREFIXES = {named.authors_prefix: name for name, named in NAMED_DATASETS.items()}
 
 
+FINAL_SUFFIX = "_final.txt"
+
+
 def authors_prefix(name: str) -> str:
-    """The authors' file prefix of a named dataset (``sports`` → ``sports_outdoors``); a prefix maps to itself."""
+    """The file prefix of a release: a named dataset's (``sports`` → ``sports_outdoors``), else ``name``."""
     if name in NAMED_DATASETS:
         return NAMED_DATASETS[name].authors_prefix
-    if name in AUTHORS_PREFIXES:
-        return name
-    raise InputError(f"unknown dataset name {name!r} (choose from {', '.join([*NAMED_DATASETS, *AUTHORS_PREFIXES])})")
+    problem = id_problem("--name", name)
+    if problem:
+        raise InputError(f"{problem}: expected a dataset name or a file prefix")
+    return name
+
+
+def detect_prefix(src: Path) -> str:
+    """The prefix of the one release in ``src`` (``PREFIX_final.txt`` beside ``PREFIX_item2id_final.pickle``)."""
+    if not src.is_dir():
+        raise InputError(f"{src}: directory not found")
+    prefixes = sorted(
+        path.name.removesuffix(FINAL_SUFFIX)
+        for path in src.glob(f"*{FINAL_SUFFIX}")
+        if (src / f"{path.name.removesuffix(FINAL_SUFFIX)}_item2id_final.pickle").is_file()
+    )
+    if not prefixes:
+        raise InputError(f"{src}: no release found (expected PREFIX_final.txt and PREFIX_item2id_final.pickle)")
+    if len(prefixes) > 1:
+        raise InputError(f"{src}: holds the releases {', '.join(prefixes)}; choose one with --name")
+    return prefixes[0]
+
+
+def default_output_name(prefix: str) -> str:
+    """The dataset directory name of a release: a named dataset's short name, else its prefix."""
+    return AUTHORS_PREFIXES.get(prefix, prefix)
 
 
 def prepare_authors(
-    src: Path, name: str, out: Path, skip_bad_images: bool = False, overwrite: bool = False, progress: bool = False
+    src: Path,
+    name: str | None,
+    out: Path,
+    skip_bad_images: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Convert the authors' files for ``name`` in ``src`` into ``out``; return the statistics written there."""
+    """Convert the release ``name`` (a dataset name or file prefix; None: the one in ``src``) into ``out``;
+    return the statistics written there."""
     check_output(out, overwrite)
-    prefix = authors_prefix(name)
+    prefix = detect_prefix(src) if name is None else authors_prefix(name)
     index_to_key = _item_keys(src / f"{prefix}_item2id_final.pickle")
     texts_path = src / f"{prefix}_texts_final.pickle"
     texts = load_plain_pickle(texts_path)
@@ -69,9 +101,8 @@ def prepare_authors(
     _check_distinct_keys(src / f"{prefix}_item2id_final.pickle", used.tolist(), item_ids)
     titles = [_title(texts_path, texts, index_to_key[index]) for index in used.tolist()]
     image_dir = src / f"{prefix}_images"
-    if not image_dir.is_dir():
-        raise InputError(f"{image_dir}: image directory not found")
-    sources = jpeg_sources(image_dir, item_ids)
+    # A release without an image directory is a catalog without images (it trains on text only).
+    sources = jpeg_sources(image_dir, item_ids) if image_dir.is_dir() else [None] * len(item_ids)
     images, unreadable = verify_images(sources, skip_bad_images, progress)
 
     dataset = PreparedDataset(

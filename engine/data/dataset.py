@@ -30,3 +30,13 @@ class Dataset:
     @property
     def num_users(self) -> int:
         return len(self.user_ids) - 1
+
+    @property
+    def has_text(self) -> bool:
+        """Whether any item has a text (a catalog without text trains on images only)."""
+        return any(title.strip() for title in self.titles[1:])
+
+    @property
+    def has_images(self) -> bool:
+        """Whether any item has an image (a catalog without images trains on text only)."""
+        return any(path is not None for path in self.image_paths[1:])

@@ -14,16 +14,25 @@ from perpeft.engine.errors import InputError
 USER_COLUMN = "user_id:token"
 ITEM_COLUMN = "item_id:token"
 TIME_COLUMN = "timestamp:float"
-TITLE_COLUMN = "title:token_seq"
+DEFAULT_TEXT_FIELD = "title"  # the item text when --text-fields is not given
+TITLE_COLUMN = f"{DEFAULT_TEXT_FIELD}:token_seq"  # the column `prepare` writes
+TEXT_SEPARATOR = ". "  # between the values of several text fields
+# RecBole's atomic-file column types (a header column is NAME:TYPE); text fields must be token or token_seq.
+COLUMN_TYPES = ("token", "token_seq", "float", "float_seq")
+TEXT_TYPES = ("token", "token_seq")
 IMAGE_SUFFIXES = (".jpg", ".png")  # in order of preference
 MISSING_IMAGES = "missing_images.txt"  # items declared to have no image (one id a line)
 
 
-def load_recbole(directory: Path) -> Dataset:
+def load_recbole(directory: Path, text_fields: tuple[str, ...] | None = None) -> Dataset:
     """Load ``D/NAME.inter``, ``D/NAME.item`` and ``D/images/ITEM_ID.{jpg,png}`` (NAME = D's base name).
 
-    An item listed in ``D/missing_images.txt`` may lack its image file (its image path is None, and the
-    model uses a learned placeholder); any other item without an image file is an error.
+    Both files may hold any columns beside the ones read, each named ``NAME:TYPE`` as RecBole writes them.
+    An item's text is its ``text_fields`` (names with or without their type, values joined by
+    `TEXT_SEPARATOR`; default `DEFAULT_TEXT_FIELD`); an item file of ids only is a catalog without text.
+    A dataset without ``D/images`` is a catalog without images. Otherwise an item listed in
+    ``D/missing_images.txt`` may lack its image file (its image path is None, and the model uses a learned
+    placeholder); any other item without an image file is an error.
 
     Items are numbered in item-file order, users in order of first appearance in the interaction file;
     each user's items are ordered by timestamp, ties kept in file order. Empty lines are skipped.
@@ -33,7 +42,7 @@ def load_recbole(directory: Path) -> Dataset:
     if not directory.is_dir():
         raise InputError(f"{directory}: dataset directory not found")
     name = directory.resolve().name
-    item_ids, titles = _read_items(directory / f"{name}.item")
+    item_ids, titles = _read_items(directory / f"{name}.item", text_fields)
     image_paths = _locate_images(directory / "images", item_ids, _declared_missing(directory / MISSING_IMAGES))
     item_index = {item_id: index for index, item_id in enumerate(item_ids, start=1)}
     user_ids, sequences = _read_interactions(directory / f"{name}.inter", item_index)
@@ -76,22 +85,50 @@ def _read_lines(path: Path, what: str) -> list[str]:
     return lines
 
 
-def _header(path: Path, line: str, required: tuple[str, ...], exact: bool) -> tuple[list[str], list[int]]:
-    """Columns of a header line and the positions of ``required`` among them."""
+def _header(path: Path, line: str, required: tuple[str, ...]) -> tuple[list[str], list[int]]:
+    """Columns of a header line (each ``NAME:TYPE``, names distinct) and the positions of ``required``."""
     columns = line.split("\t")
     missing = [column for column in required if column not in columns]
     if missing:
         raise InputError(f"{path}: line 1: header lacks column(s) {', '.join(missing)} (found: {', '.join(columns)})")
-    repeated = sorted({column for column in columns if columns.count(column) > 1})
+    for column in columns:
+        name, _, kind = column.partition(":")
+        if not name or kind not in COLUMN_TYPES:
+            raise InputError(
+                f"{path}: line 1: column {column!r} is not NAME:TYPE with TYPE one of {', '.join(COLUMN_TYPES)}"
+            )
+    names = [column.partition(":")[0] for column in columns]
+    repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise InputError(f"{path}: line 1: header repeats column(s) {', '.join(repeated)}")
-    unexpected = [column for column in columns if column not in required]
-    if exact and unexpected:
-        raise InputError(
-            f"{path}: line 1: header has unexpected column(s) {', '.join(unexpected)}"
-            f" (expected exactly {', '.join(required)})"
-        )
     return columns, [columns.index(column) for column in required]
+
+
+def _text_columns(path: Path, columns: list[str], text_fields: tuple[str, ...] | None) -> list[int]:
+    """Positions of the item text's columns: ``text_fields`` (bare names or ``NAME:TYPE``), else
+    `DEFAULT_TEXT_FIELD` when the file has it, else none when the file holds item ids only."""
+    names = [column.partition(":")[0] for column in columns]
+    others = [column for column in columns if column != ITEM_COLUMN]
+    if text_fields is None:
+        if DEFAULT_TEXT_FIELD in names:
+            text_fields = (DEFAULT_TEXT_FIELD,)
+        elif not others:
+            return []
+        else:
+            raise InputError(
+                f"{path}: no {DEFAULT_TEXT_FIELD!r} column for the item text; choose it with --text-fields"
+                f" (item columns: {', '.join(others)})"
+            )
+    positions = []
+    for field in text_fields:
+        name = field.partition(":")[0]
+        if name not in names or (":" in field and field not in columns):
+            raise InputError(f"{path}: --text-fields: no column {field!r} (item columns: {', '.join(others)})")
+        position = names.index(name)
+        if columns[position] == ITEM_COLUMN or columns[position].partition(":")[2] not in TEXT_TYPES:
+            raise InputError(f"{path}: --text-fields: column {columns[position]!r} is not a text column")
+        positions.append(position)
+    return positions
 
 
 def _wrong_width(path: Path, line_number: int, expected: int, found: int) -> InputError:
@@ -109,10 +146,11 @@ def _rows(path: Path, lines: list[str], width: int) -> Iterator[tuple[int, list[
         yield line_number, fields
 
 
-def _read_items(path: Path) -> tuple[list[str], list[str]]:
-    """Item ids and titles in file order."""
+def _read_items(path: Path, text_fields: tuple[str, ...] | None) -> tuple[list[str], list[str]]:
+    """Item ids and texts in file order."""
     lines = _read_lines(path, "item")
-    columns, (id_column, title_column) = _header(path, lines[0], (ITEM_COLUMN, TITLE_COLUMN), exact=False)
+    columns, (id_column,) = _header(path, lines[0], (ITEM_COLUMN,))
+    text_columns = _text_columns(path, columns, text_fields)
     first_line_of: dict[str, int] = {}
     item_ids: list[str] = []
     titles: list[str] = []
@@ -124,7 +162,7 @@ def _read_items(path: Path) -> tuple[list[str], list[str]]:
             )
         first_line_of[item_id] = line_number
         item_ids.append(item_id)
-        titles.append(fields[title_column])
+        titles.append(TEXT_SEPARATOR.join(fields[column] for column in text_columns if fields[column].strip()))
     if not item_ids:
         raise InputError(f"{path}: no items after the header")
     return item_ids, titles
@@ -142,9 +180,9 @@ def _declared_missing(path: Path) -> set[str]:
 def _locate_images(images: Path, item_ids: list[str], declared_missing: set[str]) -> list[Path | None]:
     """The image file of every item, ``.jpg`` preferred over ``.png``; None for declared missing images."""
     if not images.is_dir():
-        if len(declared_missing) >= len(item_ids):
-            return [None] * len(item_ids)
-        raise InputError(f"{images}: image directory not found")
+        if declared_missing and len(declared_missing) < len(item_ids):
+            raise InputError(f"{images}: image directory not found ({MISSING_IMAGES} lists only some items)")
+        return [None] * len(item_ids)  # a catalog without images
     # One directory listing instead of a stat per item.
     present = set(os.listdir(images))
     paths: list[Path | None] = []
@@ -163,9 +201,7 @@ def _locate_images(images: Path, item_ids: list[str], declared_missing: set[str]
 def _read_interactions(path: Path, item_index: dict[str, int]) -> tuple[list[str], list[np.ndarray]]:
     """User ids in order of first appearance and each user's items in time order (index 0 empty)."""
     lines = _read_lines(path, "interaction")
-    columns, (user_column, item_column, time_column) = _header(
-        path, lines[0], (USER_COLUMN, ITEM_COLUMN, TIME_COLUMN), exact=True
-    )
+    columns, (user_column, item_column, time_column) = _header(path, lines[0], (USER_COLUMN, ITEM_COLUMN, TIME_COLUMN))
     user_index: dict[str, int] = {}
     users: list[int] = []
     items: list[int] = []

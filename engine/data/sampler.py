@@ -1,9 +1,10 @@
-"""Training batches of (seq, pos, neg) per user, with global or group-specific negatives."""
+"""Training batches of (seq, pos, neg) windows of users' sequences, with global or group-specific negatives."""
 
 from dataclasses import dataclass
 
 import numpy as np
 
+from perpeft.engine.config.choices import TRAIN_WINDOWS
 from perpeft.engine.data.split import last_window
 
 # Rejection rounds before the few negatives still colliding with the user's items are drawn exactly.
@@ -14,7 +15,7 @@ REJECTION_ROUNDS = 16
 class Batch:
     """One training batch; ``seq``/``pos``/``neg`` are int64 ``[B, maxlen]`` with 0 at padding positions."""
 
-    users: np.ndarray
+    users: np.ndarray  # the user of each row (a user may fill several rows with ``windows="all"``)
     seq: np.ndarray
     pos: np.ndarray
     neg: np.ndarray
@@ -24,12 +25,16 @@ class Batch:
 class TrainSampler:
     """SASRec-style sequence batches: input ``t[:-1]``, positives ``t[1:]``, one negative per position.
 
-    Without ``user_groups`` each epoch is a permutation of all eligible users (train length ≥ 2)
-    chunked into batches. With ``user_groups`` (int64 ``[U+1]``, entry 0 ignored) every batch holds one
-    group's users, and the batches of all groups are shuffled together. Negatives are uniform over all
-    items, or over I_c (items in the training sequences of group c's users) when ``group_negatives``;
-    a negative is never an item of the user's training sequence. If the pool holds nothing but the
-    user's own items, that user's negatives come from all items instead.
+    A training sequence ``t`` of an eligible user (train length ≥ 2) gives ``windows="last"`` one row, its
+    most recent ``maxlen`` positions (the paper's protocol); ``windows="all"`` one row per ``maxlen``
+    positions counted back from the end, non-overlapping, so that an epoch has a loss on every training
+    target of every user once; ``windows="prefix"`` one row per training target (RecBole's one sample per
+    prefix), the ``maxlen`` items before it as input and a loss on that target only. Without ``user_groups`` each epoch is a permutation of all rows chunked into
+    batches. With ``user_groups`` (int64 ``[U+1]``, entry 0 ignored) every batch holds one group's rows,
+    and the batches of all groups are shuffled together. Negatives are uniform over all items, or over
+    I_c (items in the training sequences of group c's users) when ``group_negatives``; a negative is
+    never an item of the user's training sequence. If the pool holds nothing but the user's own items,
+    that user's negatives come from all items instead.
     """
 
     def __init__(
@@ -40,7 +45,10 @@ class TrainSampler:
         batch_size: int,
         user_groups: np.ndarray | None = None,
         group_negatives: bool = False,
+        windows: str = "last",
     ) -> None:
+        if windows not in TRAIN_WINDOWS.values:
+            raise ValueError(f"windows must be one of {TRAIN_WINDOWS.values}, got {windows!r}")
         if maxlen < 1 or batch_size < 1 or num_items < 1:
             raise ValueError(
                 f"maxlen, batch_size and num_items must be positive, got {maxlen}, {batch_size}, {num_items}"
@@ -56,8 +64,21 @@ class TrainSampler:
         lengths[0] = 0
         self.eligible_users = np.flatnonzero(lengths >= 2).astype(np.int64)
         user_sequences = [np.asarray(train[user], dtype=np.int64) for user in self.eligible_users]
-        self._seq = last_window([sequence[:-1] for sequence in user_sequences], maxlen)
-        self._pos = last_window([sequence[1:] for sequence in user_sequences], maxlen)
+        targets = lengths[self.eligible_users] - 1
+        # Rows of a user step back from the end of its sequence: by maxlen ("all") or by one ("prefix").
+        stride = 1 if windows == "prefix" else maxlen
+        per_user = -(-targets // stride) if windows != "last" else np.ones_like(targets)
+        # Row r is window k (0: the most recent) of eligible user _row_user[r]: input positions [start, stop).
+        self._row_user = np.repeat(np.arange(len(self.eligible_users)), per_user)
+        back = np.arange(len(self._row_user)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+        stops = targets[self._row_user] - back * stride
+        starts = np.maximum(stops - maxlen, 0)
+        rows = zip(self._row_user.tolist(), starts.tolist(), stops.tolist(), strict=True)
+        spans = [(user_sequences[user], start, stop) for user, start, stop in rows]
+        self._seq = last_window([sequence[start:stop] for sequence, start, stop in spans], maxlen)
+        self._pos = last_window([sequence[start + 1 : stop + 1] for sequence, start, stop in spans], maxlen)
+        if windows == "prefix":
+            self._pos[:, :-1] = 0  # one target per row, at its last position, after its full context
 
         train_items = np.concatenate([np.empty(0, dtype=np.int64), *train[1:]]).astype(np.int64, copy=False)
         if len(train_items) and (train_items.min() < 1 or train_items.max() > num_items):
@@ -69,7 +90,11 @@ class TrainSampler:
         self._user_item_keys = np.unique(rows * (num_items + 1) + items)
         distinct_items = np.bincount(self._user_item_keys // (num_items + 1), minlength=len(self.eligible_users))
 
-        self._groups = None if user_groups is None else np.asarray(user_groups, dtype=np.int64)[self.eligible_users]
+        self._groups = (
+            None
+            if user_groups is None
+            else np.asarray(user_groups, dtype=np.int64)[self.eligible_users][self._row_user]
+        )
         all_items = np.arange(1, num_items + 1, dtype=np.int64)
         if group_negatives:
             group_pools, pool_offset, pool_size = self._group_pools(train_items, lengths, user_groups)
@@ -105,35 +130,41 @@ class TrainSampler:
         return keys % (self.num_items + 1), starts[eligible_group], sizes[eligible_group]
 
     @property
+    def num_rows(self) -> int:
+        """Training windows per epoch."""
+        return len(self._row_user)
+
+    @property
     def num_batches(self) -> int:
         """Batches per epoch."""
         if self._groups is None:
-            return -(-len(self.eligible_users) // self.batch_size)
+            return -(-self.num_rows // self.batch_size)
         _, group_sizes = np.unique(self._groups, return_counts=True)
         return int(np.sum(-(-group_sizes // self.batch_size)))
 
     def epoch(self, rng: np.random.Generator) -> list[Batch]:
-        """One epoch of batches; every eligible user appears exactly once, all randomness from ``rng``."""
+        """One epoch of batches; every row (window) appears exactly once, all randomness from ``rng``."""
         chunks = self._batch_rows(rng)
         rows = np.concatenate([np.empty(0, dtype=np.int64), *chunks])
         seq, pos = self._seq[rows], self._pos[rows]
         neg = np.zeros_like(pos)
         real = pos > 0
-        neg[real] = self._negatives(np.broadcast_to(rows[:, None], pos.shape)[real], rng)
+        neg[real] = self._negatives(np.broadcast_to(self._row_user[rows][:, None], pos.shape)[real], rng)
 
         batches = []
         start = 0
         for chunk in chunks:
             stop = start + len(chunk)
             group = -1 if self._groups is None else int(self._groups[chunk[0]])
-            batches.append(Batch(self.eligible_users[chunk], seq[start:stop], pos[start:stop], neg[start:stop], group))
+            users = self.eligible_users[self._row_user[chunk]]
+            batches.append(Batch(users, seq[start:stop], pos[start:stop], neg[start:stop], group))
             start = stop
         return batches
 
     def _batch_rows(self, rng: np.random.Generator) -> list[np.ndarray]:
-        """Rows (indices into the eligible users) of each batch, in epoch order."""
+        """Rows of each batch, in epoch order."""
         if self._groups is None:
-            order = rng.permutation(len(self.eligible_users))
+            order = rng.permutation(self.num_rows)
             return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         chunks = []
         for group in np.unique(self._groups):
@@ -142,7 +173,8 @@ class TrainSampler:
         return [chunks[index] for index in rng.permutation(len(chunks))]
 
     def _negatives(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One negative per entry of ``rows``: uniform over the row's pool minus the user's own items."""
+        """One negative per entry of ``rows`` (indices into the eligible users): uniform over the user's pool
+        minus the user's own items."""
         negatives = self._draw(rows, rng)
         pending = np.flatnonzero(self._owned(rows, negatives))
         for _ in range(REJECTION_ROUNDS):

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from perpeft.engine.config.methods import method_of
+from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.dataset import Dataset
 from perpeft.engine.data.demo import DemoSpec, generate_demo
 from perpeft.engine.data.formats import (
@@ -71,9 +73,10 @@ def default_data_dir() -> Path:
     return Path(configured).expanduser() if configured else cache_root() / "data"
 
 
-def load_dataset(data: str, data_dir: str | Path | None = None) -> Dataset:
-    """``demo`` (one fixed world: a run's ``--seed`` varies training, not the data, as in the paper), a named dataset (``arts``, ``sports``, ``toys``, ``beauty``, read
-    from ``data_dir/NAME``, default `default_data_dir`) or a RecBole-style dataset directory.
+def load_dataset(data: str, data_dir: str | Path | None = None, text_fields: tuple[str, ...] | None = None) -> Dataset:
+    """``demo`` (one fixed world: a run's ``--seed`` varies training, not the data, as in the paper), a named
+    dataset (``arts``, ``sports``, ``toys``, ``beauty``, read from ``data_dir/NAME``, default
+    `default_data_dir`) or a RecBole-style dataset directory; ``text_fields`` as `load_recbole` takes them.
 
     A name wins over a same-named directory in the working directory; write ``./arts`` for the latter.
     """
@@ -81,19 +84,26 @@ def load_dataset(data: str, data_dir: str | Path | None = None) -> Dataset:
         directory = demo_directory()
         if not (directory / f"{DEMO}.inter").is_file():
             generate_demo(directory, DEMO_WORLD_SEED)
-        return load_recbole(directory)
+        return load_recbole(directory, text_fields)
     if data in NAMED_DATASETS:
         directory = (Path(data_dir).expanduser() if data_dir else default_data_dir()) / data
         if not (directory / f"{data}.inter").is_file():
             raise _not_prepared(data, directory)
-        return load_recbole(directory)
+        return load_recbole(directory, text_fields)
     path = Path(data).expanduser()
     if not path.exists():
         raise InputError(
             f"{path}: no such dataset directory (use --data demo, a named dataset"
             f" ({', '.join(NAMED_DATASETS)}) or a RecBole-style directory)"
         )
-    return load_recbole(path)
+    return load_recbole(path, text_fields)
+
+
+def run_dataset(config: RunConfig) -> Dataset:
+    """The dataset a run trains on, with the item text its ``--text-fields`` choose (item-ID methods read
+    no text)."""
+    text_fields = () if method_of(config).encoder == "none" else config.text_field_names
+    return load_dataset(config.data, config.data_dir, text_fields)
 
 
 def _not_prepared(name: str, directory: Path) -> InputError:

@@ -12,6 +12,11 @@ Sections (each a list of cells; a cell is one configuration, trained once per se
   PerPEFT run also gets a *reseeded* run beside it (``seed-s-reseed-(s+1)``): the same Global stage and
   groups, the second stage retrained with seed ``s + 1`` (App. C.5.1, "the same cluster, another seed").
 
+With a tuning grid (several values of ``lr``, ``weight_decay``, ``epochs_global`` or ``epochs_perpeft``),
+every cell trains once per combination of those values and seed, and `select_by_validation` keeps, per
+cell, the combination with the best mean validation HR@30 over seeds (the paper's protocol, App. C.2): the
+tables report test metrics at that combination and say which values won.
+
 Cells that are the same configuration in several sections (PerPEFT with LoRA and C = 8 is in four) train
 once. Every cell's run lives in ``OUT/runs/NAME/seed-N``; a finished run (``metrics.json``) is skipped, an
 interrupted one resumed, so rerunning the command continues an interrupted grid. Two-stage methods
@@ -19,6 +24,7 @@ train without the E1+E2 Global PEFT baseline (``--no-baseline``): Global PEFT is
 """
 
 import dataclasses
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -29,12 +35,17 @@ from typing import Any
 from perpeft.engine.config.choices import ADAPTER_PEFTS
 from perpeft.engine.config.methods import METHODS, method_of
 from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.errors import InputError
+from perpeft.engine.eval.metrics import SELECTION_METRIC
 from perpeft.engine.eval.report import result_metrics
 from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.train.pipeline import resume_run, silent, train_new_run, trained_config
 from perpeft.engine.train.reseed import reseeded_config
 
+TUNED_SETTINGS = ("lr", "weight_decay", "epochs_global", "epochs_perpeft")  # what a tuning grid may vary
+TUNED_NAMES = {"lr": "lr", "weight_decay": "wd", "epochs_global": "e1", "epochs_perpeft": "e2"}
+Variant = tuple[tuple[str, Any], ...]  # one combination of tuned values, in TUNED_SETTINGS order
 RESEED_OFFSET = 1  # Table 7's reseeded run of seed s trains its second stage with seed s + RESEED_OFFSET
 ABLATIONS = (
     ("w/o textual modality", "perpeft", {"text": False}),
@@ -64,7 +75,7 @@ def run_name(config: RunConfig) -> str:
     """A readable directory name of what a cell changes: method, PEFT, C and every ablation switch."""
     method = method_of(config)
     parts = [config.method, config.peft if method.uses_peft else "none", f"C{config.groups}"]
-    parts += [f"no-{name}" for name in ("text", "image") if not getattr(config, name)]
+    parts += [f"no-{name}" for name in ("text", "image") if getattr(config, name) is False]
     if not config.group_negatives:
         parts.append("no-group-negatives")
     if config.grouping != "interest":
@@ -116,14 +127,73 @@ def build_grid(
     return cells
 
 
+def tuning_variants(tuning: dict[str, list[Any]]) -> list[Variant]:
+    """Every combination of the tuned values (``{setting: values}``, settings of `TUNED_SETTINGS`); one empty
+    variant when nothing is tuned."""
+    unknown = sorted(set(tuning) - set(TUNED_SETTINGS))
+    if unknown:
+        raise ValueError(f"only {TUNED_SETTINGS} can be tuned, not {unknown}")
+    names = [name for name in TUNED_SETTINGS if name in tuning]
+    for name in names:
+        if not tuning[name]:
+            raise InputError(f"--{name.replace('_', '-')}: give at least one value")
+    return [tuple(zip(names, values, strict=True)) for values in itertools.product(*(tuning[name] for name in names))]
+
+
+def split_tuning(base: RunConfig, tuning: dict[str, list[Any]]) -> tuple[RunConfig, dict[str, list[Any]]]:
+    """``base`` with every setting given one value, and the settings given several (the tuning grid)."""
+    single = {name: values[0] for name, values in tuning.items() if len(values) == 1}
+    return dataclasses.replace(base, **single), {name: values for name, values in tuning.items() if len(values) > 1}
+
+
+def variant_name(variant: Variant) -> str:
+    """The run-directory suffix of a tuned combination, e.g. ``-lr0.001-wd0.0001`` ("" when not tuned)."""
+    return "".join(f"-{TUNED_NAMES[name]}{value:g}" for name, value in variant)
+
+
 @dataclass
 class Finished:
-    """A cell's run for one seed, once its metrics exist."""
+    """A cell's run for one seed and tuned combination, once its metrics exist."""
 
     cell: Cell
     seed: int
     run: Path
     metrics: dict[str, Any]
+    variant: Variant = ()
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The tuned combination a cell reports: the best mean validation `SELECTION_METRIC` over seeds."""
+
+    cell: Cell
+    variant: Variant
+    valid: float
+    candidates: int
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """A tuning grid (``{setting: values tried}``) and the combination each cell reports."""
+
+    grid: dict[str, list[Any]]
+    selections: list[Selection]
+
+
+def select_by_validation(finished: list[Finished]) -> tuple[list[Finished], list[Selection]]:
+    """Per cell, the runs of the combination with the best mean validation `SELECTION_METRIC` over seeds
+    (the first in grid order on a tie), in grid order, and what was selected."""
+    scores: dict[Cell, dict[Variant, list[float]]] = {}
+    for entry in finished:
+        valid = result_metrics(entry.metrics)["valid"][SELECTION_METRIC]
+        scores.setdefault(entry.cell, {}).setdefault(entry.variant, []).append(valid)
+    selections = []
+    for cell, by_variant in scores.items():
+        means = {variant: statistics.mean(values) for variant, values in by_variant.items()}
+        best = max(means, key=means.__getitem__)
+        selections.append(Selection(cell, best, means[best], len(means)))
+    chosen = {(selection.cell, selection.variant) for selection in selections}
+    return [entry for entry in finished if (entry.cell, entry.variant) in chosen], selections
 
 
 def _train_cell(config: RunConfig, path: Path, global_from: RunDirectory | None = None) -> dict[str, Any]:
@@ -131,7 +201,7 @@ def _train_cell(config: RunConfig, path: Path, global_from: RunDirectory | None 
     a directory holding another configuration is refused."""
     if RunDirectory.holds_run(path):
         run = RunDirectory.open(path)
-        if run.config != trained_config(config)[0]:
+        if run.config != trained_config(config, run_dataset(config))[0]:
             raise InputError(f"{path}: holds a run of another configuration; use another --out")
         if run.finished:
             return run.read_metrics()
@@ -141,14 +211,22 @@ def _train_cell(config: RunConfig, path: Path, global_from: RunDirectory | None 
 
 
 def run_grid(
-    base: RunConfig, cells: list[Cell], seeds: list[int], out: Path, report: Callable[[str], None] = print
+    base: RunConfig,
+    cells: list[Cell],
+    seeds: list[int],
+    out: Path,
+    report: Callable[[str], None] = print,
+    variants: list[Variant] | None = None,
 ) -> list[Finished]:
-    """Every (cell, seed) run, each distinct configuration trained once, with a progress line and ETA each."""
+    """Every (cell, tuned combination, seed) run, each distinct configuration trained once, with a progress
+    line and ETA each."""
+    variants = variants or [()]
     jobs: dict[tuple[str, int], RunConfig] = {}
     for seed in seeds:
         for cell in cells:
-            config = cell.config(base, seed)
-            jobs.setdefault((run_name(config), seed), config)
+            for variant in variants:
+                config = dataclasses.replace(cell.config(base, seed), **dict(variant))
+                jobs.setdefault((run_name(config) + variant_name(variant), seed), config)
     metrics: dict[tuple[str, int], dict[str, Any]] = {}
     trained_seconds: list[float] = []
     for index, ((name, seed), config) in enumerate(jobs.items(), start=1):
@@ -169,8 +247,10 @@ def run_grid(
     finished = []
     for seed in seeds:
         for cell in cells:
-            name = run_name(cell.config(base, seed))
-            finished.append(Finished(cell, seed, out / "runs" / name / f"seed-{seed}", metrics[name, seed]))
+            for variant in variants:
+                name = run_name(cell.config(base, seed)) + variant_name(variant)
+                path = out / "runs" / name / f"seed-{seed}"
+                finished.append(Finished(cell, seed, path, metrics[name, seed], variant))
     return finished
 
 

@@ -12,10 +12,10 @@ from scipy import stats
 from perpeft.engine.analysis.attention import divergences as attention_divergences
 from perpeft.engine.config.methods import METHODS, TABLE2_METHODS
 from perpeft.engine.config.run_config import RunConfig
-from perpeft.engine.data.sources import load_dataset
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.eval.metrics import METRIC_NAMES, SELECTION_METRIC
 from perpeft.engine.eval.report import result_metrics
-from perpeft.engine.experiments.grid import Finished
+from perpeft.engine.experiments.grid import TUNED_SETTINGS, Finished, Tuned
 from perpeft.engine.model.params import parameter_counts
 from perpeft.engine.runtime.run_directory import RunDirectory
 
@@ -77,16 +77,19 @@ def divergence_table(finished: list[Finished], reseeded: dict[int, Path]) -> lis
     ]
 
 
-def results_csv(finished: list[Finished], out: Path) -> str:
-    """One row per cell and seed with every validation and test metric of the selected epoch; ``run`` is
-    the run's directory relative to ``out``."""
-    header = ["section", "row", "peft", "method", "seed", "run", "best_epoch"]
+def results_csv(finished: list[Finished], out: Path, selected: list[Finished]) -> str:
+    """One row per cell, tuned combination and seed with its training settings and every validation and
+    test metric of the selected epoch; ``run`` is the run's directory relative to ``out``, ``selected``
+    whether the tables report that run (its combination won the cell's validation)."""
+    header = ["section", "row", "peft", "method", "seed", "run", *TUNED_SETTINGS, "selected", "best_epoch"]
     header += [f"{stage}_{metric}" for stage in ("valid", "test") for metric in METRIC_NAMES]
+    reported = {id(entry) for entry in selected}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for entry in finished:
         result = result_metrics(entry.metrics)
+        config = RunDirectory.open(entry.run).config
         writer.writerow(
             [
                 entry.cell.section,
@@ -95,6 +98,8 @@ def results_csv(finished: list[Finished], out: Path) -> str:
                 entry.metrics["method"],
                 entry.seed,
                 entry.run.relative_to(out).as_posix(),
+                *(f"{getattr(config, name):g}" for name in TUNED_SETTINGS),
+                int(id(entry) in reported),
                 result["best_epoch"],
                 *(f"{result[stage][metric]:.6f}" for stage in ("valid", "test") for metric in METRIC_NAMES),
             ]
@@ -221,7 +226,7 @@ def scalability_table(finished: list[Finished]) -> list[str]:
                 statistics.mean(record["train_seconds"] for record in history),
                 max(record["train_peak_bytes"] for record in history) / 2**20,
             )
-        num_items = load_dataset(config.data, config.data_dir).num_items
+        num_items = run_dataset(config).num_items
         counts = parameter_counts(config.clip, config.peft, config.groups, num_items)
         (global_s, global_mib), (perpeft_s, perpeft_mib) = per_stage["global"], per_stage["perpeft"]
         lines.append(
@@ -232,23 +237,61 @@ def scalability_table(finished: list[Finished]) -> list[str]:
     return lines
 
 
+def _setting(settings: RunConfig, name: str, tuned: Tuned | None) -> str:
+    """A setting for the table's header line: its value, or the values a tuning grid tried."""
+    if tuned is not None and name in tuned.grid:
+        return "tuned over {" + ", ".join(f"{value:g}" for value in tuned.grid[name]) + "}"
+    return f"{getattr(settings, name):g}"
+
+
+def tuning_table(tuned: Tuned) -> list[str]:
+    """Which tuned values each cell reports: the combination with the best mean validation metric."""
+    selections = tuned.selections
+    names = [name for name, _ in selections[0].variant]
+    lines = [
+        f"### Tuning: the values each row reports (best mean validation {SELECTION_METRIC} over seeds)",
+        "",
+        "| Section | Row | PEFT | "
+        + " | ".join(names)
+        + f" | valid {SHORT.get(SELECTION_METRIC, SELECTION_METRIC)} | of |",
+        "|---|---|---|" + "---:|" * (len(names) + 2),
+    ]
+    for selection in selections:
+        cell = selection.cell
+        values = " | ".join(f"{value:g}" for _, value in selection.variant)
+        peft = PEFT_TITLES.get(cell.peft, "N/A") if cell.peft else "N/A"
+        lines.append(
+            f"| {cell.section} | {cell.row} | {peft} | {values} | {100 * selection.valid:.2f} | {selection.candidates} |"
+        )
+    return lines
+
+
 def tables_markdown(
-    finished: list[Finished], base: RunConfig, seeds: list[int], reseeded: dict[int, Path] | None = None
+    finished: list[Finished],
+    base: RunConfig,
+    seeds: list[int],
+    reseeded: dict[int, Path] | None = None,
+    tuned: Tuned | None = None,
 ) -> str:
-    """``table.md``: every requested section's table, laid out like the paper's, under the grid's settings."""
+    """``table.md``: every requested section's table, laid out like the paper's, under the grid's settings;
+    with ``tuned`` (a tuning grid) each cell at its selected combination, and which one that was."""
     sections = {entry.cell.section for entry in finished}
     dataset = Path(base.data).name
     settings = base.resolved()
     lines = [
         f"# Experiment on `{dataset}`, seeds {', '.join(map(str, seeds))}",
         "",
-        f"Settings: E1 = {settings.epochs_global}, E2 = {settings.epochs_perpeft} (single-stage methods train "
-        f"E1 + E2 epochs), lr {settings.lr:g}, weight decay {settings.weight_decay:g}, batch {settings.batch_size}, "
+        f"Settings: E1 = {_setting(settings, 'epochs_global', tuned)}, "
+        f"E2 = {_setting(settings, 'epochs_perpeft', tuned)} (single-stage methods train "
+        f"E1 + E2 epochs), lr {_setting(settings, 'lr', tuned)}, "
+        f"weight decay {_setting(settings, 'weight_decay', tuned)}, batch {settings.batch_size}, "
         f"C = {settings.groups} unless a row says otherwise. Test metrics at the best epoch by validation "
         f"{SELECTION_METRIC}, "
         "×100, mean (standard deviation) over seeds. Bold: best mean per column (per PEFT block in Table 2).",
         "",
     ]
+    if tuned is not None:
+        lines += [*tuning_table(tuned), ""]
     if "methods" in sections:
         lines += [*methods_table(finished, dataset), ""]
     if "ablations" in sections:

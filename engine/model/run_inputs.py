@@ -11,7 +11,6 @@ from perpeft.engine.config.choices import MODALITIES
 from perpeft.engine.config.methods import method_of
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.dataset import Dataset
-from perpeft.engine.data.sources import load_dataset
 from perpeft.engine.features.hidden_states import HiddenStates, load_hidden_states
 from perpeft.engine.features.inputs import ItemInputs, load_item_inputs
 from perpeft.engine.model.adapters.iisan import GroupedIISAN
@@ -22,8 +21,10 @@ from perpeft.engine.runtime.distributed import current_world
 
 
 def kept_modalities(config: RunConfig) -> tuple[str, ...]:
-    """The modalities a run encodes (``--no-text`` / ``--no-image`` drop one)."""
-    return tuple(name for name, kept in zip(MODALITIES, (config.image, config.text), strict=True) if kept)
+    """The modalities a run encodes: all but those ``--no-text`` / ``--no-image`` drop (a config resolved
+    for its catalog, `RunConfig.for_catalog`, drops those the catalog lacks)."""
+    dropped = (config.image is False, config.text is False)
+    return tuple(name for name, drop in zip(MODALITIES, dropped, strict=True) if not drop)
 
 
 def clip_encoder_factory(config: RunConfig, bundle: ClipBundle) -> EncoderFactory:
@@ -94,18 +95,19 @@ class RunInputs:
     inputs: ItemInputSource | None
 
 
-def load_run_inputs(config: RunConfig, progress: bool) -> RunInputs:
-    """Dataset, item encoder and cached item inputs of a run: every user-input error surfaces here.
+def load_run_inputs(config: RunConfig, dataset: Dataset, progress: bool) -> RunInputs:
+    """Item encoder and cached item inputs of a run on ``dataset`` (`run_dataset`): every user-input error
+    surfaces here, a modality the catalog lacks included (`RunConfig.for_catalog`).
 
     Under a process group rank 0 loads first (filling the input and hidden-state caches), then the
     other ranks load from those caches, without progress bars."""
+    config = config.for_catalog(dataset.has_text, dataset.has_images, str(dataset.root))
     return current_world().main_first(
-        lambda: _load_run_inputs(config, progress), lambda: _load_run_inputs(config, False)
+        lambda: _load_run_inputs(config, dataset, progress), lambda: _load_run_inputs(config, dataset, False)
     )
 
 
-def _load_run_inputs(config: RunConfig, progress: bool) -> RunInputs:
-    dataset = load_dataset(config.data, config.data_dir)
+def _load_run_inputs(config: RunConfig, dataset: Dataset, progress: bool) -> RunInputs:
     method = method_of(config)
     if method.encoder == "none":
         return RunInputs(dataset, None, None)  # w/o MM: ID embeddings only, CLIP never loads

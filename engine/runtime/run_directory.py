@@ -139,6 +139,11 @@ class RunDirectory:
         """`embed`'s output directory."""
         return self.path / EMBEDDINGS
 
+    @property
+    def curves(self) -> Path:
+        """Where `analyze curves` draws the run's per-epoch training curves."""
+        return self.path / "analysis" / "curves.png"
+
     def analysis_file(self, kind: str, subject: str, suffix: str) -> Path:
         """Where `analyze` writes ``kind`` ("attention", "case") about ``subject`` (an item or user id)."""
         return self.path / "analysis" / f"{kind}-{subject}{suffix}"

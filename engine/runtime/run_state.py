@@ -12,7 +12,9 @@ from typing import Any
 
 from perpeft.engine.errors import InputError
 
-STAGES = ("global", "perpeft", "grouped")
+# A run's training stages (the keys of state.json and metrics.json) and their names in reports.
+STAGE_TITLES = {"global": "Global PEFT", "perpeft": "PerPEFT", "grouped": "Group-level"}
+STAGES = tuple(STAGE_TITLES)
 
 
 @dataclass

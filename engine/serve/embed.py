@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.errors import InputError
 from perpeft.engine.model.perpeft import PerpeftModel
@@ -147,9 +148,9 @@ def embed_run(
 
     world.main_first(prepare_directory, lambda: None)
     config = run.config
-    run_inputs = load_run_inputs(config, progress)
+    dataset = run_dataset(config)
+    run_inputs = load_run_inputs(config, dataset, progress)
     progress = progress and world.is_main
-    dataset = run_inputs.dataset
     target = resolve_device(device or config.device)
     model = load_model(run, checkpoint, config.groups, dataset.num_items, run_inputs).to(target)
     batch_size = batch_size or config.encode_batch_size

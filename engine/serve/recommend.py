@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from perpeft.engine.data.sources import load_dataset
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.errors import InputError
 from perpeft.engine.eval.evaluation import EvaluationData
@@ -35,7 +35,7 @@ def evaluate_run(path: Path) -> dict[str, dict[str, float]]:
     checkpoint = run.best_checkpoint("perpeft")
     config = run.config
     embeddings = load_embeddings(run)
-    dataset = load_dataset(config.data, config.data_dir)
+    dataset = run_dataset(config)
     data = EvaluationData.build(leave_one_out(dataset.sequences), config.maxlen, torch.device("cpu"))
     model = load_model(run, checkpoint, config.groups, dataset.num_items)
     block = current_world().block_slice(len(data.users))
@@ -104,15 +104,15 @@ def recommend(
     config = run.config
     embeddings = load_embeddings(run)
     if user is not None:
-        dataset = load_dataset(config.data, config.data_dir)
+        dataset = run_dataset(config)
         index = int(engine_indices(dataset.user_ids, [user], "--user")[0])
         sequence = dataset.sequences[index]
         group = int(embeddings.groups[index])
     else:
         if not history:
             raise InputError("--history: give at least one item id")
-        run_inputs = load_run_inputs(config, progress)
-        dataset = run_inputs.dataset
+        dataset = run_dataset(config)
+        run_inputs = load_run_inputs(config, dataset, progress)
         sequence = engine_indices(dataset.item_ids, history, "--history")
         snapshot = load_model(run, run.snapshot, 1, dataset.num_items, run_inputs)
         vector = grouping_space_vectors(snapshot, [sequence], config.maxlen)

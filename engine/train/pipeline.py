@@ -8,7 +8,9 @@ import torch
 
 from perpeft.engine.config.methods import method_of
 from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.data.dataset import Dataset
 from perpeft.engine.data.sampler import TrainSampler
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import leave_one_out
 from perpeft.engine.eval.evaluation import EvaluationData
 from perpeft.engine.model.params import large_adapter_config
@@ -73,7 +75,9 @@ def run_pipeline(
         runner.resume(state.stage(name))
         return runner
 
-    plain_sampler = TrainSampler(split.train, dataset.num_items, config.maxlen, config.batch_size)
+    plain_sampler = TrainSampler(
+        split.train, dataset.num_items, config.maxlen, config.batch_size, windows=config.train_windows
+    )
     users = np.arange(dataset.num_users + 1, dtype=np.int64) if method.personal == "user" else None
     global_stage = stage("global", 1, plain_sampler, no_groups, users)
 
@@ -101,7 +105,13 @@ def run_pipeline(
         if method.grouped_adapters:
             name = "perpeft"
             sampler = TrainSampler(
-                split.train, dataset.num_items, config.maxlen, config.batch_size, assignment, config.group_negatives
+                split.train,
+                dataset.num_items,
+                config.maxlen,
+                config.batch_size,
+                assignment,
+                config.group_negatives,
+                config.train_windows,
             )
             second = stage(name, config.groups, sampler, assignment)
         else:
@@ -136,10 +146,11 @@ def silent(line: str) -> None:
     """A report that prints nothing (ranks other than 0, cells of an experiment grid)."""
 
 
-def trained_config(config: RunConfig) -> tuple[RunConfig, dict[str, int] | None]:
-    """The configuration a run of ``config`` trains and writes to its ``config.json``: resolved, and for
-    Large Global PEFT with LoRA's rank grown to PerPEFT's adapter count (the counts returned, else None)."""
-    config = config.resolved()
+def trained_config(config: RunConfig, dataset: Dataset) -> tuple[RunConfig, dict[str, int] | None]:
+    """The configuration a run of ``config`` on ``dataset`` trains and writes to its ``config.json``:
+    resolved, its modalities those of the catalog it may use, and for Large Global PEFT with LoRA's rank
+    grown to PerPEFT's adapter count (the counts returned, else None)."""
+    config = config.resolved().for_catalog(dataset.has_text, dataset.has_images, str(dataset.root))
     if method_of(config).large:
         return large_adapter_config(config)
     return config, None
@@ -155,7 +166,8 @@ def train_new_run(
 ) -> tuple[RunDirectory, dict[str, Any]]:
     """Validate the inputs, then create ``out`` (refusing an existing run unless ``overwrite``) and train;
     with ``global_from`` (see `reseeded_config`) the run starts from that run's Global stage and grouping."""
-    config, counts = trained_config(config)
+    dataset = run_dataset(config)
+    config, counts = trained_config(config, dataset)
     if counts is not None:
         report(
             f"large-global-peft: one LoRA adapter of rank {config.lora_rank} has "
@@ -164,7 +176,7 @@ def train_new_run(
         )
     if global_from is not None and not shares_global_stage(config, global_from.config):
         raise ValueError(f"{global_from.path} trained another Global stage than {config} would: use reseeded_config")
-    run_inputs = load_run_inputs(config, progress)
+    run_inputs = load_run_inputs(config, dataset, progress)
 
     def create() -> RunDirectory:
         run = RunDirectory.create(out, config, overwrite)
@@ -180,4 +192,5 @@ def train_new_run(
 def resume_run(path: Path, report: Report = print, progress: bool = True) -> tuple[RunDirectory, dict[str, Any]]:
     """Continue an interrupted run from its last completed epoch."""
     run = RunDirectory.open(path)
-    return run, run_pipeline(run, load_run_inputs(run.config, progress), report, progress)
+    config = run.config
+    return run, run_pipeline(run, load_run_inputs(config, run_dataset(config), progress), report, progress)

@@ -18,13 +18,10 @@ from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.runtime.distributed import World, current_world
 from perpeft.engine.runtime.memory import PeakMemory
 from perpeft.engine.runtime.run_directory import RunDirectory
-from perpeft.engine.runtime.run_state import StageProgress
+from perpeft.engine.runtime.run_state import STAGE_TITLES, StageProgress
 from perpeft.engine.runtime.tensors import load_tensors, optimizer_tensors, restore_optimizer, save_tensors
 
-STAGE_INDEX = {"global": 1, "perpeft": 2, "grouped": 2}
-
-
-STAGE_TITLES = {"global": "Global PEFT", "perpeft": "PerPEFT", "grouped": "Group-level"}
+STAGE_INDEX = {"global": 1, "perpeft": 2, "grouped": 2}  # a stage's place in its seed key
 
 
 Report = Callable[[str], None]

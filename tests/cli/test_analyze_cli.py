@@ -93,3 +93,11 @@ def test_case_prints_columns_and_writes_the_page(embedded_run, assert_one_line_e
         embedded_run, embedded_run.parent / "bare", ignore=shutil.ignore_patterns(EMBEDDINGS, "analysis")
     )
     assert_one_line_error(invoke("case", "--run", str(bare), "--user", "u00004"), "perpeft-engine embed")
+
+
+def test_curves_writes_the_png_into_the_run_and_refuses_to_overwrite(demo_run, assert_one_line_error):
+    result = CliRunner().invoke(cli, ["analyze", "curves", "--run", str(demo_run)])
+    assert result.exit_code == 0, result.output
+    assert (demo_run / "analysis" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    again = CliRunner().invoke(cli, ["analyze", "curves", "--run", str(demo_run)])
+    assert_one_line_error(again, "curves.png: exists; pass --overwrite")

@@ -13,6 +13,7 @@ from perpeft.cli.inference import embed, evaluate, export, recommend
 from perpeft.cli.main import cli
 from perpeft.engine.clip.loading import load_clip
 from perpeft.engine.clip.preprocess import normalize_pixels
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.model.run_inputs import load_run_inputs
 from perpeft.engine.runtime.run_directory import EMBEDDINGS, RunDirectory
 from perpeft.engine.serve.embed import load_model
@@ -102,7 +103,7 @@ def test_export_loads_in_peft_and_refuses_iisan(demo_run, tmp_path, assert_one_l
     assert result.stdout.startswith("LORA adapter of group 1")
 
     run = RunDirectory.open(demo_run)
-    run_inputs = load_run_inputs(run.config, progress=False)
+    run_inputs = load_run_inputs(run.config, run_dataset(run.config), progress=False)
     model = load_model(run, run.best_checkpoint("perpeft"), 2, run_inputs.dataset.num_items, run_inputs)
     input_ids, attention_mask, pixels = run_inputs.inputs.batch(torch.arange(1, 9), torch.device("cpu"))
     reference = PeftModel.from_pretrained(load_clip(run.config.clip).model, out)

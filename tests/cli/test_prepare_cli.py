@@ -117,3 +117,25 @@ def test_fetch_images_reports_without_network(tmp_path: Path) -> None:
     assert f"{meta}: line 1: a JSON list, not an object" in one_line_error(
         run("fetch-images", "--meta", meta, "--out", tmp_path / "img", "--quiet")
     )
+
+
+def test_prepare_authors_finds_a_release_under_any_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "released"
+    src.mkdir()
+    (src / "garden_final.txt").write_text("".join(f"{u} {i}\n" for u in (1, 2) for i in (1, 2, 3)))
+    (src / "garden_item2id_final.pickle").write_bytes(pickle.dumps({1: "G1", 2: "G2", 3: "G3"}))
+    (src / "garden_texts_final.pickle").write_bytes(pickle.dumps({"G1": "Hose", "G2": "Rake", "G3": "Seeds"}))
+    monkeypatch.setenv("PERPEFT_DATA", str(tmp_path / "data"))
+
+    result = run("prepare", "authors", "--src", src, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert f"written: {tmp_path / 'data' / 'garden'}" in result.output
+    assert "a catalog without images, which trains on text only" in result.output
+    dataset = load_dataset(str(tmp_path / "data" / "garden"))
+    assert (dataset.titles, dataset.has_images) == (["", "Hose", "Rake", "Seeds"], False)
+
+    (src / "pond_final.txt").write_text("1 1\n")
+    (src / "pond_item2id_final.pickle").write_bytes(pickle.dumps({1: "P1"}))
+    assert "holds the releases garden, pond; choose one with --name" in one_line_error(
+        run("prepare", "authors", "--src", src, "--quiet")
+    )

@@ -1,5 +1,6 @@
 """Bad input to `perpeft-engine train`: one line naming the file, exit status 2, nothing overwritten."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,60 @@ def test_existing_run_is_never_overwritten(tmp_path, option):
     result = run_train(*args)
     assert result.exit_code == 2
     assert (run / "metrics.json").read_text() == '{"keep": true}'
+
+
+def text_only_dataset(root: Path, item_header: str = "item_id:token\tmovie_title:token_seq\tclass:token_seq") -> Path:
+    """A RecBole-style catalog without images: an extra rating column, two text columns, no images/."""
+    directory = root / "movies"
+    directory.mkdir()
+    ratings = [f"u{u}\ti{(u * k) % 5 + 1}\t{(u + k) % 5}\t{u * 10 + k}" for u in range(8) for k in range(1, 6)]
+    (directory / "movies.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
+    with (directory / "movies.inter").open("a") as stream:
+        stream.write("\n".join(ratings) + "\n")
+    rows = [f"i{k}\tfilm {k}\tdrama comedy" for k in range(1, 6)]
+    (directory / "movies.item").write_text(item_header + "\n" + "\n".join(rows) + "\n")
+    return directory
+
+
+def test_unknown_text_field_names_the_columns(tmp_path):
+    data = text_only_dataset(tmp_path)
+    result = run_train("--data", str(data), "--text-fields", "movie_title,genre", "--out", str(tmp_path / "run"))
+    assert_one_line_error(result, "movies.item", "--text-fields: no column 'genre'", "movie_title:token_seq")
+    assert not (tmp_path / "run").exists()
+    assert_one_line_error(
+        run_train("--data", str(data), "--out", str(tmp_path / "run")), "choose it with --text-fields"
+    )
+
+
+def test_images_asked_of_a_catalog_without_images(tmp_path):
+    data = text_only_dataset(tmp_path)
+    args = ("--data", str(data), "--text-fields", "movie_title", "--out", str(tmp_path / "run"))
+    assert_one_line_error(run_train(*args, "--image"), str(data), "the catalog has no images", "drop --image")
+    assert_one_line_error(run_train(*args, "--no-text"), "the catalog has no images and --no-text drops")
+    assert_one_line_error(run_train(*args, "--peft", "iisan"), "IISAN's inter-modal chain needs both")
+    assert not (tmp_path / "run").exists()
+
+
+def test_malformed_extra_column(tmp_path):
+    data = text_only_dataset(tmp_path, item_header="item_id:token\tmovie_title:token_seq\tclass")
+    result = run_train("--data", str(data), "--text-fields", "movie_title", "--out", str(tmp_path / "run"))
+    assert_one_line_error(result, "movies.item", "line 1: column 'class' is not NAME:TYPE")
+
+
+def test_a_catalog_without_images_trains_on_text_with_every_training_window(tmp_path):
+    data = text_only_dataset(tmp_path)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train", "--quiet", "--clip", "tiny", "--data", str(data), "--text-fields", "movie_title,class",
+            "--train-windows", "all", "--groups", "2", "--epochs-global", "1", "--epochs-perpeft", "1",
+            "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["text"], config["image"], config["train_windows"]) == (True, False, "all")
+    assert config["text_fields"] == "movie_title,class"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["perpeft"]["test"]["HR@30"] <= 1.0

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from perpeft.engine.analysis.case import case_study, case_study_html, write_case_study_html
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.errors import InputError
 from perpeft.engine.model.run_inputs import load_run_inputs
@@ -18,7 +19,7 @@ from perpeft.engine.serve.recommend import top_k
 @pytest.fixture(scope="module")
 def served(embedded_run) -> dict:
     run = RunDirectory.open(embedded_run)
-    run_inputs = load_run_inputs(run.config, progress=False)
+    run_inputs = load_run_inputs(run.config, run_dataset(run.config), progress=False)
     dataset = run_inputs.dataset
     split = leave_one_out(dataset.sequences)
     return {

@@ -11,7 +11,7 @@ from perpeft.engine.clip.loading import load_clip
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.config.methods import METHODS
 from perpeft.engine.config.run_config import RunConfig
-from perpeft.engine.data.sources import load_dataset
+from perpeft.engine.data.sources import load_dataset, run_dataset
 from perpeft.engine.errors import InputError
 from perpeft.engine.features.inputs import load_item_inputs
 from perpeft.engine.model.encoders import FrozenFeatures, GroupedClipEncoder
@@ -58,7 +58,7 @@ def test_two_stage_methods_stop_global_at_e1_without_baseline(small_demo: Path, 
 
 def _model(run_path: Path) -> PerpeftModel:
     run = RunDirectory.open(run_path)
-    run_inputs = load_run_inputs(run.config, progress=False)
+    run_inputs = load_run_inputs(run.config, run_dataset(run.config), progress=False)
     return PerpeftModel(run.config, run_inputs.make_encoder, run_inputs.inputs, run_inputs.dataset.num_items, 1)
 
 
@@ -74,7 +74,7 @@ def test_wo_mm_has_no_encoder_and_frozen_mm_trains_no_clip(method_runs: dict[str
 
 def test_frozen_features_are_clip_without_adapters(method_runs: dict[str, Path]) -> None:
     run = RunDirectory.open(method_runs["frozen-mm"])
-    run_inputs = load_run_inputs(run.config, progress=False)
+    run_inputs = load_run_inputs(run.config, run_dataset(run.config), progress=False)
     items = torch.arange(1, run_inputs.dataset.num_items + 1)
     frozen = run_inputs.make_encoder(1)(*run_inputs.inputs.batch(items, torch.device("cpu")), items * 0)
     clip = GroupedClipEncoder(load_clip("tiny"), "none", 1).eval()

@@ -35,6 +35,8 @@ def test_presets_fill_only_unset_values() -> None:
         ({"method": "global-peft", "global_seed": 1}, "has a single stage"),
         ({"method": "large-global-peft", "peft": "ia3"}, "sizes LoRA's rank"),
         ({"groups": 0}, "must be positive"),
+        ({"train_windows": "some"}, "--train-windows some: expected one of last, all"),
+        ({"text_fields": "title,,class"}, "--text-fields 'title,,class'"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )
@@ -56,3 +58,46 @@ def test_the_grouping_seed_is_the_global_seed_when_one_is_set() -> None:
     plain, reseeded = RunConfig(seed=2), RunConfig(seed=2, global_seed=0)
     assert [plain.stage_seed(stage) for stage in ("global", "grouping", "perpeft")] == [2, 2, 2]
     assert [reseeded.stage_seed(stage) for stage in ("global", "grouping", "perpeft")] == [0, 0, 2]
+
+
+def test_item_id_methods_need_no_clip() -> None:
+    assert RunConfig(data="/data/ml-100k", method="wo-mm").resolved().clip is None
+
+
+def catalog(config: RunConfig, has_text: bool, has_images: bool) -> RunConfig:
+    return config.for_catalog(has_text, has_images, "/data/shop")
+
+
+def test_unset_modalities_follow_the_catalog_and_explicit_ones_stay() -> None:
+    config = RunConfig(data="demo")
+    assert (catalog(config, True, True).text, catalog(config, True, True).image) == (True, True)
+    assert (catalog(config, True, False).text, catalog(config, True, False).image) == (True, False)
+    assert (catalog(config, False, True).text, catalog(config, False, True).image) == (False, True)
+    ablation = catalog(RunConfig(data="demo", image=False), True, True)
+    assert (ablation.text, ablation.image) == (True, False)
+    explicit = RunConfig(data="demo", text=True, image=True)
+    assert catalog(explicit, True, True) == explicit  # a run's config.json resolves to itself
+
+
+def test_item_id_methods_record_no_dropped_modality_on_any_catalog() -> None:
+    resolved = catalog(RunConfig(data="demo", method="wo-mm"), True, False)
+    assert (resolved.text, resolved.image) == (True, True)
+    assert catalog(resolved, True, False) == resolved
+
+
+@pytest.mark.parametrize(
+    ("changes", "has_text", "has_images", "message"),
+    [
+        ({"image": True}, True, False, "/data/shop: the catalog has no images (no images/ directory): drop --image"),
+        ({"text": True}, False, True, "/data/shop: the catalog has no item text: drop --text"),
+        ({"text": False}, True, False, "the catalog has no images and --no-text drops the other modality"),
+        ({"image": False}, False, True, "the catalog has no item text and --no-image drops the other modality"),
+        ({}, False, False, "neither item text nor images: use --method wo-mm"),
+        ({"peft": "iisan"}, True, False, "the catalog has no images: IISAN's inter-modal chain needs both"),
+    ],
+)
+def test_a_modality_the_catalog_cannot_give_is_refused(
+    changes: dict, has_text: bool, has_images: bool, message: str
+) -> None:
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        catalog(RunConfig(data="demo", **changes), has_text, has_images)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from perpeft.engine.data.authors import prepare_authors
+from perpeft.engine.data.authors import default_output_name, detect_prefix, prepare_authors
 from perpeft.engine.data.formats import load_recbole
 from perpeft.engine.data.safe_pickle import load_plain_pickle
 from perpeft.engine.data.sources import load_dataset
@@ -78,6 +78,34 @@ def test_converted_files_load_with_the_same_sequences_titles_and_images(tmp_path
     assert (stats["users"], stats["items"], stats["interactions"]) == (3, 6, 9)
     assert stats["dropped"] == {"items_unreferenced": 1}
     assert (stats["items_without_title"], stats["items_without_image"]) == (1, 0)
+
+
+def test_a_release_under_any_prefix_is_found_or_named(tmp_path: Path) -> None:
+    src = authors_dir(tmp_path, prefix="garden_tools")
+    stats = prepare_authors(src, None, tmp_path / "found")
+    assert stats["source"]["prefix"] == "garden_tools"
+    assert load_recbole(tmp_path / "found").item_ids[1:] == ["B0A", "B0B", "B0C", "B0D", "B0E", "B0F"]
+    assert prepare_authors(src, "garden_tools", tmp_path / "named")["items"] == 6
+    assert detect_prefix(src) == "garden_tools"
+    assert default_output_name("garden_tools") == "garden_tools"
+    assert default_output_name("beauty_care") == "beauty"
+
+    authors_dir(tmp_path, prefix="pet_food")
+    assert "holds the releases garden_tools, pet_food; choose one with --name" in error_of(detect_prefix, src)
+    assert "pets_item2id_final.pickle" in error_of(prepare_authors, src, "pets", tmp_path / "x")
+    assert "no release found" in error_of(detect_prefix, tmp_path)
+    assert "--name '../up' has a leading dot" in error_of(prepare_authors, src, "../up", tmp_path / "y")
+
+
+def test_a_release_without_images_is_a_catalog_without_images(tmp_path: Path) -> None:
+    src = authors_dir(tmp_path)
+    for image in (src / "arts_images").iterdir():
+        image.unlink()
+    (src / "arts_images").rmdir()
+    stats = prepare_authors(src, "arts", tmp_path / "out")
+    assert stats["items_without_image"] == 6
+    dataset = load_recbole(tmp_path / "out")
+    assert (dataset.has_text, dataset.has_images) == (True, False)
 
 
 def test_missing_image_is_counted_and_listed(tmp_path: Path) -> None:

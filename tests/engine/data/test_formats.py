@@ -78,10 +78,13 @@ def test_missing_file(tmp_path: Path, suffix: str) -> None:
 @pytest.mark.parametrize(
     ("items", "interactions", "file", "expected"),
     [
-        ("item_id:token\tname\nA\tx\n", INTERACTIONS, "toy.item", "title:token_seq"),
+        ("item_id:token\tname:token\nA\tx\n", INTERACTIONS, "toy.item", "no 'title' column"),
+        ("item_id:token\tname\nA\tx\n", INTERACTIONS, "toy.item", "column 'name' is not NAME:TYPE"),
+        ("item_id:token\ttitle:words\nA\tx\n", INTERACTIONS, "toy.item", "column 'title:words' is not NAME:TYPE"),
         (ITEMS, "user_id:token\titem_id:token\n", "toy.inter", "timestamp:float"),
         (ITEMS, "user:token\titem:token\ttime:float\nu\tA\t1\n", "toy.inter", "user_id:token, item_id:token"),
-        (ITEMS, "user_id:token\titem_id:token\ttimestamp:float\trating:float\n", "toy.inter", "rating:float"),
+        (ITEMS, "user_id:token\titem_id:token\ttimestamp:float\trating\n", "toy.inter", "column 'rating' is not"),
+        (ITEMS, "user_id:token\titem_id:token\ttimestamp:float\tuser_id:float\n", "toy.inter", "repeats column"),
         (ITEMS, "", "toy.inter", "empty"),
     ],
 )
@@ -123,12 +126,74 @@ def test_missing_image(tmp_path: Path) -> None:
     assert "B.jpg" in message and "'B'" in message
 
 
-def test_missing_image_directory(tmp_path: Path) -> None:
-    directory = make_dataset(tmp_path)
+def remove_images(directory: Path) -> None:
     for image in (directory / "images").iterdir():
         image.unlink()
     (directory / "images").rmdir()
-    assert "images" in load_error(directory)
+
+
+def test_a_dataset_without_an_image_directory_is_a_catalog_without_images(tmp_path: Path) -> None:
+    directory = make_dataset(tmp_path)
+    remove_images(directory)
+    dataset = load_recbole(directory)
+    assert dataset.image_paths == [None] * 4
+    assert (dataset.has_images, dataset.has_text) == (False, True)
+
+
+def test_missing_image_directory_with_some_images_declared_missing(tmp_path: Path) -> None:
+    directory = make_dataset(tmp_path)
+    remove_images(directory)
+    (directory / "missing_images.txt").write_text("A\n")
+    message = load_error(directory)
+    assert "images" in message and "only some items" in message
+
+
+def test_an_item_file_of_ids_only_is_a_catalog_without_text(tmp_path: Path) -> None:
+    dataset = load_recbole(make_dataset(tmp_path, items="item_id:token\nA\nB\nC\n"))
+    assert dataset.titles == ["", "", "", ""]
+    assert (dataset.has_images, dataset.has_text) == (True, False)
+
+
+MOVIES = (
+    "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\trating:float\n"
+    "A\tRed Ball\t1995\tAnimation Comedy\t1.5\n"
+    "B\tBlue Car\t1996\t\t2.0\n"
+    "C\t\t1997\tDrama\t3.0\n"
+)
+
+
+def test_text_fields_pick_and_join_columns_by_name_or_name_and_type(tmp_path: Path) -> None:
+    directory = make_dataset(tmp_path, items=MOVIES)
+    joined = ["", "Red Ball. Animation Comedy", "Blue Car", "Drama"]
+    assert load_recbole(directory, ("movie_title", "class")).titles == joined
+    assert load_recbole(directory, ("movie_title:token_seq", "class:token_seq")).titles == joined
+    assert load_recbole(directory, ("release_year",)).titles == ["", "1995", "1996", "1997"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (None, "no 'title' column for the item text; choose it with --text-fields (item columns: movie_title:"),
+        (("title",), "--text-fields: no column 'title' (item columns: movie_title:token_seq, release_year:token"),
+        (("class:token",), "--text-fields: no column 'class:token'"),
+        (("rating",), "--text-fields: column 'rating:float' is not a text column"),
+        (("item_id",), "--text-fields: column 'item_id:token' is not a text column"),
+    ],
+)
+def test_text_field_errors_name_the_columns_that_exist(
+    tmp_path: Path, fields: tuple[str, ...] | None, expected: str
+) -> None:
+    with pytest.raises(InputError) as caught:
+        load_recbole(make_dataset(tmp_path, items=MOVIES), fields)
+    assert "toy.item" in str(caught.value) and expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_extra_interaction_columns_are_ignored(tmp_path: Path) -> None:
+    rated = "user_id:token\titem_id:token\trating:float\ttimestamp:float\nu1\tB\t4\t20\nu1\tA\t5\t10\n"
+    assert [sequence.tolist() for sequence in load_recbole(make_dataset(tmp_path, interactions=rated)).sequences] == [
+        [],
+        [1, 2],
+    ]
 
 
 def test_check_image_accepts_a_good_image_and_names_a_bad_one(tmp_path: Path) -> None:

@@ -169,3 +169,72 @@ def test_epoch_is_fast_for_25k_users() -> None:
     assert len(batches) == sampler.num_batches
     assert elapsed < 0.5
     assert_no_own_items(batches[:50], train)
+
+
+def test_all_windows_cover_every_training_target_once_in_non_overlapping_windows() -> None:
+    rng = np.random.default_rng(4)
+    train = random_train(rng, users=40, items=300, max_length=37)
+    sampler = TrainSampler(train, num_items=300, maxlen=5, batch_size=7, windows="all")
+    batches = sampler.epoch(np.random.default_rng(1))
+    assert sum(len(batch.users) for batch in batches) == sampler.num_rows
+    assert len(batches) == sampler.num_batches
+    covered: dict[int, list[tuple[list[int], list[int]]]] = {}
+    for batch in batches:
+        for user, seq, pos in zip(batch.users.tolist(), batch.seq, batch.pos, strict=True):
+            covered.setdefault(user, []).append((seq[pos > 0].tolist(), pos[pos > 0].tolist()))
+    eligible = [user for user in range(1, len(train)) if len(train[user]) >= 2]
+    assert sorted(covered) == eligible
+    for user in eligible:
+        sequence = train[user].tolist()
+        windows = sorted(covered[user], key=lambda window: len(window[0]))
+        # Every target (position 1..L-1) exactly once, each with the items just before it as input.
+        assert sorted(target for _, targets in windows for target in targets) == sorted(sequence[1:])
+        assert len(windows) == -(-(len(sequence) - 1) // 5)
+        assert all(len(inputs) == 5 for inputs, _ in windows[1:])  # only the oldest window is short
+        starts = {len(sequence) - 1 - 5 * (k + 1) for k in range(len(windows))}
+        spans = [(max(start, 0), start + 5) for start in starts]
+        expected = sorted((sequence[low:high], sequence[low + 1 : high + 1]) for low, high in spans)
+        assert sorted(windows) == expected
+    assert_no_own_items(batches, train)
+
+
+def test_last_windows_are_all_windows_of_histories_no_longer_than_maxlen_plus_one() -> None:
+    rng = np.random.default_rng(5)
+    train = random_train(rng, users=30, items=50, max_length=6)
+    last = TrainSampler(train, num_items=50, maxlen=5, batch_size=4).epoch(np.random.default_rng(2))
+    every = TrainSampler(train, num_items=50, maxlen=5, batch_size=4, windows="all").epoch(np.random.default_rng(2))
+    for mine, theirs in zip(last, every, strict=True):
+        for field in ("users", "seq", "pos", "neg"):
+            np.testing.assert_array_equal(getattr(mine, field), getattr(theirs, field))
+
+
+def test_all_windows_keep_group_batches_and_group_negatives() -> None:
+    rng = np.random.default_rng(6)
+    train = random_train(rng, users=24, items=60, max_length=30)
+    groups = np.concatenate([[0], rng.integers(0, 3, size=24)])
+    sampler = TrainSampler(train, 60, 4, 5, user_groups=groups, group_negatives=True, windows="all")
+    batches = sampler.epoch(np.random.default_rng(3))
+    assert len(batches) == sampler.num_batches
+    for batch in batches:
+        assert (groups[batch.users] == batch.group).all()
+        pool = np.unique(np.concatenate([train[user] for user in np.flatnonzero(groups == batch.group) if user]))
+        assert np.isin(batch.neg[batch.pos > 0], pool).all()
+    assert_no_own_items(batches, train)
+
+
+def test_prefix_rows_are_one_target_each_after_its_full_context() -> None:
+    rng = np.random.default_rng(7)
+    train = random_train(rng, users=20, items=200, max_length=25)
+    sampler = TrainSampler(train, num_items=200, maxlen=6, batch_size=9, windows="prefix")
+    batches = sampler.epoch(np.random.default_rng(0))
+    seen: dict[int, list[tuple[list[int], int]]] = {}
+    for batch in batches:
+        assert (batch.pos[:, :-1] == 0).all() and (batch.neg[:, :-1] == 0).all() and (batch.pos[:, -1] > 0).all()
+        for user, seq, pos in zip(batch.users.tolist(), batch.seq, batch.pos, strict=True):
+            seen.setdefault(user, []).append((seq[seq > 0].tolist(), int(pos[-1])))
+    for user in range(1, len(train)):
+        sequence = train[user].tolist()
+        expected = [(sequence[max(0, stop - 6) : stop], sequence[stop]) for stop in range(1, len(sequence))]
+        assert sorted(seen.get(user, [])) == sorted(expected)
+    assert sampler.num_rows == sum(max(len(sequence) - 1, 0) for sequence in train[1:])
+    assert_no_own_items(batches, train)

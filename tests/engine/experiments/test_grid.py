@@ -156,3 +156,36 @@ def test_experiment_cli_refuses_bad_requests_in_one_line(tmp_path: Path) -> None
         result = runner.invoke(cli, ["experiment", *arguments])
         assert result.exit_code == 2, result.output
         assert expected in result.output
+
+
+def test_a_tuning_grid_trains_every_combination_and_reports_each_cell_at_its_best_validation(
+    small_config, small_demo: Path, tmp_path: Path
+) -> None:
+    base = small_config(small_demo, baseline=False)
+    cells = build_grid(["lora"], ["wo-mm", "frozen-mm"], False, [], [], False)
+    tuning = {"lr": [1e-3, 1e-2], "weight_decay": [1e-4], "epochs_perpeft": [1, 2]}
+    lines: list[str] = []
+    finished = run_experiment(base, cells, [0, 1], tmp_path, lines.append, tuning)
+    assert len(finished) == len(lines) == 2 * 2 * 2 * 2  # cells × lr values × E2 values × seeds
+    assert {entry.run.parent.name for entry in finished if entry.cell.row == "wo-mm"} == {
+        f"wo-mm-none-C2-lr{lr}-e2{e2}" for lr in ("0.001", "0.01") for e2 in (1, 2)
+    }
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
+    assert {row["weight_decay"] for row in rows} == {"0.0001"}  # one value: a setting, not a tuning axis
+    table = (tmp_path / "table.md").read_text()
+    assert "lr tuned over {0.001, 0.01}, weight decay 0.0001" in table and "E2 = tuned over {1, 2}" in table
+    for row in ("wo-mm", "frozen-mm"):
+        mine = [entry for entry in rows if entry["row"] == row]
+        means: dict[tuple[str, str], list[float]] = {}
+        for entry in mine:
+            means.setdefault((entry["lr"], entry["epochs_perpeft"]), []).append(float(entry["valid_HR@30"]))
+        best = max(means, key=lambda key: sum(means[key]))
+        assert {(entry["lr"], entry["epochs_perpeft"]) for entry in mine if entry["selected"] == "1"} == {best}
+        assert f"| methods | {row} | N/A | {float(best[0]):g} | {best[1]} |" in table
+        reported = [float(entry["test_NDCG@20"]) for entry in mine if entry["selected"] == "1"]
+        title = {"wo-mm": "w/o MM", "frozen-mm": "Frozen MM"}[row]
+        line = next(
+            line for line in table.splitlines() if line.startswith(f"| N/A | {title} |") or f"| {title} |" in line
+        )
+        mean = 100 * sum(reported) / 2
+        assert f"{mean:.2f}" in line

@@ -19,6 +19,7 @@ from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.demo import DemoSpec, generate_demo
 from perpeft.engine.data.formats import load_recbole
 from perpeft.engine.data.sampler import Batch
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.features import hidden_states as hidden_cache
 from perpeft.engine.features.hidden_states import (
     clip_fingerprint,
@@ -272,7 +273,7 @@ def test_iisan_trains_end_to_end_without_running_clip(small_demo, tmp_path, monk
         lr=1e-3,
         weight_decay=1e-4,
     )
-    load_run_inputs(config.resolved(), progress=False)  # builds the cache
+    load_run_inputs(config.resolved(), run_dataset(config), progress=False)  # builds the cache
 
     def refuse(*args, **kwargs):
         raise AssertionError("CLIP ran during IISAN training")

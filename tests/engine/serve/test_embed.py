@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.errors import InputError
 from perpeft.engine.model.run_inputs import load_run_inputs
@@ -25,7 +26,7 @@ def reference(demo_run) -> dict:
     """What training's evaluation computes: per-group item tables and test-step user vectors."""
     run = RunDirectory.open(demo_run)
     config = run.config
-    run_inputs = load_run_inputs(config, progress=False)
+    run_inputs = load_run_inputs(config, run_dataset(config), progress=False)
     dataset = run_inputs.dataset
     model = load_model(run, run.best_checkpoint("perpeft"), config.groups, dataset.num_items, run_inputs)
     tables = model.item_tables(dataset.num_items, config.encode_batch_size)

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.errors import InputError
 from perpeft.engine.eval.users import grouping_space_vectors, nearest_centroid, user_space_vectors
@@ -18,7 +19,7 @@ from perpeft.engine.serve.recommend import evaluate_run, recommend
 @pytest.fixture(scope="module")
 def served(embedded_run) -> dict:
     run = RunDirectory.open(embedded_run)
-    run_inputs = load_run_inputs(run.config, progress=False)
+    run_inputs = load_run_inputs(run.config, run_dataset(run.config), progress=False)
     return {"run": run, "inputs": run_inputs, "dataset": run_inputs.dataset, "embeddings": load_embeddings(run)}
 
 

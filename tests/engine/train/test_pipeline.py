@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.model.run_inputs import load_run_inputs
-from perpeft.engine.train.pipeline import resume_run, train_new_run
+from perpeft.engine.train.pipeline import resume_run, train_new_run, trained_config
 
 METRIC_KEYS = {"HR@10", "HR@20", "HR@30", "NDCG@10", "NDCG@20", "NDCG@30"}
 
@@ -56,7 +57,8 @@ def test_run_directory_and_metrics_schema(small_demo, two_epoch_config, tmp_path
         "perpeft/best.safetensors",
     ):
         assert (run.path / name).is_file(), name
-    assert RunConfig.from_json_file(run.path / "config.json") == two_epoch_config(small_demo).resolved()
+    config = two_epoch_config(small_demo)
+    assert RunConfig.from_json_file(run.path / "config.json") == trained_config(config, run_dataset(config))[0]
 
 
 def test_no_baseline_stops_global_at_e1(small_demo, two_epoch_config, tmp_path):
@@ -92,7 +94,7 @@ def test_every_group_starts_as_the_global_model(small_demo, small_config, peft):
     """Paper §3.3.3: each group's PEFT module and projector start from Global PEFT's, so before stage 2
     every group (and a mixed-group batch) encodes every item exactly as the Global model does."""
     config = small_config(small_demo, peft=peft, groups=3).resolved()
-    inputs = load_run_inputs(config, progress=False)
+    inputs = load_run_inputs(config, run_dataset(config), progress=False)
     torch.manual_seed(0)
     global_model = PerpeftModel(config, inputs.make_encoder, inputs.inputs, inputs.dataset.num_items, 1).eval()
     with torch.no_grad():  # move off the initialisation (LoRA B = 0, (IA)3 = 1) so a wrong copy would show

@@ -1,0 +1,70 @@
+"""Per-epoch training curves of a run, from its ``state.json``: the loss and every validation and test
+metric of each stage, as a PNG (`analyze curves`)."""
+
+from io import BytesIO
+from pathlib import Path
+
+from perpeft.engine.analysis import refuse_existing
+from perpeft.engine.errors import InputError
+from perpeft.engine.eval.metrics import KS, SELECTION_METRIC
+from perpeft.engine.runtime.atomic import atomic_write_bytes
+from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.runtime.run_state import STAGE_TITLES
+
+
+def stage_curves(run: RunDirectory) -> dict[str, tuple[list[int], list[dict]]]:
+    """Each trained stage's (epochs on the run's axis, per-epoch records): a second stage starts from the
+    Global stage's epoch-E1 snapshot, so its epoch e is drawn at E1 + e."""
+    state = run.read_state()
+    config = run.config
+    curves = {}
+    for name in STAGE_TITLES:
+        history = state.stage(name).history if name in state.stages else []
+        if history:
+            offset = 0 if name == "global" else config.epochs_global
+            curves[name] = ([offset + record["epoch"] for record in history], history)
+    if not curves:
+        raise InputError(f"{run.path}: no epoch finished yet; nothing to draw")
+    return curves
+
+
+def curves_png(run: RunDirectory) -> bytes:
+    """Loss, HR@K and NDCG@K (validation solid, test dashed, a colour per K, a marker per stage) per epoch of
+    every stage, each stage's best epoch by validation `SELECTION_METRIC` marked. Needs matplotlib (``pip install perpeft-engine[plot]``)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise InputError("writing a PNG needs matplotlib: install perpeft-engine[plot]") from None
+    curves = stage_curves(run)
+    figure = Figure(figsize=(13, 3.8), layout="constrained")
+    loss_axes, *metric_axes = figure.subplots(1, 3)
+    colours = dict(zip(KS, ("tab:blue", "tab:orange", "tab:green"), strict=True))
+    for index, (name, (epochs, history)) in enumerate(curves.items()):
+        marker = "os^"[index]
+        loss_axes.plot(epochs, [record["loss"] for record in history], marker=marker, ms=3, label=STAGE_TITLES[name])
+        best = max(range(len(history)), key=lambda position: history[position]["valid"][SELECTION_METRIC])
+        for axes, metric in zip(metric_axes, ("HR", "NDCG"), strict=True):
+            for k in KS:
+                for split, style in (("valid", "-"), ("test", "--")):
+                    values = [record[split][f"{metric}@{k}"] for record in history]
+                    label = f"{split} {metric}@{k}" if index == 0 else None  # stages: the loss panel's legend
+                    axes.plot(epochs, values, style, color=colours[k], marker=marker, ms=2, label=label)
+            axes.axvline(epochs[best], color="grey", lw=0.8, ls=":")
+    loss_axes.set(title="training loss", xlabel="epoch")
+    loss_axes.legend(fontsize=7)
+    for axes, metric in zip(metric_axes, ("HR", "NDCG"), strict=True):
+        axes.set(title=f"{metric}@K (valid solid, test dashed; dotted: best epoch by valid {SELECTION_METRIC})")
+        axes.title.set_fontsize(8)
+        axes.set_xlabel("epoch")
+        axes.legend(fontsize=6, ncol=2)
+    config = run.config
+    figure.suptitle(f"{run.path.name}: {config.method} on {config.data}", fontsize=10)
+    buffer = BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    return buffer.getvalue()
+
+
+def write_curves(run: RunDirectory, png: Path, overwrite: bool) -> None:
+    """Write `curves_png` to ``png`` atomically, refusing an existing file unless ``overwrite``."""
+    refuse_existing(png, overwrite)
+    atomic_write_bytes(png, curves_png(run))
