@@ -106,6 +106,12 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     "(Table 7's intra-group runs). Takes every other setting from that run.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@click.option(
+    "--log-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write per-epoch losses, metrics and item-vector norms as TensorBoard events here.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 @click.option(
     "--nproc",
@@ -121,6 +127,7 @@ def train(
     global_from: Path | None,
     out: Path | None,
     overwrite: bool,
+    log_dir: Path | None,
     quiet: bool,
     no_baseline: bool,
     no_group_negatives: bool,
@@ -136,9 +143,9 @@ def train(
     if resume is not None:
         if global_from is not None:
             raise InputError("--resume and --global-from: a resumed run already has its Global stage")
-        run, metrics = resume_run(resume, report, progress=not quiet)
+        run, metrics = resume_run(resume, report, progress=not quiet, log_dir=log_dir)
     elif global_from is not None:
-        run, metrics = train_reseeded(global_from, out, overwrite, report, quiet, options)
+        run, metrics = train_reseeded(global_from, out, overwrite, report, quiet, options, log_dir)
     else:
         config = RunConfig(
             baseline=not no_baseline,
@@ -146,7 +153,7 @@ def train(
             **options,
         )
         out = out or RunDirectory.default_path(config)
-        run, metrics = train_new_run(config, out, overwrite, report, progress=not quiet)
+        run, metrics = train_new_run(config, out, overwrite, report, progress=not quiet, log_dir=log_dir)
     click.echo(metrics_table(metrics))
     for warning in still_improving(metrics):
         click.echo(f"warning: {warning}", err=True)
@@ -154,7 +161,13 @@ def train(
 
 
 def train_reseeded(
-    source_path: Path, out: Path | None, overwrite: bool, report: Any, quiet: bool, options: dict[str, Any]
+    source_path: Path,
+    out: Path | None,
+    overwrite: bool,
+    report: Any,
+    quiet: bool,
+    options: dict[str, Any],
+    log_dir: Path | None,
 ) -> tuple[Any, dict[str, Any]]:
     """``train --global-from RUN --seed N``: RUN's settings, Global stage and groups; second stage with seed N."""
     from perpeft.engine.runtime.run_directory import RunDirectory
@@ -174,7 +187,7 @@ def train_reseeded(
     machine = {name: options[name] for name in RESEED_MACHINE_SETTINGS if name in given}
     config = reseeded_config(source, options["seed"], **machine)
     out = out or source.reseed_path(config.seed)
-    return train_new_run(config, out, overwrite, report, progress=not quiet, global_from=source)
+    return train_new_run(config, out, overwrite, report, progress=not quiet, global_from=source, log_dir=log_dir)
 
 
 @cli.command()

@@ -29,15 +29,16 @@ def stage_curves(run: RunDirectory) -> dict[str, tuple[list[int], list[dict]]]:
 
 
 def curves_png(run: RunDirectory) -> bytes:
-    """Loss, HR@K and NDCG@K (validation solid, test dashed, a colour per K, a marker per stage) per epoch of
-    every stage, each stage's best epoch by validation `SELECTION_METRIC` marked. Needs matplotlib (``pip install perpeft-engine[plot]``)."""
+    """Loss, HR@K and NDCG@K (validation solid, test dashed, a colour per K, a marker per stage) and the
+    item vectors' term norms per epoch of every stage, each stage's best epoch by validation
+    `SELECTION_METRIC` marked. Needs matplotlib (``pip install perpeft-engine[plot]``)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise InputError("writing a PNG needs matplotlib: install perpeft-engine[plot]") from None
     curves = stage_curves(run)
-    figure = Figure(figsize=(13, 3.8), layout="constrained")
-    loss_axes, *metric_axes = figure.subplots(1, 3)
+    figure = Figure(figsize=(17, 3.8), layout="constrained")
+    loss_axes, *metric_axes, norm_axes = figure.subplots(1, 4)
     colours = dict(zip(KS, ("tab:blue", "tab:orange", "tab:green"), strict=True))
     for index, (name, (epochs, history)) in enumerate(curves.items()):
         marker = "os^"[index]
@@ -50,6 +51,11 @@ def curves_png(run: RunDirectory) -> bytes:
                     label = f"{split} {metric}@{k}" if index == 0 else None  # stages: the loss panel's legend
                     axes.plot(epochs, values, style, color=colours[k], marker=marker, ms=2, label=label)
             axes.axvline(epochs[best], color="grey", lw=0.8, ls=":")
+        if all("norms" in record for record in history):  # runs trained before the norms were recorded lack them
+            for term, colour in (("multimodal", "tab:purple"), ("id", "tab:brown")):
+                label = {"multimodal": "‖0.5·MLP(m)‖", "id": "‖h‖"}[term] if index == 0 else None
+                values = [record["norms"][term] for record in history]
+                norm_axes.plot(epochs, values, color=colour, marker=marker, ms=3, label=label)
     loss_axes.set(title="training loss", xlabel="epoch")
     loss_axes.legend(fontsize=7)
     for axes, metric in zip(metric_axes, ("HR", "NDCG"), strict=True):
@@ -57,6 +63,10 @@ def curves_png(run: RunDirectory) -> bytes:
         axes.title.set_fontsize(8)
         axes.set_xlabel("epoch")
         axes.legend(fontsize=6, ncol=2)
+    norm_axes.set(title="item-vector terms, z = 0.5·MLP(m) + h (mean norm)", xlabel="epoch")
+    norm_axes.title.set_fontsize(8)
+    if norm_axes.lines:
+        norm_axes.legend(fontsize=7)
     config = run.config
     figure.suptitle(f"{run.path.name}: {config.method} on {config.data}", fontsize=10)
     buffer = BytesIO()

@@ -37,7 +37,8 @@ class EvaluationData:
 def evaluate_model(
     model: PerpeftModel, data: EvaluationData, user_groups: np.ndarray, num_items: int, config: RunConfig
 ) -> dict[str, dict[str, float]]:
-    """Validation and test metrics with full ranking, each user scored with its group's table."""
+    """Validation and test metrics with full ranking, each user scored with its group's table, and the
+    item vectors' term norms (`item_vector_norms`, under ``"norms"``)."""
     model.eval()
     device = model.recommender.item_embeddings.weight.device
     tables = model.item_tables(num_items, config.encode_batch_size)
@@ -45,9 +46,19 @@ def evaluate_model(
     index = current_world().block_slice(len(data.users))
     groups = torch.from_numpy(user_groups[data.users[index]]).to(device)
     users = torch.from_numpy(data.users[index])
-    results = {}
+    results: dict[str, dict[str, float]] = {}
     for stage in ("valid", "test"):
         vectors = model.user_vectors(data.windows[stage][index], groups, tables, config.eval_batch_size, users)
         targets, histories = data.targets[stage][index], data.histories[stage].select(index)
         results[stage] = full_ranking_metrics(vectors, tables, groups, targets, histories)
+    results["norms"] = item_vector_norms(model, tables)
     return results
+
+
+def item_vector_norms(model: PerpeftModel, tables: torch.Tensor) -> dict[str, float]:
+    """Mean L2 norms, over items and groups, of the two terms of the item vectors z = 0.5·MLP_g(m) + h in
+    ``tables``: the multimodal term (0 for item-ID methods) and the ID embedding h. Their balance per
+    epoch shows whether training moves the CLIP side at all (`analyze curves` draws them)."""
+    ids = model.recommender.item_embeddings.weight.detach()[1:].float()
+    multimodal = tables[:, 1:].float() - ids
+    return {"multimodal": float(multimodal.norm(dim=-1).mean()), "id": float(ids.norm(dim=-1).mean())}

@@ -284,7 +284,8 @@ def tables_markdown(
         f"Settings: E1 = {_setting(settings, 'epochs_global', tuned)}, "
         f"E2 = {_setting(settings, 'epochs_perpeft', tuned)} (single-stage methods train "
         f"E1 + E2 epochs), lr {_setting(settings, 'lr', tuned)}, "
-        f"weight decay {_setting(settings, 'weight_decay', tuned)}, batch {settings.batch_size}, "
+        f"weight decay {_setting(settings, 'weight_decay', tuned)}, batch {settings.batch_size}"
+        f"{'' if settings.train_windows == 'last' else f' (training windows: {settings.train_windows})'}, "
         f"C = {settings.groups} unless a row says otherwise. Test metrics at the best epoch by validation "
         f"{SELECTION_METRIC}, "
         "×100, mean (standard deviation) over seeds. Bold: best mean per column (per PEFT block in Table 2).",

@@ -1,5 +1,6 @@
 """The stage loop every method shares, and the PerPEFT pipeline: Global PEFT → grouping → PerPEFT."""
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,15 @@ from perpeft.engine.runtime.tensors import load_tensors, save_tensors
 from perpeft.engine.train.grouping import fit_groups
 from perpeft.engine.train.reseed import reuse_global_stage, shares_global_stage
 from perpeft.engine.train.stages import STAGE_INDEX, Report, StageRunner, seed_torch, stage_summary
+from perpeft.engine.train.tensorboard import TensorBoardLog, require_tensorboard
 
 
 def run_pipeline(
-    run: RunDirectory, run_inputs: RunInputs, report: Report = print, progress: bool = True
+    run: RunDirectory,
+    run_inputs: RunInputs,
+    report: Report = print,
+    progress: bool = True,
+    log_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The run's method through the shared stage loop.
 
@@ -38,7 +44,8 @@ def run_pipeline(
     from the snapshot.
 
     Resumable: every epoch ends with an atomic checkpoint and ``state.json``; a rerun on the same
-    directory continues where it stopped and reproduces an uninterrupted run's metrics on CPU.
+    directory continues where it stopped and reproduces an uninterrupted run's metrics on CPU. With
+    ``log_dir`` every epoch's record also goes to TensorBoard (`TensorBoardLog`).
     """
     config = run.config
     method = method_of(config)
@@ -54,6 +61,17 @@ def run_pipeline(
     def save_state() -> None:
         if world.is_main:
             run.write_state(state)
+
+    log = TensorBoardLog(log_dir) if log_dir is not None and world.is_main else None
+
+    def logged(stage: str, offset: int) -> Callable[[int, dict[str, Any]], None]:
+        """An epoch hook that logs the stage's records to TensorBoard at ``offset + epoch``."""
+
+        def hook(epoch: int, record: dict[str, Any]) -> None:
+            if log is not None:
+                log.epoch(stage, offset + epoch, record)
+
+        return hook
 
     e1, e2 = config.epochs_global, config.epochs_perpeft
     global_epochs = e1 if method.two_stage and not config.baseline else e1 + e2
@@ -81,7 +99,10 @@ def run_pipeline(
     users = np.arange(dataset.num_users + 1, dtype=np.int64) if method.personal == "user" else None
     global_stage = stage("global", 1, plain_sampler, no_groups, users)
 
-    def save_snapshot(epoch: int) -> None:
+    log_global = logged("global", 0)
+
+    def save_snapshot(epoch: int, record: dict[str, Any]) -> None:
+        log_global(epoch, record)
         if method.two_stage and epoch == e1:
             save_tensors(run.snapshot, global_stage.model.trainable_state(), {"epoch": epoch})
 
@@ -119,7 +140,7 @@ def run_pipeline(
             second = stage(name, 1, plain_sampler, no_groups, assignment)
         if not state.stage(name).completed_epochs:
             second.model.init_from_single_group(load_tensors(run.snapshot)[0])
-        second.train(e2, state.stage(name), save_state, lambda epoch: None)
+        second.train(e2, state.stage(name), save_state, logged(name, e1))
         stages[name] = e2
 
     metrics = {
@@ -138,6 +159,8 @@ def run_pipeline(
         run.write_metrics(metrics)
     state.done = True
     save_state()
+    if log is not None:
+        log.close()
     world.barrier()
     return metrics
 
@@ -163,11 +186,14 @@ def train_new_run(
     report: Report = print,
     progress: bool = True,
     global_from: RunDirectory | None = None,
+    log_dir: Path | None = None,
 ) -> tuple[RunDirectory, dict[str, Any]]:
     """Validate the inputs, then create ``out`` (refusing an existing run unless ``overwrite``) and train;
     with ``global_from`` (see `reseeded_config`) the run starts from that run's Global stage and grouping."""
     dataset = run_dataset(config)
     config, counts = trained_config(config, dataset)
+    if log_dir is not None:
+        require_tensorboard()
     if counts is not None:
         report(
             f"large-global-peft: one LoRA adapter of rank {config.lora_rank} has "
@@ -186,11 +212,16 @@ def train_new_run(
 
     # Rank 0 creates the directory before the other ranks open it.
     run = current_world().main_first(create, lambda: RunDirectory.open(out))
-    return run, run_pipeline(run, run_inputs, report, progress)
+    return run, run_pipeline(run, run_inputs, report, progress, log_dir)
 
 
-def resume_run(path: Path, report: Report = print, progress: bool = True) -> tuple[RunDirectory, dict[str, Any]]:
+def resume_run(
+    path: Path, report: Report = print, progress: bool = True, log_dir: Path | None = None
+) -> tuple[RunDirectory, dict[str, Any]]:
     """Continue an interrupted run from its last completed epoch."""
     run = RunDirectory.open(path)
     config = run.config
-    return run, run_pipeline(run, load_run_inputs(config, run_dataset(config), progress), report, progress)
+    if log_dir is not None:
+        require_tensorboard()
+    run_inputs = load_run_inputs(config, run_dataset(config), progress)
+    return run, run_pipeline(run, run_inputs, report, progress, log_dir)

@@ -127,9 +127,14 @@ class StageRunner:
             restore_optimizer(self.optimizer, tensors, metadata["param_groups"])
 
     def train(
-        self, epochs: int, progress: StageProgress, save_state: Callable[[], None], on_epoch: Callable[[int], None]
+        self,
+        epochs: int,
+        progress: StageProgress,
+        save_state: Callable[[], None],
+        on_epoch: Callable[[int, dict[str, Any]], None],
     ) -> None:
-        """Run epochs ``completed+1 .. epochs``, updating ``progress`` (history, best) after each."""
+        """Run epochs ``completed+1 .. epochs``, updating ``progress`` (history, best) after each; rank 0
+        calls ``on_epoch(epoch, record)`` with each epoch's history record before its checkpoint."""
         stage_bar = tqdm(
             total=epochs,
             initial=progress.completed_epochs,
@@ -174,7 +179,7 @@ class StageRunner:
             if self.world.is_main:  # ranks hold identical weights; one writes
                 if improved:
                     save_tensors(self.run.best(self.name), self.model.trainable_state(), {"epoch": epoch})
-                on_epoch(epoch)
+                on_epoch(epoch, record)
                 tensors, param_groups = optimizer_tensors(self.optimizer)
                 save_tensors(
                     self.run.checkpoint(self.name, epoch),

@@ -1,6 +1,7 @@
 """The pipeline end to end on a small demo: run directory contents, metrics schema, resume."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sources import run_dataset
+from perpeft.engine.errors import InputError
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.model.run_inputs import load_run_inputs
 from perpeft.engine.train.pipeline import resume_run, train_new_run, trained_config
@@ -108,3 +110,34 @@ def test_every_group_starts_as_the_global_model(small_demo, small_config, peft):
         for group in range(3):
             torch.testing.assert_close(grouped.item_vectors(items, group), expected, rtol=0, atol=0)
         torch.testing.assert_close(grouped.item_vectors(items, torch.arange(24) % 3), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_log_dir_writes_every_epoch_record_as_tensorboard_scalars(small_demo, two_epoch_config, tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = two_epoch_config(small_demo, baseline=False)
+    run, _ = train_new_run(config, tmp_path / "run", False, lambda line: None, False, log_dir=tmp_path / "tb")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    state = json.loads((run.path / "state.json").read_text())
+    e1 = run.config.epochs_global
+    for stage, offset in (("global", 0), ("perpeft", e1)):
+        history = state[stage]["history"]
+        loss = events.Scalars(f"{stage}/loss")
+        assert [event.step for event in loss] == [offset + record["epoch"] for record in history]
+        assert [event.value for event in loss] == pytest.approx([record["loss"] for record in history])
+        assert [event.value for event in events.Scalars(f"{stage}/valid/HR@30")] == pytest.approx(
+            [record["valid"]["HR@30"] for record in history]
+        )
+        assert [event.value for event in events.Scalars(f"{stage}/norms/id")] == pytest.approx(
+            [record["norms"]["id"] for record in history]
+        )
+
+
+def test_log_dir_without_tensorboard_is_refused_before_the_run_starts(
+    small_demo, two_epoch_config, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(InputError, match="install the tensorboard package"):
+        train_new_run(two_epoch_config(small_demo), tmp_path / "run", False, lambda line: None, False, log_dir=tmp_path)
+    assert not (tmp_path / "run").exists()
