@@ -67,6 +67,12 @@ RUN_OPTIONS: tuple[Decorator, ...] = (
     ),
     choice_option(TRAIN_WINDOWS),
     click.option(
+        "--id-lr",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Learning rate of the item-ID embeddings. [--lr]",
+    ),
+    click.option(
         "--device",
         default=config_default("device"),
         show_default=True,

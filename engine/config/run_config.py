@@ -30,6 +30,7 @@ class RunConfig:
     baseline: bool = True
     batch_size: int = 16
     lr: float | None = None
+    id_lr: float | None = None  # the ID embeddings' learning rate; None: ``lr``
     weight_decay: float | None = None
     seed: int = 0
     global_seed: int | None = None
@@ -69,6 +70,8 @@ class RunConfig:
         for name, choice in RUN_CHOICES.items():
             choice.check(getattr(self, name), where)
         check_method(self, where)
+        if self.id_lr is not None and self.id_lr <= 0:
+            raise InputError(f"{where + ': ' if where else ''}--id-lr {self.id_lr}: must be positive")
         for name in ("groups", "epochs_global", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
