@@ -283,7 +283,8 @@ def tables_markdown(
         "",
         f"Settings: E1 = {_setting(settings, 'epochs_global', tuned)}, "
         f"E2 = {_setting(settings, 'epochs_perpeft', tuned)} (single-stage methods train "
-        f"E1 + E2 epochs), lr {_setting(settings, 'lr', tuned)}, "
+        f"E1 + E2 epochs), lr {_setting(settings, 'lr', tuned)}"
+        f"{'' if settings.id_lr is None else f' (ID embeddings {settings.id_lr:g})'}, "
         f"weight decay {_setting(settings, 'weight_decay', tuned)}, batch {settings.batch_size}"
         f"{'' if settings.train_windows == 'last' else f' (training windows: {settings.train_windows})'}, "
         f"C = {settings.groups} unless a row says otherwise. Test metrics at the best epoch by validation "

@@ -161,7 +161,7 @@ def test_experiment_cli_refuses_bad_requests_in_one_line(tmp_path: Path) -> None
 def test_a_tuning_grid_trains_every_combination_and_reports_each_cell_at_its_best_validation(
     small_config, small_demo: Path, tmp_path: Path
 ) -> None:
-    base = small_config(small_demo, baseline=False, train_windows="all")
+    base = small_config(small_demo, baseline=False, train_windows="all", id_lr=5e-3)
     cells = build_grid(["lora"], ["wo-mm", "frozen-mm"], False, [], [], False)
     tuning = {"lr": [1e-3, 1e-2], "weight_decay": [1e-4], "epochs_perpeft": [1, 2]}
     lines: list[str] = []
@@ -173,7 +173,8 @@ def test_a_tuning_grid_trains_every_combination_and_reports_each_cell_at_its_bes
     rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
     assert {row["weight_decay"] for row in rows} == {"0.0001"}  # one value: a setting, not a tuning axis
     table = (tmp_path / "table.md").read_text()
-    assert "lr tuned over {0.001, 0.01}, weight decay 0.0001" in table and "E2 = tuned over {1, 2}" in table
+    assert "lr tuned over {0.001, 0.01} (ID embeddings 0.005), weight decay 0.0001" in table
+    assert "E2 = tuned over {1, 2}" in table
     assert "batch 16 (training windows: all), C = 2" in table
     for row in ("wo-mm", "frozen-mm"):
         mine = [entry for entry in rows if entry["row"] == row]
