@@ -67,12 +67,6 @@ RUN_OPTIONS: tuple[Decorator, ...] = (
     ),
     choice_option(TRAIN_WINDOWS),
     click.option(
-        "--id-lr",
-        type=click.FloatRange(min=0, min_open=True),
-        default=None,
-        help="Learning rate of the item-ID embeddings. [--lr]",
-    ),
-    click.option(
         "--device",
         default=config_default("device"),
         show_default=True,
@@ -89,20 +83,27 @@ SCHEDULE = (
     ("--epochs-perpeft", "epochs_perpeft", int, "E2, PerPEFT epochs."),
     ("--lr", "lr", float, "AdamW learning rate."),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay."),
+    ("--id-lr", "id_lr", float, "Learning rate of the item-ID embeddings."),
 )
+DEFAULT_OF = {"id_lr": "[--lr]"}  # schedule settings without a preset: what they default to
+
+
+def schedule_help(text: str, setting: str) -> str:
+    """A schedule option's help: ``text`` and its presets, or what it defaults to."""
+    return preset_help(text, setting) if setting in DEMO_DEFAULTS else f"{text} {DEFAULT_OF[setting]}"
 
 
 def schedule_options(tunable: bool) -> tuple[Decorator, ...]:
-    """E1, E2, learning rate and weight decay: one value each, or (``tunable``) comma-separated values that
-    an experiment tries, selecting per cell by validation."""
+    """E1, E2, the learning rates and weight decay: one value each, or (``tunable``) comma-separated values
+    that an experiment tries, selecting per cell by validation."""
     options = []
     for option, setting, kind, text in SCHEDULE:
         if tunable:
-            help_text = preset_help(f"{text} Several, comma-separated, are tuned by validation.", setting)
+            help_text = schedule_help(f"{text} Several, comma-separated, are tuned by validation.", setting)
             options.append(click.option(option, default=None, callback=_values_of(kind), help=help_text))
         else:
             value_type = click.IntRange(min=1) if kind is int else float
-            options.append(click.option(option, type=value_type, default=None, help=preset_help(text, setting)))
+            options.append(click.option(option, type=value_type, default=None, help=schedule_help(text, setting)))
     return tuple(options)
 
 

@@ -12,7 +12,8 @@ Sections (each a list of cells; a cell is one configuration, trained once per se
   PerPEFT run also gets a *reseeded* run beside it (``seed-s-reseed-(s+1)``): the same Global stage and
   groups, the second stage retrained with seed ``s + 1`` (App. C.5.1, "the same cluster, another seed").
 
-With a tuning grid (several values of ``lr``, ``weight_decay``, ``epochs_global`` or ``epochs_perpeft``),
+With a tuning grid (several values of ``lr``, ``weight_decay``, ``id_lr``, ``epochs_global`` or
+``epochs_perpeft``),
 every cell trains once per combination of those values and seed, and `select_by_validation` keeps, per
 cell, the combination with the best mean validation HR@30 over seeds (the paper's protocol, App. C.2): the
 tables report test metrics at that combination and say which values won.
@@ -43,8 +44,9 @@ from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.train.pipeline import resume_run, silent, train_new_run, trained_config
 from perpeft.engine.train.reseed import reseeded_config
 
-TUNED_SETTINGS = ("lr", "weight_decay", "epochs_global", "epochs_perpeft")  # what a tuning grid may vary
-TUNED_NAMES = {"lr": "lr", "weight_decay": "wd", "epochs_global": "e1", "epochs_perpeft": "e2"}
+# What a tuning grid may vary, and each one's tag in run-directory names.
+TUNED_NAMES = {"lr": "lr", "weight_decay": "wd", "id_lr": "idlr", "epochs_global": "e1", "epochs_perpeft": "e2"}
+TUNED_SETTINGS = tuple(TUNED_NAMES)
 Variant = tuple[tuple[str, Any], ...]  # one combination of tuned values, in TUNED_SETTINGS order
 RESEED_OFFSET = 1  # Table 7's reseeded run of seed s trains its second stage with seed s + RESEED_OFFSET
 ABLATIONS = (

@@ -98,7 +98,7 @@ def results_csv(finished: list[Finished], out: Path, selected: list[Finished]) -
                 entry.metrics["method"],
                 entry.seed,
                 entry.run.relative_to(out).as_posix(),
-                *(f"{getattr(config, name):g}" for name in TUNED_SETTINGS),
+                *("" if getattr(config, name) is None else f"{getattr(config, name):g}" for name in TUNED_SETTINGS),
                 int(id(entry) in reported),
                 result["best_epoch"],
                 *(f"{result[stage][metric]:.6f}" for stage in ("valid", "test") for metric in METRIC_NAMES),
@@ -244,6 +244,13 @@ def _setting(settings: RunConfig, name: str, tuned: Tuned | None) -> str:
     return f"{getattr(settings, name):g}"
 
 
+def _id_rate(settings: RunConfig, tuned: Tuned | None) -> str:
+    """The ID embeddings' learning rate for the header line, when it is not ``lr``."""
+    if (tuned is not None and "id_lr" in tuned.grid) or settings.id_lr is not None:
+        return f" (ID embeddings {_setting(settings, 'id_lr', tuned)})"
+    return ""
+
+
 def tuning_table(tuned: Tuned) -> list[str]:
     """Which tuned values each cell reports: the combination with the best mean validation metric."""
     selections = tuned.selections
@@ -284,7 +291,7 @@ def tables_markdown(
         f"Settings: E1 = {_setting(settings, 'epochs_global', tuned)}, "
         f"E2 = {_setting(settings, 'epochs_perpeft', tuned)} (single-stage methods train "
         f"E1 + E2 epochs), lr {_setting(settings, 'lr', tuned)}"
-        f"{'' if settings.id_lr is None else f' (ID embeddings {settings.id_lr:g})'}, "
+        f"{_id_rate(settings, tuned)}, "
         f"weight decay {_setting(settings, 'weight_decay', tuned)}, batch {settings.batch_size}"
         f"{'' if settings.train_windows == 'last' else f' (training windows: {settings.train_windows})'}, "
         f"C = {settings.groups} unless a row says otherwise. Test metrics at the best epoch by validation "

@@ -161,9 +161,9 @@ def test_experiment_cli_refuses_bad_requests_in_one_line(tmp_path: Path) -> None
 def test_a_tuning_grid_trains_every_combination_and_reports_each_cell_at_its_best_validation(
     small_config, small_demo: Path, tmp_path: Path
 ) -> None:
-    base = small_config(small_demo, baseline=False, train_windows="all", id_lr=5e-3)
+    base = small_config(small_demo, baseline=False, train_windows="all")
     cells = build_grid(["lora"], ["wo-mm", "frozen-mm"], False, [], [], False)
-    tuning = {"lr": [1e-3, 1e-2], "weight_decay": [1e-4], "epochs_perpeft": [1, 2]}
+    tuning = {"lr": [1e-3, 1e-2], "weight_decay": [1e-4], "id_lr": [5e-3], "epochs_perpeft": [1, 2]}
     lines: list[str] = []
     finished = run_experiment(base, cells, [0, 1], tmp_path, lines.append, tuning)
     assert len(finished) == len(lines) == 2 * 2 * 2 * 2  # cells × lr values × E2 values × seeds
@@ -173,6 +173,7 @@ def test_a_tuning_grid_trains_every_combination_and_reports_each_cell_at_its_bes
     rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
     assert {row["weight_decay"] for row in rows} == {"0.0001"}  # one value: a setting, not a tuning axis
     table = (tmp_path / "table.md").read_text()
+    assert {row["id_lr"] for row in rows} == {"0.005"}
     assert "lr tuned over {0.001, 0.01} (ID embeddings 0.005), weight decay 0.0001" in table
     assert "E2 = tuned over {1, 2}" in table
     assert "batch 16 (training windows: all), C = 2" in table
@@ -191,3 +192,15 @@ def test_a_tuning_grid_trains_every_combination_and_reports_each_cell_at_its_bes
         )
         mean = 100 * sum(reported) / 2
         assert f"{mean:.2f}" in line
+
+
+def test_the_id_rate_is_a_tuning_axis_and_an_unset_one_stays_blank(small_config, small_demo: Path, tmp_path) -> None:
+    cells = build_grid(["lora"], ["wo-mm"], False, [], [], False)
+    finished = run_experiment(
+        small_config(small_demo), cells, [0], tmp_path / "tuned", lambda line: None, {"id_lr": [1e-3, 1e-2]}
+    )
+    assert {entry.run.parent.name for entry in finished} == {"wo-mm-none-C2-idlr0.001", "wo-mm-none-C2-idlr0.01"}
+    assert "lr 0.001 (ID embeddings tuned over {0.001, 0.01})," in (tmp_path / "tuned" / "table.md").read_text()
+    run_experiment(small_config(small_demo), cells, [0], tmp_path / "plain", lambda line: None)
+    (row,) = csv.DictReader(io.StringIO((tmp_path / "plain" / "results.csv").read_text()))
+    assert row["id_lr"] == "" and row["lr"] == "0.001" and row["selected"] == "1"
