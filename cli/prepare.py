@@ -56,11 +56,10 @@ def prepare() -> None:
 @reports_input_errors
 def authors(src: Path, name: str | None, out: Path | None, skip_bad_images: bool, overwrite: bool, quiet: bool) -> None:
     """The authors' released files → a dataset directory (timestamps: line numbers, which keep the order)."""
-    from perpeft.engine.data.authors import authors_prefix, default_output_name, detect_prefix, prepare_authors
+    from perpeft.engine.data.authors import default_output_name, prepare_authors, release_prefix
 
     if out is None:
-        prefix = detect_prefix(src) if name is None else authors_prefix(name)
-        out = default_data_dir() / default_output_name(prefix)
+        out = default_data_dir() / default_output_name(release_prefix(src, name))
     stats = prepare_authors(src, name, out, skip_bad_images, overwrite, progress=not quiet)
     click.echo(stats_summary(stats, out))
 

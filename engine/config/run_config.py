@@ -70,14 +70,15 @@ class RunConfig:
         for name, choice in RUN_CHOICES.items():
             choice.check(getattr(self, name), where)
         check_method(self, where)
+        prefix = f"{where}: " if where else ""
         if self.id_lr is not None and self.id_lr <= 0:
-            raise InputError(f"{where + ': ' if where else ''}--id-lr {self.id_lr}: must be positive")
+            raise InputError(f"{prefix}--id-lr {self.id_lr}: must be positive")
         for name in ("groups", "epochs_global", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise InputError(f"{where + ': ' if where else ''}--{name.replace('_', '-')} {value}: must be positive")
+                raise InputError(f"{prefix}--{name.replace('_', '-')} {value}: must be positive")
         if self.epochs_perpeft is not None and self.epochs_perpeft < 0:
-            raise InputError(f"{where + ': ' if where else ''}--epochs-perpeft {self.epochs_perpeft}: must be ≥ 0")
+            raise InputError(f"{prefix}--epochs-perpeft {self.epochs_perpeft}: must be ≥ 0")
 
     @property
     def text_field_names(self) -> tuple[str, ...] | None:

@@ -72,6 +72,11 @@ def detect_prefix(src: Path) -> str:
     return prefixes[0]
 
 
+def release_prefix(src: Path, name: str | None) -> str:
+    """The prefix of the release ``name`` (a dataset name or file prefix), or of the one in ``src``."""
+    return detect_prefix(src) if name is None else authors_prefix(name)
+
+
 def default_output_name(prefix: str) -> str:
     """The dataset directory name of a release: a named dataset's short name, else its prefix."""
     return AUTHORS_PREFIXES.get(prefix, prefix)
@@ -88,7 +93,7 @@ def prepare_authors(
     """Convert the release ``name`` (a dataset name or file prefix; None: the one in ``src``) into ``out``;
     return the statistics written there."""
     check_output(out, overwrite)
-    prefix = detect_prefix(src) if name is None else authors_prefix(name)
+    prefix = release_prefix(src, name)
     index_to_key = _item_keys(src / f"{prefix}_item2id_final.pickle")
     texts_path = src / f"{prefix}_texts_final.pickle"
     texts = load_plain_pickle(texts_path)

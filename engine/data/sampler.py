@@ -29,12 +29,13 @@ class TrainSampler:
     most recent ``maxlen`` positions (the paper's protocol); ``windows="all"`` one row per ``maxlen``
     positions counted back from the end, non-overlapping, so that an epoch has a loss on every training
     target of every user once; ``windows="prefix"`` one row per training target (RecBole's one sample per
-    prefix), the ``maxlen`` items before it as input and a loss on that target only. Without ``user_groups`` each epoch is a permutation of all rows chunked into
-    batches. With ``user_groups`` (int64 ``[U+1]``, entry 0 ignored) every batch holds one group's rows,
-    and the batches of all groups are shuffled together. Negatives are uniform over all items, or over
-    I_c (items in the training sequences of group c's users) when ``group_negatives``; a negative is
-    never an item of the user's training sequence. If the pool holds nothing but the user's own items,
-    that user's negatives come from all items instead.
+    prefix), the ``maxlen`` items before it as input and a loss on that target only. Without
+    ``user_groups`` each epoch is a permutation of all rows chunked into batches. With ``user_groups``
+    (int64 ``[U+1]``, entry 0 ignored) every batch holds one group's rows, and the batches of all groups
+    are shuffled together. Negatives are uniform over all items, or over I_c (items in the training
+    sequences of group c's users) when ``group_negatives``; a negative is never an item of the user's
+    training sequence. If the pool holds nothing but the user's own items, that user's negatives come from
+    all items instead.
     """
 
     def __init__(

@@ -13,10 +13,10 @@ Sections (each a list of cells; a cell is one configuration, trained once per se
   groups, the second stage retrained with seed ``s + 1`` (App. C.5.1, "the same cluster, another seed").
 
 With a tuning grid (several values of ``lr``, ``weight_decay``, ``id_lr``, ``epochs_global`` or
-``epochs_perpeft``),
-every cell trains once per combination of those values and seed, and `select_by_validation` keeps, per
-cell, the combination with the best mean validation HR@30 over seeds (the paper's protocol, App. C.2): the
-tables report test metrics at that combination and say which values won.
+``epochs_perpeft``), every cell trains once per combination of those values and seed, and
+`select_by_validation` keeps, per cell, the combination with the best mean validation HR@30 over seeds
+(the paper's protocol, App. C.2): the tables report test metrics at that combination and say which values
+won.
 
 Cells that are the same configuration in several sections (PerPEFT with LoRA and C = 8 is in four) train
 once. Every cell's run lives in ``OUT/runs/NAME/seed-N``; a finished run (``metrics.json``) is skipped, an
@@ -224,11 +224,14 @@ def run_grid(
     line and ETA each."""
     variants = variants or [()]
     jobs: dict[tuple[str, int], RunConfig] = {}
+    entries: list[tuple[Cell, int, Variant, str]] = []  # every (cell, seed, variant) and its run's name
     for seed in seeds:
         for cell in cells:
             for variant in variants:
                 config = dataclasses.replace(cell.config(base, seed), **dict(variant))
-                jobs.setdefault((run_name(config) + variant_name(variant), seed), config)
+                name = run_name(config) + variant_name(variant)
+                jobs.setdefault((name, seed), config)
+                entries.append((cell, seed, variant, name))
     metrics: dict[tuple[str, int], dict[str, Any]] = {}
     trained_seconds: list[float] = []
     for index, ((name, seed), config) in enumerate(jobs.items(), start=1):
@@ -246,14 +249,10 @@ def run_grid(
         eta = f"ETA {_duration(statistics.mean(trained_seconds) * remaining)}" if trained_seconds and remaining else ""
         result = result_metrics(metrics[name, seed])["test"]["NDCG@20"]
         report(f"[{index}/{len(jobs)}] {name} seed {seed}: test NDCG@20 {result:.4f} ({status})  {eta}".rstrip())
-    finished = []
-    for seed in seeds:
-        for cell in cells:
-            for variant in variants:
-                name = run_name(cell.config(base, seed)) + variant_name(variant)
-                path = out / "runs" / name / f"seed-{seed}"
-                finished.append(Finished(cell, seed, path, metrics[name, seed], variant))
-    return finished
+    return [
+        Finished(cell, seed, out / "runs" / name / f"seed-{seed}", metrics[name, seed], variant)
+        for cell, seed, variant, name in entries
+    ]
 
 
 def reseeded_runs(finished: list[Finished], report: Callable[[str], None] = print) -> dict[int, Path]:

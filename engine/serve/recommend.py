@@ -103,15 +103,14 @@ def recommend(
     checkpoint = run.best_checkpoint("perpeft")
     config = run.config
     embeddings = load_embeddings(run)
+    dataset = run_dataset(config)
     if user is not None:
-        dataset = run_dataset(config)
         index = int(engine_indices(dataset.user_ids, [user], "--user")[0])
         sequence = dataset.sequences[index]
         group = int(embeddings.groups[index])
     else:
         if not history:
             raise InputError("--history: give at least one item id")
-        dataset = run_dataset(config)
         run_inputs = load_run_inputs(config, dataset, progress)
         sequence = engine_indices(dataset.item_ids, history, "--history")
         snapshot = load_model(run, run.snapshot, 1, dataset.num_items, run_inputs)
