@@ -62,24 +62,32 @@ def evaluate(run: Path, as_json: bool) -> None:
     click.echo(f"largest difference from metrics.json: {difference:.1e}")
 
 
+def id_list(text: str | None) -> list[str] | None:
+    """Comma-separated ids as a list (blanks dropped); None stays None."""
+    return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
+
+
 @click.command()
 @run_option
 @click.option("--user", default=None, help="A known user's id: scored from everything the user bought.")
 @click.option("--history", default=None, help="A new user's item ids, oldest first, comma-separated.")
+@click.option("--exclude", default=None, help="Item ids never to recommend, comma-separated (beside the user's own).")
 @click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="How many items.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @reports_input_errors
-def recommend(run: Path, user: str | None, history: str | None, k: int, as_json: bool) -> None:
+def recommend(run: Path, user: str | None, history: str | None, exclude: str | None, k: int, as_json: bool) -> None:
     """Top-K items for a known user (--user) or a new user's purchases (--history), the user's items excluded.
 
     Reads RUN/embeddings: run `embed` first. A known user is scored with its group's item table; a new user
-    joins the group of the nearest K-Means centroid under the Global-PEFT snapshot (this loads the item
-    encoder for the history's items) and is then scored the same way.
+    joins the group of the nearest K-Means centroid under the Global-PEFT snapshot (read through its cached
+    item table) and is then scored the same way. `serve` answers the same requests over HTTP.
     """
+    from perpeft.engine.errors import InputError
     from perpeft.engine.serve.recommend import recommend as recommend_items
 
-    items = None if history is None else [item.strip() for item in history.split(",") if item.strip()]
-    result = recommend_items(run, k, user=user, history=items)
+    if (user is None) == (history is None):
+        raise InputError("give exactly one of --user and --history")
+    result = recommend_items(run, k, user=user, history=id_list(history), exclude=id_list(exclude) or ())
     rows = list(zip(result.items, result.titles, result.scores, strict=True))
     if as_json:
         ranked = [
@@ -88,7 +96,13 @@ def recommend(run: Path, user: str | None, history: str | None, k: int, as_json:
         ]
         click.echo(
             json.dumps(
-                {"user": result.user, "group": result.group, "history": result.history, "recommendations": ranked},
+                {
+                    "user": result.user,
+                    "group": result.group,
+                    "assigned_by": result.assigned_by,
+                    "history": result.history,
+                    "recommendations": ranked,
+                },
                 indent=2,
             )
         )

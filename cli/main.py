@@ -15,6 +15,7 @@ from perpeft.cli.experiment import experiment
 from perpeft.cli.inference import embed, evaluate, export, recommend
 from perpeft.cli.options import choice_option, config_default, run_options
 from perpeft.cli.prepare import fetch_images, prepare
+from perpeft.cli.serve import serve
 from perpeft.engine.config.choices import CLUSTERING, GROUPING, PEFT
 from perpeft.engine.config.methods import METHODS
 from perpeft.engine.config.run_config import RunConfig
@@ -222,6 +223,7 @@ cli.add_command(embed)
 cli.add_command(evaluate)
 cli.add_command(recommend)
 cli.add_command(export)
+cli.add_command(serve)
 cli.add_command(fetch_images)
 cli.add_command(experiment)
 cli.add_command(analyze)

@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
         "--engine-options",
-        default="--train-windows all --batch-size 64 --lr 1e-3 --epochs-global 30 --epochs-perpeft 20",
-        help="the engine's training options (one string)",
+        default="--train-windows all --batch-size 128 --lr 4e-3 --epochs-global 30 --epochs-perpeft 20",
+        help="the engine's training options (one string; the default is the schedule RESULTS.md reports)",
     )
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)

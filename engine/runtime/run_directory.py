@@ -9,7 +9,7 @@ Layout (all written atomically)::
     <stage>/best.safetensors           the best epoch by validation HR@30
     global/snapshot-e1.safetensors     Global PEFT at epoch E1, where the second stage starts
     grouping.safetensors               user → group assignment and centroids
-    embeddings/                        `embed`'s per-group item tables, user vectors and ids
+    embeddings/                        `embed`'s per-group item tables, user vectors, snapshot table, ids
     analysis/                          `analyze` pages and heat maps
 """
 
@@ -164,11 +164,16 @@ class RunDirectory:
         return self.embeddings / "ids.json"
 
     @property
+    def embedded_snapshot(self) -> Path:
+        """The Global-PEFT snapshot's item table ``[1, I+1, d]``, which places new users in a group."""
+        return self.embeddings / "snapshot.safetensors"
+
+    @property
     def embedding_chunks(self) -> Path:
         """`embed`'s resumable partial chunks while it runs."""
         return self.embeddings / ".partial"
 
     @property
-    def embedding_outputs(self) -> tuple[Path, Path, Path]:
-        """The three files a finished `embed` has written."""
-        return self.embedded_items, self.embedded_users, self.embedded_ids
+    def embedding_outputs(self) -> tuple[Path, Path, Path, Path]:
+        """The four files a finished `embed` has written."""
+        return self.embedded_items, self.embedded_users, self.embedded_snapshot, self.embedded_ids

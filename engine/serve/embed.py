@@ -7,6 +7,8 @@
 - ``embeddings/users.safetensors``: ``users`` float32 ``[U+1, d]``, SASRec's output for the test step
   (history = train + validation item) read through the user's group table, row 0 zeros; ``groups``
   int64 ``[U+1]`` (the run's grouping) and ``centroids`` float32 ``[C, d]`` (its K-Means centroids);
+- ``embeddings/snapshot.safetensors``: ``items`` float32 ``[1, I+1, d]``, the Global-PEFT snapshot's
+  (epoch E1) item table: the grouping space a new user is placed in, so serving needs no item encoder;
 - ``embeddings/ids.json``: ``{"users": [...], "items": [...]}``, the dataset's ids by engine index.
 
 Finished chunks of pairs wait under ``embeddings/.partial/`` until the tables are assembled, so a rerun
@@ -43,6 +45,7 @@ class Embeddings:
     users: torch.Tensor
     groups: torch.Tensor
     centroids: torch.Tensor
+    snapshot: torch.Tensor
 
 
 def load_model(
@@ -171,13 +174,17 @@ def embed_run(
         windows.to(target), grouping["assignment"].to(target), tables.to(target), config.eval_batch_size
     ).cpu()
     users[0] = 0.0
-    embeddings = Embeddings(tables, users, grouping["assignment"], grouping["centroids"])
+    # The very table the grouping read at E1 (`user_space_vectors`: same function, same batches).
+    snapshot = load_model(run, run.snapshot, 1, dataset.num_items, run_inputs).to(target)
+    snapshot_table = snapshot.item_tables(dataset.num_items, config.encode_batch_size).float().cpu()
+    embeddings = Embeddings(tables, users, grouping["assignment"], grouping["centroids"], snapshot_table)
     if world.is_main:
         save_tensors(run.embedded_items, {"items": embeddings.items})
         save_tensors(
             run.embedded_users,
             {"users": embeddings.users, "groups": embeddings.groups, "centroids": embeddings.centroids},
         )
+        save_tensors(run.embedded_snapshot, {"items": embeddings.snapshot})
         atomic_write_json(run.embedded_ids, {"users": dataset.user_ids, "items": dataset.item_ids})
         chunks.discard()
     world.barrier()
@@ -186,7 +193,19 @@ def embed_run(
 
 def load_embeddings(run: RunDirectory) -> Embeddings:
     """The tables ``embed`` wrote for ``run``; InputError when they are missing or incomplete."""
-    if not all(path.is_file() for path in run.embedding_outputs):
+    missing = [path.name for path in run.embedding_outputs if not path.is_file()]
+    if len(missing) == len(run.embedding_outputs):
         raise InputError(f"{run.path}: no embeddings; compute them first with `perpeft-engine embed --run {run.path}`")
+    if missing:
+        raise InputError(
+            f"{run.embeddings}: incomplete embeddings (no {', '.join(missing)}); recompute them with "
+            f"`perpeft-engine embed --run {run.path} --overwrite`"
+        )
     users = load_tensors(run.embedded_users)[0]
-    return Embeddings(load_tensors(run.embedded_items)[0]["items"], users["users"], users["groups"], users["centroids"])
+    return Embeddings(
+        load_tensors(run.embedded_items)[0]["items"],
+        users["users"],
+        users["groups"],
+        users["centroids"],
+        load_tensors(run.embedded_snapshot)[0]["items"],
+    )

@@ -1,27 +1,32 @@
-"""Serving from a run's cached embeddings: recomputed metrics, and top-K for a known or a new user.
+"""Serving from a run's cached embeddings: recomputed metrics, and top-K for known and new users.
 
 A known user is scored with its group's table. A new user, given as a purchase history, is placed in the
-grouping space by the very Global-PEFT snapshot the grouping was fitted on (epoch E1), joins the group of
-the nearest K-Means centroid (paper App. D.2.2), and is then scored like a known user of that group.
+grouping space by the very Global-PEFT snapshot the grouping was fitted on (epoch E1, read through its
+cached item table), joins the group of the nearest K-Means centroid (paper App. D.2.2), and is then scored
+like a known user of that group. No item encoder runs: one SASRec pass per batch of requests (two for new
+users) and an inner-product search in each request's group table.
 """
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from perpeft.engine.data.dataset import Dataset
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.errors import InputError
 from perpeft.engine.eval.evaluation import EvaluationData
 from perpeft.engine.eval.metrics import full_ranking_metrics
-from perpeft.engine.eval.users import grouping_space_vectors, nearest_centroid
+from perpeft.engine.eval.users import nearest_centroid
 from perpeft.engine.model.perpeft import PerpeftModel
-from perpeft.engine.model.run_inputs import load_run_inputs
 from perpeft.engine.runtime.distributed import current_world
 from perpeft.engine.runtime.run_directory import RunDirectory
-from perpeft.engine.serve.embed import load_embeddings, load_model
+from perpeft.engine.serve.embed import Embeddings, load_embeddings, load_model
+from perpeft.engine.serve.index import ExactIndex
 
 
 def evaluate_run(path: Path) -> dict[str, dict[str, float]]:
@@ -53,22 +58,43 @@ def evaluate_run(path: Path) -> dict[str, dict[str, float]]:
     }
 
 
+KNOWN_USER = "known_user"
+NEAREST_CENTROID = "nearest_centroid"
+
+
+@dataclass(frozen=True)
+class Query:
+    """One request: a known ``user`` or a new user's ``history`` (item ids, oldest first), ``k`` items, and
+    item ids to ``exclude`` beside the user's own."""
+
+    user: str | None = None
+    history: Sequence[str] | None = None
+    k: int = 20
+    exclude: Sequence[str] = ()
+
+
 @dataclass
 class Recommendations:
-    """Top-K for one user: its group, the history it was read from, and items best first."""
+    """Top-K for one user: its group and how it was assigned, the history it was read from, items best first."""
 
     user: str | None
     group: int
+    assigned_by: str
     history: list[str]
     items: list[str]
     titles: list[str]
     scores: list[float]
 
 
-def engine_indices(ids: list[str | None], wanted: list[str], option: str) -> np.ndarray:
+def printable(value: str) -> str:
+    """``value`` as it is when printable, else quoted with escapes: an error message stays one line."""
+    return value if value.isprintable() else repr(value)
+
+
+def engine_indices(ids: list[str | None], wanted: Sequence[str], option: str) -> np.ndarray:
     """Engine indices of the dataset ids ``wanted``; InputError naming those that are unknown."""
     index = {value: position for position, value in enumerate(ids) if value is not None}
-    unknown = [value for value in wanted if value not in index]
+    unknown = [printable(value) for value in wanted if value not in index]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise InputError(f"{option}: unknown id{'s' if len(unknown) > 1 else ''} {shown}")
@@ -81,48 +107,116 @@ def top_k(
     """The ``k`` best items (engine indices) for ``history`` in ``group``'s table of ``tables`` ``[C, I+1, d]``,
     its items excluded."""
     window = torch.from_numpy(last_window([history], maxlen))
-    vector = model.user_vectors(window, torch.tensor([group]), tables, 1)[0]
-    scores = tables[group, 1:] @ vector
-    seen = torch.from_numpy(np.unique(history)) - 1
-    scores[seen] = float("-inf")
-    best = torch.topk(scores, min(k, scores.numel() - seen.numel()))
-    return (best.indices + 1).tolist(), best.values.tolist()
+    vector = model.user_vectors(window, torch.tensor([group]), tables, 1)
+    hits = ExactIndex(tables).search(vector, torch.tensor([group]), [k], [history])[0]
+    return hits.items, hits.scores
+
+
+def check_tables(run: RunDirectory, embeddings: Embeddings, dataset: Dataset) -> None:
+    """InputError (one line, naming the file) when the embeddings were not computed for this run's config
+    and dataset: another group count, width, catalog or user set."""
+    config = run.config
+    groups, rows, users, width = config.groups, dataset.num_items + 1, dataset.num_users + 1, config.hidden
+    expected = [
+        (run.embedded_items, "items", embeddings.items, (groups, rows, width)),
+        (run.embedded_snapshot, "items", embeddings.snapshot, (1, rows, width)),
+        (run.embedded_users, "users", embeddings.users, (users, width)),
+        (run.embedded_users, "groups", embeddings.groups, (users,)),
+        (run.embedded_users, "centroids", embeddings.centroids, (groups, width)),
+    ]
+    for path, name, tensor, shape in expected:
+        if tuple(tensor.shape) != shape:
+            raise InputError(
+                f"{path}: {name} is {list(tensor.shape)}, but the run (C = {groups}, d = {width}, "
+                f"{dataset.num_items} items, {dataset.num_users} users) needs {list(shape)}; "
+                f"recompute with `perpeft-engine embed --run {run.path} --overwrite`"
+            )
+    if int(embeddings.groups.max()) >= groups or int(embeddings.groups.min()) < 0:
+        raise InputError(f"{run.embedded_users}: groups outside 0..{groups - 1}; recompute with `perpeft-engine embed`")
+
+
+class ServingRun:
+    """A finished PerPEFT run opened for serving: its dataset, cached tables, SASRec and snapshot SASRec,
+    loaded once and checked against each other (`check_tables`)."""
+
+    def __init__(self, run: RunDirectory, dataset: Dataset, embeddings: Embeddings) -> None:
+        self.run, self.dataset, self.embeddings = run, dataset, embeddings
+        config = run.config
+        self.maxlen = config.maxlen
+        self.model = load_model(run, run.best_checkpoint("perpeft"), config.groups, dataset.num_items)
+        self.snapshot = load_model(run, run.snapshot, 1, dataset.num_items)
+        self.index = ExactIndex(embeddings.items)
+
+    @classmethod
+    def open(cls, path: Path) -> "ServingRun":
+        """Open ``path`` for serving; InputError when it is not a finished PerPEFT run with matching embeddings."""
+        run = RunDirectory.open(path)
+        run.best_checkpoint("perpeft")
+        embeddings = load_embeddings(run)
+        dataset = run_dataset(run.config)
+        check_tables(run, embeddings, dataset)
+        ids = json.loads(run.embedded_ids.read_text())
+        if ids != {"users": dataset.user_ids, "items": dataset.item_ids}:
+            raise InputError(
+                f"{run.embedded_ids}: the ids differ from the run's dataset; recompute with `embed --overwrite`"
+            )
+        return cls(run, dataset, embeddings)
+
+    @property
+    def groups(self) -> int:
+        return self.embeddings.items.shape[0]
+
+    def _history(self, query: Query) -> tuple[np.ndarray, int | None]:
+        """The query's history (engine indices) and, for a known user, its group."""
+        if (query.user is None) == (query.history is None):
+            raise InputError("give exactly one of user and history")
+        if query.k < 1:
+            raise InputError(f"k: must be at least 1, got {query.k}")
+        if query.user is not None:
+            index = int(engine_indices(self.dataset.user_ids, [query.user], "user")[0])
+            return self.dataset.sequences[index], int(self.embeddings.groups[index])
+        if not query.history:
+            raise InputError("history: give at least one item id")
+        return engine_indices(self.dataset.item_ids, query.history, "history"), None
+
+    @torch.no_grad()
+    def recommend(self, queries: Sequence[Query]) -> list[Recommendations]:
+        """Top-K of every query in one batch: InputError (naming the field) when any query is malformed."""
+        read = [self._history(query) for query in queries]
+        exclude = [
+            np.concatenate([history, engine_indices(self.dataset.item_ids, query.exclude, "exclude")])
+            for query, (history, _) in zip(queries, read, strict=True)
+        ]
+        histories = [history for history, _ in read]
+        groups = torch.tensor([-1 if group is None else group for _, group in read], dtype=torch.long)
+        new = (groups < 0).nonzero().squeeze(1)
+        if new.numel():
+            windows = torch.from_numpy(last_window([histories[row] for row in new.tolist()], self.maxlen))
+            placed = self.snapshot.user_vectors(
+                windows, torch.zeros(new.numel(), dtype=torch.long), self.embeddings.snapshot, new.numel()
+            )
+            groups[new] = nearest_centroid(placed, self.embeddings.centroids)
+        windows = torch.from_numpy(last_window(histories, self.maxlen))
+        vectors = self.model.user_vectors(windows, groups, self.embeddings.items, len(queries))
+        hits = self.index.search(vectors, groups, [query.k for query in queries], exclude)
+        ids, titles = self.dataset.item_ids, self.dataset.titles
+        return [
+            Recommendations(
+                query.user,
+                int(group),
+                NEAREST_CENTROID if known is None else KNOWN_USER,
+                [ids[item] for item in history],
+                [ids[item] for item in hit.items],
+                [titles[item] for item in hit.items],
+                hit.scores,
+            )
+            for query, (history, known), group, hit in zip(queries, read, groups.tolist(), hits, strict=True)
+        ]
 
 
 def recommend(
-    path: Path, k: int, user: str | None = None, history: list[str] | None = None, progress: bool = True
+    path: Path, k: int, user: str | None = None, history: list[str] | None = None, exclude: Sequence[str] = ()
 ) -> Recommendations:
-    """Top-``k`` for a known ``user`` (from everything it bought) or a new user's ``history`` (oldest first).
-
-    Needs the run's embeddings (``embed``). A new user also loads the item encoder, to read its history
-    with the Global-PEFT snapshot.
-    """
-    if (user is None) == (history is None):
-        raise InputError("give exactly one of --user and --history")
-    run = RunDirectory.open(path)
-    checkpoint = run.best_checkpoint("perpeft")
-    config = run.config
-    embeddings = load_embeddings(run)
-    dataset = run_dataset(config)
-    if user is not None:
-        index = int(engine_indices(dataset.user_ids, [user], "--user")[0])
-        sequence = dataset.sequences[index]
-        group = int(embeddings.groups[index])
-    else:
-        if not history:
-            raise InputError("--history: give at least one item id")
-        run_inputs = load_run_inputs(config, dataset, progress)
-        sequence = engine_indices(dataset.item_ids, history, "--history")
-        snapshot = load_model(run, run.snapshot, 1, dataset.num_items, run_inputs)
-        vector = grouping_space_vectors(snapshot, [sequence], config.maxlen)
-        group = int(nearest_centroid(vector, embeddings.centroids)[0])
-    model = load_model(run, checkpoint, config.groups, dataset.num_items)
-    items, scores = top_k(model, embeddings.items, sequence, group, k, config.maxlen)
-    return Recommendations(
-        user,
-        group,
-        [dataset.item_ids[item] for item in sequence],
-        [dataset.item_ids[item] for item in items],
-        [dataset.titles[item] for item in items],
-        scores,
-    )
+    """Top-``k`` for a known ``user`` (from everything it bought) or a new user's ``history`` (oldest first),
+    the user's items and ``exclude`` left out. Needs the run's embeddings (``embed``)."""
+    return ServingRun.open(path).recommend([Query(user, history, k, exclude)])[0]

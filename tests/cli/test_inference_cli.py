@@ -63,6 +63,14 @@ def test_recommend_known_user(demo_run):
     assert [entry["rank"] for entry in as_json["recommendations"]] == [1, 2, 3]
     assert [row.split()[1] for row in rows] == [entry["item"] for entry in as_json["recommendations"]]
     assert not {entry["item"] for entry in as_json["recommendations"]} & set(as_json["history"])
+    assert as_json["assigned_by"] == "known_user"
+    first = as_json["recommendations"][0]["item"]
+    excluded = json.loads(
+        invoke("recommend", "--run", str(demo_run), "--user", "u00004", "--k", "3", "--exclude", first, "--json").stdout
+    )
+    assert [entry["item"] for entry in excluded["recommendations"]][:2] == [
+        entry["item"] for entry in as_json["recommendations"][1:]
+    ]
 
 
 def test_recommend_new_user_json(demo_run):
@@ -71,6 +79,7 @@ def test_recommend_new_user_json(demo_run):
     answer = json.loads(result.stdout)
     assert answer["user"] is None and answer["history"] == ["i0001", "i0002", "i0003"]
     assert answer["group"] in (0, 1) and len(answer["recommendations"]) == 20
+    assert answer["assigned_by"] == "nearest_centroid"
     scores = [entry["score"] for entry in answer["recommendations"]]
     assert scores == sorted(scores, reverse=True)
 
@@ -78,8 +87,9 @@ def test_recommend_new_user_json(demo_run):
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
-        (["--user", "u99999"], ["--user", "u99999"]),
-        (["--history", "i0001,x1"], ["--history", "x1"]),
+        (["--user", "u99999"], ["user: unknown id u99999"]),
+        (["--history", "i0001,x1"], ["history: unknown id x1"]),
+        (["--user", "u00004", "--exclude", "i0001,zz"], ["exclude: unknown id zz"]),
         ([], ["exactly one of --user and --history"]),
     ],
 )

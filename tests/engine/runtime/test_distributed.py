@@ -73,7 +73,7 @@ def test_sharded_embed_and_evaluate_equal_one_process(demo_run: Path, tmp_path: 
     sharded = tmp_path / "sharded"
     shutil.copytree(demo_run, sharded)
     _run([*TORCHRUN, "-m", "perpeft.cli", "--", "embed", "--run", str(sharded), "--quiet"])
-    for name in ("embedded_items", "embedded_users"):
+    for name in ("embedded_items", "embedded_users", "embedded_snapshot"):
         expected, _ = load_tensors(getattr(RunDirectory(single), name))
         actual, _ = load_tensors(getattr(RunDirectory(sharded), name))
         assert expected.keys() == actual.keys()

@@ -40,12 +40,13 @@ def test_paths_stay_inside_the_run_and_follow_its_layout(tmp_path: Path) -> None
         run.grouping: "grouping.safetensors",
         run.embedded_items: "embeddings/items.safetensors",
         run.embedded_users: "embeddings/users.safetensors",
+        run.embedded_snapshot: "embeddings/snapshot.safetensors",
         run.embedded_ids: "embeddings/ids.json",
         run.embedding_chunks: "embeddings/.partial",
     }
     for path, relative in paths.items():
         assert path.relative_to(run.path).as_posix() == relative
-    assert run.embedding_outputs == (run.embedded_items, run.embedded_users, run.embedded_ids)
+    assert run.embedding_outputs == (run.embedded_items, run.embedded_users, run.embedded_snapshot, run.embedded_ids)
     assert run.reseed_path(4) == tmp_path / "run-reseed-4"
 
 

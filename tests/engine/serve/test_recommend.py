@@ -9,11 +9,12 @@ import torch
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.errors import InputError
-from perpeft.engine.eval.users import grouping_space_vectors, nearest_centroid, user_space_vectors
+from perpeft.engine.eval.users import nearest_centroid, user_space_vectors
 from perpeft.engine.model.run_inputs import load_run_inputs
 from perpeft.engine.runtime.run_directory import EMBEDDINGS, RunDirectory
+from perpeft.engine.runtime.tensors import load_tensors, save_tensors
 from perpeft.engine.serve.embed import load_embeddings, load_model
-from perpeft.engine.serve.recommend import evaluate_run, recommend
+from perpeft.engine.serve.recommend import Query, ServingRun, evaluate_run, recommend
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +59,17 @@ def test_k_beyond_the_catalog_returns_every_unbought_item(embedded_run, served):
     assert result.scores == sorted(result.scores, reverse=True)
 
 
-def test_new_users_join_the_groups_kmeans_gave_known_users(served):
-    """The snapshot read of a user's train + validation history lands in its K-Means group."""
+def test_snapshot_table_is_the_grouping_space(served):
+    """`embed` caches the snapshot's table exactly as the grouping read it, and through it every known user
+    lands in the group K-Means gave it."""
     run, dataset, embeddings = served["run"], served["dataset"], served["embeddings"]
     config = run.config
     snapshot = load_model(run, run.snapshot, 1, dataset.num_items, served["inputs"])
+    assert torch.equal(embeddings.snapshot, snapshot.item_tables(dataset.num_items, config.encode_batch_size))
     split = leave_one_out(dataset.sequences)
-    vectors = grouping_space_vectors(snapshot, split.history("test")[1:], config.maxlen)
+    windows = torch.from_numpy(last_window(split.history("test")[1:], config.maxlen))
+    zeros = torch.zeros(windows.shape[0], dtype=torch.long)
+    vectors = snapshot.user_vectors(windows, zeros, embeddings.snapshot, 7)
     torch.testing.assert_close(vectors, user_space_vectors(snapshot, split, dataset.num_items, config))
     assert torch.equal(nearest_centroid(vectors, embeddings.centroids), embeddings.groups[1:])
 
@@ -75,21 +80,56 @@ def test_new_user_history(embedded_run, served):
     history = [dataset.item_ids[item] for item in bought]
     result = recommend(embedded_run, 5, history=history)
     snapshot = load_model(run, run.snapshot, 1, dataset.num_items, served["inputs"])
-    vector = grouping_space_vectors(snapshot, [bought], run.config.maxlen)
+    window = torch.from_numpy(last_window([bought], run.config.maxlen))
+    vector = snapshot.user_vectors(
+        window, torch.zeros(1, dtype=torch.long), snapshot.item_tables(dataset.num_items, 9), 1
+    )
     assert result.group == int(nearest_centroid(vector, embeddings.centroids)[0])
+    assert result.assigned_by == "nearest_centroid"
     assert result.user is None and result.history == history and len(result.items) == 5
     assert not set(result.items) & set(history)
     assert result.scores == sorted(result.scores, reverse=True)
 
 
+def test_a_batch_equals_its_queries_one_by_one(embedded_run, served):
+    dataset = served["dataset"]
+    serving = ServingRun.open(embedded_run)
+    queries = [
+        Query(user=dataset.user_ids[2], k=4),
+        Query(history=[dataset.item_ids[3], dataset.item_ids[9]], k=6, exclude=[dataset.item_ids[1]]),
+        Query(user=dataset.user_ids[40], k=1, exclude=[dataset.item_ids[5], dataset.item_ids[6]]),
+        Query(history=[dataset.item_ids[int(item)] for item in dataset.sequences[60]], k=3),
+    ]
+    batch = serving.recommend(queries)
+    for query, answer in zip(queries, batch, strict=True):
+        alone = serving.recommend([query])[0]
+        assert (answer.items, answer.group, answer.assigned_by) == (alone.items, alone.group, alone.assigned_by)
+        assert answer.scores == pytest.approx(alone.scores, abs=1e-6)
+        assert len(answer.items) == query.k and not set(answer.items) & set(query.exclude)
+    assert [answer.assigned_by for answer in batch] == [
+        "known_user",
+        "nearest_centroid",
+        "known_user",
+        "nearest_centroid",
+    ]
+
+
+def test_exclusions_drop_exactly_those_items(embedded_run, served):
+    user = served["dataset"].user_ids[5]
+    plain = recommend(embedded_run, 6, user=user)
+    dropped = recommend(embedded_run, 4, user=user, exclude=plain.items[:2])
+    assert dropped.items == plain.items[2:]
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"user": "nobody"}, "--user: unknown id nobody"),
-        ({"history": ["i0001", "nope", "gone"]}, "--history: unknown ids nope, gone"),
+        ({"user": "nobody"}, "user: unknown id nobody"),
+        ({"history": ["i0001", "nope", "gone"]}, "history: unknown ids nope, gone"),
         ({"history": []}, "at least one"),
         ({}, "exactly one"),
         ({"user": "u00001", "history": ["i0001"]}, "exactly one"),
+        ({"user": "u00001", "exclude": ["i0001", "what"]}, "exclude: unknown id what"),
     ],
 )
 def test_bad_requests(embedded_run, options, message):
@@ -103,6 +143,24 @@ def test_missing_embeddings(embedded_run, tmp_path):
         evaluate_run(copy)
     with pytest.raises(InputError, match="embed"):
         recommend(copy, 5, user="u00001")
+
+
+def test_k_below_one_is_refused(embedded_run):
+    with pytest.raises(InputError, match="k: must be at least 1"):
+        recommend(embedded_run, 0, user="u00001")
+
+
+def test_embeddings_that_do_not_match_the_run_are_refused(embedded_run, tmp_path):
+    copy = shutil.copytree(embedded_run, tmp_path / "run")
+    run = RunDirectory(copy)
+    items = load_tensors(run.embedded_items)[0]["items"]
+    save_tensors(run.embedded_items, {"items": items[:1]})
+    with pytest.raises(InputError, match=r"items\.safetensors: items is \[1, .*needs \[2, "):
+        ServingRun.open(copy)
+    save_tensors(run.embedded_items, {"items": items})
+    run.embedded_snapshot.unlink()
+    with pytest.raises(InputError, match=r"incomplete embeddings \(no snapshot\.safetensors\).*--overwrite"):
+        ServingRun.open(copy)
 
 
 def test_bought_items_are_excluded_even_when_repeated(embedded_run, served):

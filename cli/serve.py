@@ -1,0 +1,49 @@
+"""``perpeft-engine serve``: the HTTP recommendation service over a run's cached tables."""
+
+from pathlib import Path
+
+import click
+
+from perpeft.cli.errors import reports_input_errors
+from perpeft.cli.inference import run_option
+
+
+@click.command()
+@run_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+    help="uvicorn's log level (access lines at info).",
+)
+@reports_input_errors
+def serve(run: Path, host: str, port: int, log_level: str) -> None:
+    """Serve RUN's top-K over HTTP: POST /recommend and /recommend/batch, GET /items/{id}, /health, /ready,
+    /metrics; the OpenAPI schema at /openapi.json, its pages at /docs.
+
+    Reads RUN/embeddings (run `embed` first) and checks them against the run before it listens. Needs the
+    optional extra `serve`: pip install -e ".[serve]".
+    """
+    from perpeft.engine.errors import InputError
+
+    try:
+        import uvicorn
+
+        from perpeft.engine.service.app import create_app
+    except ModuleNotFoundError as error:
+        raise InputError(
+            f"serve needs the optional extra 'serve' ({error.name} is not installed): pip install -e \".[serve]\""
+        ) from None
+    from perpeft.engine.serve.recommend import ServingRun
+
+    serving = ServingRun.open(run)
+    dataset = serving.dataset
+    click.echo(
+        f"serving {run}: {serving.groups} groups × {dataset.num_items:,} items, {dataset.num_users:,} users "
+        f"on http://{host}:{port}",
+        err=True,
+    )
+    uvicorn.run(create_app(serving), host=host, port=port, log_level=log_level)

@@ -1,0 +1,218 @@
+"""The service's routes: top-K for known and new users (one or a batch), items, health, readiness, metrics.
+
+Every request is answered from a `ServingRun` (cached per-group tables, SASRec, the snapshot table that
+places new users); no adapter runs online. Bad input is a 4xx with a one-line JSON body ``{"error": ...}``:
+malformed JSON 400, unknown item 404, an oversized body or batch 413, anything else invalid 422.
+"""
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import Body, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException
+
+from perpeft.engine.errors import InputError
+from perpeft.engine.serve.recommend import (
+    KNOWN_USER,
+    NEAREST_CENTROID,
+    Query,
+    Recommendations,
+    ServingRun,
+    printable,
+)
+from perpeft.engine.service.metrics import RequestMetrics
+
+MAX_K = 1000
+MAX_BATCH = 256
+MAX_IDS = 10_000  # history items or exclusions in one request
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class RecommendRequest(BaseModel):
+    """A known ``user``, or a new user's ``history`` (original item ids, oldest first); ``k`` items; item ids
+    to ``exclude`` beside the user's own purchases."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"user": "u00042", "k": 10}, {"history": ["i0003", "i0117"], "k": 10}]},
+    )
+
+    user: str | None = Field(None, description="A known user's original id.")
+    history: list[str] | None = Field(None, max_length=MAX_IDS, description="A new user's item ids, oldest first.")
+    k: int = Field(10, ge=1, le=MAX_K, description="How many items.")
+    exclude: list[str] = Field(default_factory=list, max_length=MAX_IDS, description="Item ids never to return.")
+
+    @model_validator(mode="after")
+    def _one_user(self) -> "RecommendRequest":
+        if (self.user is None) == (self.history is None):
+            raise ValueError("give exactly one of user and history")
+        return self
+
+    def query(self) -> Query:
+        return Query(self.user, self.history, self.k, self.exclude)
+
+
+class RecommendResponse(BaseModel):
+    """Items best first with their scores, the group whose table served them, and why that group."""
+
+    items: list[str]
+    scores: list[float]
+    group: int
+    assigned_by: Literal["known_user", "nearest_centroid"]
+
+    @classmethod
+    def of(cls, answer: Recommendations) -> "RecommendResponse":
+        return cls(items=answer.items, scores=answer.scores, group=answer.group, assigned_by=answer.assigned_by)
+
+
+class Item(BaseModel):
+    item: str
+    title: str
+    has_image: bool
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    run: str
+    groups: int
+    items: int
+    users: int
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 413, 422)}
+
+
+def one_line(error: RequestValidationError) -> tuple[int, str]:
+    """The status and a one-line message for a request that failed validation (its first problem)."""
+    first = error.errors()[0]
+    where = [printable(str(part)) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return 400, f"malformed JSON: {first.get('msg', 'cannot be parsed')}"
+    if first.get("type") == "too_long" and not where:
+        return 413, f"batch: at most {MAX_BATCH} requests"
+    message = printable(str(first.get("msg", "invalid")).removeprefix("Value error, "))
+    return 422, f"{'.'.join(where)}: {message}" if where else message
+
+
+def route_of(scope: dict[str, Any]) -> str:
+    """The route template a request matched (``/items/{item_id}``), so metrics do not grow per id."""
+    route = scope.get("route")
+    return getattr(route, "path", "unmatched")
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: times every HTTP request and counts it by route and status; refuses bodies
+    declared larger than ``MAX_BODY_BYTES`` with 413 before they are read."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], metrics: RequestMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        declared = dict(scope.get("headers", ())).get(b"content-length", b"0")
+        try:
+            if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+                response = JSONResponse({"error": f"body: at most {MAX_BODY_BYTES} bytes"}, status_code=413)
+                await response(scope, receive, record_status)
+            else:
+                await self.app(scope, receive, record_status)
+        finally:
+            self.metrics.observe(route_of(scope), scope["method"], status, time.perf_counter() - started)
+
+
+def create_app(serving: ServingRun) -> FastAPI:
+    """The ASGI app answering from ``serving`` (already opened and checked: `ServingRun.open`)."""
+    app = FastAPI(
+        title="perpeft-engine",
+        summary="Top-K recommendations from a PerPEFT run's per-group item tables.",
+        version="1",
+    )
+    metrics = RequestMetrics()
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    dataset = serving.dataset
+    item_rows = {item: row for row, item in enumerate(dataset.item_ids) if item is not None}
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        status, message = one_line(error)
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(InputError)
+    async def bad_input(request: Request, error: InputError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+
+    def answer(requests: list[RecommendRequest]) -> list[RecommendResponse]:
+        answers = serving.recommend([request.query() for request in requests])
+        for rule in (KNOWN_USER, NEAREST_CENTROID):
+            metrics.served(rule, sum(answer.assigned_by == rule for answer in answers))
+        return [RecommendResponse.of(answer) for answer in answers]
+
+    @app.post("/recommend", responses=ERRORS)
+    def recommend(request: RecommendRequest) -> RecommendResponse:
+        """Top-K for a known user (group from the run's grouping) or a new user (nearest centroid)."""
+        return answer([request])[0]
+
+    @app.post("/recommend/batch", responses=ERRORS)
+    def recommend_batch(
+        requests: Annotated[list[RecommendRequest], Body(min_length=1, max_length=MAX_BATCH)],
+    ) -> list[RecommendResponse]:
+        """A JSON list of `/recommend` bodies, answered in one pass, in order."""
+        return answer(requests)
+
+    @app.get("/items/{item_id}", responses={404: {"model": ErrorBody}})
+    def item(item_id: str) -> Item:
+        """An item of the catalog by its original id."""
+        row = item_rows.get(item_id)
+        if row is None:
+            raise HTTPException(404, f"item: unknown id {printable(item_id)}")
+        return Item(item=item_id, title=dataset.titles[row], has_image=dataset.image_paths[row] is not None)
+
+    @app.get("/health")
+    def health() -> Health:
+        """Liveness: the process answers."""
+        return Health(status="ok")
+
+    @app.get("/ready")
+    def ready() -> Readiness:
+        """Readiness: the run's tables are loaded and checked."""
+        return Readiness(
+            ready=True,
+            run=str(serving.run.path),
+            groups=serving.groups,
+            items=dataset.num_items,
+            users=dataset.num_users,
+        )
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def exposition() -> str:
+        """Request counts and latency histograms (Prometheus text format)."""
+        return metrics.exposition()
+
+    return app

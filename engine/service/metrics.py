@@ -1,0 +1,63 @@
+"""Request counts and latency histograms of the service, exposed in Prometheus' text format."""
+
+import threading
+from collections import Counter
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class RequestMetrics:
+    """Per (route, method) latency histograms, per (route, status) counts and served users per assignment
+    rule; thread-safe (sync endpoints run in a thread pool)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buckets: dict[tuple[str, str], list[int]] = {}
+        self._sums: Counter[tuple[str, str]] = Counter()
+        self._statuses: Counter[tuple[str, str, int]] = Counter()
+        self._assigned: Counter[str] = Counter()
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Record one finished request."""
+        with self._lock:
+            key = (route, method)
+            counts = self._buckets.setdefault(key, [0] * (len(LATENCY_BUCKETS) + 1))
+            position = next((i for i, bound in enumerate(LATENCY_BUCKETS) if seconds <= bound), len(LATENCY_BUCKETS))
+            counts[position] += 1
+            self._sums[key] += seconds
+            self._statuses[(route, method, status)] += 1
+
+    def served(self, assigned_by: str, count: int = 1) -> None:
+        """Record ``count`` users answered under an assignment rule (known user, nearest centroid)."""
+        with self._lock:
+            self._assigned[assigned_by] += count
+
+    def exposition(self) -> str:
+        """Everything recorded, in the Prometheus text exposition format (version 0.0.4)."""
+        lines = [
+            "# HELP perpeft_request_seconds Request latency, from the first byte read to the response.",
+            "# TYPE perpeft_request_seconds histogram",
+        ]
+        with self._lock:
+            for (route, method), counts in sorted(self._buckets.items()):
+                labels = f'route="{route}",method="{method}"'
+                total = 0
+                for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                    total += count
+                    edge = "+Inf" if bound == float("inf") else repr(bound)
+                    lines.append(f'perpeft_request_seconds_bucket{{{labels},le="{edge}"}} {total}')
+                lines.append(f"perpeft_request_seconds_sum{{{labels}}} {self._sums[(route, method)]:.6f}")
+                lines.append(f"perpeft_request_seconds_count{{{labels}}} {total}")
+            lines += [
+                "# HELP perpeft_requests_total Requests by route and status.",
+                "# TYPE perpeft_requests_total counter",
+            ]
+            for (route, method, status), count in sorted(self._statuses.items()):
+                lines.append(f'perpeft_requests_total{{route="{route}",method="{method}",status="{status}"}} {count}')
+            lines += [
+                "# HELP perpeft_users_served_total Users answered, by how their group was chosen.",
+                "# TYPE perpeft_users_served_total counter",
+            ]
+            for rule, count in sorted(self._assigned.items()):
+                lines.append(f'perpeft_users_served_total{{assigned_by="{rule}"}} {count}')
+        return "\n".join(lines) + "\n"
