@@ -1,17 +1,28 @@
 """``perpeft-engine serve``: the HTTP recommendation service over a run's cached tables."""
 
+import os
 from pathlib import Path
 
 import click
 
 from perpeft.cli.errors import reports_input_errors
 from perpeft.cli.inference import run_option
+from perpeft.cli.options import choice_option
+from perpeft.engine.config.choices import SEARCH_INDEX
 
 
 @click.command()
 @run_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
+@choice_option(SEARCH_INDEX)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Server processes sharing the port, each with the run's tables (one per core to spare).",
+)
 @click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
@@ -20,7 +31,7 @@ from perpeft.cli.inference import run_option
     help="uvicorn's log level (access lines at info).",
 )
 @reports_input_errors
-def serve(run: Path, host: str, port: int, log_level: str) -> None:
+def serve(run: Path, host: str, port: int, index: str, workers: int, log_level: str) -> None:
     """Serve RUN's top-K over HTTP: POST /recommend and /recommend/batch, GET /items/{id}, /health, /ready,
     /metrics; the OpenAPI schema at /openapi.json, its pages at /docs.
 
@@ -32,18 +43,28 @@ def serve(run: Path, host: str, port: int, log_level: str) -> None:
     try:
         import uvicorn
 
-        from perpeft.engine.service.app import create_app
+        from perpeft.engine.service.app import INDEX_VARIABLE, RUN_VARIABLE, create_app
     except ModuleNotFoundError as error:
         raise InputError(
             f"serve needs the optional extra 'serve' ({error.name} is not installed): pip install -e \".[serve]\""
         ) from None
     from perpeft.engine.serve.recommend import ServingRun
 
-    serving = ServingRun.open(run)
+    serving = ServingRun.open(run, index)
     dataset = serving.dataset
     click.echo(
         f"serving {run}: {serving.groups} groups × {dataset.num_items:,} items, {dataset.num_users:,} users "
-        f"on http://{host}:{port}",
+        f"({index} search) on http://{host}:{port}",
         err=True,
     )
-    uvicorn.run(create_app(serving), host=host, port=port, log_level=log_level)
+    if workers == 1:
+        uvicorn.run(create_app(serving), host=host, port=port, log_level=log_level)
+        return
+    # Checked above, once; each worker process opens the run again through the app factory.
+    del serving
+    import torch
+
+    threads = str(torch.get_num_threads())  # spawned workers read torch's thread count from the environment
+    os.environ.update({RUN_VARIABLE: str(run.resolve()), INDEX_VARIABLE: index, "OMP_NUM_THREADS": threads})
+    factory = "perpeft.engine.service.app:app_from_environment"
+    uvicorn.run(factory, factory=True, workers=workers, host=host, port=port, log_level=log_level)

@@ -21,6 +21,7 @@ the page is one self-contained file; an item without a readable image file shows
 
 import base64
 import html
+import threading
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -30,13 +31,16 @@ import torch
 from PIL import Image
 
 from perpeft.engine.analysis import open_perpeft_run, refuse_existing
+from perpeft.engine.data.dataset import Dataset
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import leave_one_out
 from perpeft.engine.errors import InputError
+from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.model.run_inputs import load_run_inputs
 from perpeft.engine.runtime.atomic import atomic_write_bytes
 from perpeft.engine.runtime.device import resolve_device
-from perpeft.engine.serve.embed import grouped_item_tables, load_embeddings, load_model
+from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.serve.embed import Embeddings, grouped_item_tables, load_embeddings, load_model
 from perpeft.engine.serve.recommend import engine_indices, top_k
 
 THUMBNAIL_SIZE = 128
@@ -89,6 +93,100 @@ def farthest_group(centroids: torch.Tensor, group: int) -> int:
     return int(torch.cdist(centroids[group : group + 1], centroids)[0].argmax())
 
 
+class CaseStudies:
+    """Case studies of one finished PerPEFT run, any number of users: the run, its dataset and cached tables
+    are read once; Global PEFT's item table is encoded on the first study and kept (thread-safe)."""
+
+    def __init__(
+        self,
+        run: RunDirectory,
+        dataset: Dataset,
+        embeddings: Embeddings,
+        device: str | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.run, self.dataset, self.embeddings = run, dataset, embeddings
+        self.device, self.progress = device, progress
+        self.perpeft = load_model(run, run.best_checkpoint("perpeft"), run.config.groups, dataset.num_items)
+        self._global: tuple[PerpeftModel, torch.Tensor] | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, run_dir: Path, device: str | None = None, progress: bool = False) -> "CaseStudies":
+        """InputError when ``run_dir`` is not a finished PerPEFT run of at least two groups with embeddings."""
+        run = open_perpeft_run(run_dir)
+        if run.config.groups < 2:
+            raise InputError(f"{run.path}: one group only; the case study compares the user's group with another")
+        return cls(run, run_dataset(run.config), load_embeddings(run), device, progress)
+
+    def global_peft(self) -> tuple[PerpeftModel, torch.Tensor]:
+        """Global PEFT's model (on the CPU) and its item table ``[1, I+1, d]``, encoded once."""
+        with self._lock:
+            if self._global is None:
+                config = self.run.config
+                run_inputs = load_run_inputs(config, self.dataset, self.progress)
+                model = load_model(self.run, self.run.best_checkpoint("global"), 1, self.dataset.num_items, run_inputs)
+                tables = grouped_item_tables(
+                    model.to(resolve_device(self.device or config.device)),
+                    self.dataset.num_items,
+                    config.encode_batch_size,
+                    None,
+                    self.progress,
+                )
+                self._global = model.cpu(), tables
+            return self._global
+
+    def study(self, user_id: str, k: int = 10, other_group: int | None = None) -> CaseStudy:
+        """The case study of dataset user ``user_id`` (module docstring); InputError for an unknown user,
+        ``k`` below one or a bad ``other_group``."""
+        config, dataset, embeddings = self.run.config, self.dataset, self.embeddings
+        if k < 1:
+            raise InputError(f"--k {k}: must be at least 1")
+        user = int(engine_indices(dataset.user_ids, [user_id], "--user")[0])
+        group = int(embeddings.groups[user])
+        if other_group is None:
+            other_group = farthest_group(embeddings.centroids, group)
+        elif not 0 <= other_group < config.groups or other_group == group:
+            raise InputError(
+                f"--other-group {other_group}: expected a group in 0..{config.groups - 1} other than the user's ({group})"
+            )
+        split = leave_one_out(dataset.sequences)
+        history = split.history("test")[user]
+        test_item = int(split.test_target[user])
+        global_model, global_tables = self.global_peft()
+        ranked = {
+            "Global PEFT": top_k(global_model, global_tables, history, 0, k, config.maxlen),
+            f"PerPEFT · own group {group}": top_k(self.perpeft, embeddings.items, history, group, k, config.maxlen),
+            f"PerPEFT · group {other_group}": top_k(
+                self.perpeft, embeddings.items, history, other_group, k, config.maxlen
+            ),
+        }
+
+        def entry(index: int, score: float | None) -> CaseItem:
+            return CaseItem(
+                index,
+                str(dataset.item_ids[index]),
+                dataset.titles[index],
+                score,
+                index == test_item,
+                thumbnail(dataset.image_paths[index]),
+            )
+
+        return CaseStudy(
+            str(self.run.path),
+            user_id,
+            group,
+            other_group,
+            np.bincount(embeddings.groups[1:].numpy(), minlength=config.groups).tolist(),
+            str(dataset.item_ids[test_item]) if test_item else None,
+            [entry(int(index), None) for index in history[-config.maxlen :]],
+            [
+                (heading, [entry(index, score) for index, score in zip(items, scores, strict=True)])
+                for heading, (items, scores) in ranked.items()
+            ],
+        )
+
+
 def case_study(
     run_dir: Path,
     user_id: str,
@@ -102,65 +200,7 @@ def case_study(
     Needs the run's embeddings (``embed``); encodes Global PEFT's item table on ``device`` (default: the
     run's). InputError for an unknown user, a bad ``other_group`` or a run that is not a finished PerPEFT run.
     """
-    run = open_perpeft_run(run_dir)
-    config = run.config
-    if config.groups < 2:
-        raise InputError(f"{run.path}: one group only; the case study compares the user's group with another")
-    if k < 1:
-        raise InputError(f"--k {k}: must be at least 1")
-    embeddings = load_embeddings(run)
-    dataset = run_dataset(config)
-    user = int(engine_indices(dataset.user_ids, [user_id], "--user")[0])
-    group = int(embeddings.groups[user])
-    if other_group is None:
-        other_group = farthest_group(embeddings.centroids, group)
-    elif not 0 <= other_group < config.groups or other_group == group:
-        raise InputError(
-            f"--other-group {other_group}: expected a group in 0..{config.groups - 1} other than the user's ({group})"
-        )
-    split = leave_one_out(dataset.sequences)
-    history = split.history("test")[user]
-    test_item = int(split.test_target[user])
-
-    perpeft = load_model(run, run.best_checkpoint("perpeft"), config.groups, dataset.num_items)
-    ranked = {
-        f"PerPEFT · own group {group}": top_k(perpeft, embeddings.items, history, group, k, config.maxlen),
-        f"PerPEFT · group {other_group}": top_k(perpeft, embeddings.items, history, other_group, k, config.maxlen),
-    }
-    run_inputs = load_run_inputs(config, dataset, progress)
-    global_peft = load_model(run, run.best_checkpoint("global"), 1, dataset.num_items, run_inputs)
-    tables = grouped_item_tables(
-        global_peft.to(resolve_device(device or config.device)),
-        dataset.num_items,
-        config.encode_batch_size,
-        None,
-        progress,
-    )
-    ranked = {"Global PEFT": top_k(global_peft.cpu(), tables, history, 0, k, config.maxlen), **ranked}
-
-    def entry(index: int, score: float | None) -> CaseItem:
-        return CaseItem(
-            index,
-            str(dataset.item_ids[index]),
-            dataset.titles[index],
-            score,
-            index == test_item,
-            thumbnail(dataset.image_paths[index]),
-        )
-
-    return CaseStudy(
-        str(run.path),
-        user_id,
-        group,
-        other_group,
-        np.bincount(embeddings.groups[1:].numpy(), minlength=config.groups).tolist(),
-        str(dataset.item_ids[test_item]) if test_item else None,
-        [entry(int(index), None) for index in history[-config.maxlen :]],
-        [
-            (heading, [entry(index, score) for index, score in zip(items, scores, strict=True)])
-            for heading, (items, scores) in ranked.items()
-        ],
-    )
+    return CaseStudies.open(run_dir, device, progress).study(user_id, k, other_group)
 
 
 STYLE = """

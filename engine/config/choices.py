@@ -57,3 +57,10 @@ RUN_CHOICES = {
 }
 # An item's two modalities, in the encoder's output order (image columns first).
 MODALITIES = ("image", "title")
+SEARCH_INDEX = Choice(
+    "--index",
+    ("exact", "hnsw"),
+    "exact",
+    "exact: score every item of the group's table; hnsw: approximate search (faiss HNSW graphs, the "
+    "`ann` extra), for large catalogs.",
+)

@@ -130,15 +130,42 @@ class SASRec(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         length = x.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        causal = torch.zeros(length, length, dtype=x.dtype, device=x.device).masked_fill_(future, float("-inf"))
         for norm, attention, forward_norm, feed_forward in zip(
             self.attention_norms, self.attentions, self.forward_norms, self.feed_forwards, strict=True
         ):
             query = norm(x)
-            attended, _ = attention(query, x, x, attn_mask=causal, need_weights=False)
-            x = forward_norm(query + attended)
+            x = forward_norm(query + causal_attention(attention, query, x, causal))
             x = feed_forward(x)
         return self.last_norm(x)
+
+
+def causal_attention(
+    attention: nn.MultiheadAttention, query: torch.Tensor, source: torch.Tensor, causal: torch.Tensor
+) -> torch.Tensor:
+    """``attention(query, source, source, attn_mask=causal, need_weights=False)[0]`` for batch-first
+    ``[B, L, d]`` inputs and an additive ``[L, L]`` mask: the very ops `nn.MultiheadAttention` runs for
+    them (packed in-projection, SDPA with its dropout, out-projection), without its per-call checks and
+    mask conversion, which cost more than the arithmetic at SASRec's sizes (a serving request is one
+    window). Bitwise the same outputs, gradients and dropout draws (test)."""
+    batch, length, width = query.shape
+    heads = attention.num_heads
+    head_width = width // heads
+    w_q, w_kv = attention.in_proj_weight.split([width, 2 * width])
+    b_q, b_kv = attention.in_proj_bias.split([width, 2 * width])
+    q = F.linear(query.transpose(0, 1), w_q, b_q)
+    kv = F.linear(source.transpose(0, 1), w_kv, b_kv)
+    kv = kv.unflatten(-1, (2, width)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+    q, k, v = (
+        tensor.view(length, batch * heads, head_width).transpose(0, 1).view(batch, heads, length, head_width)
+        for tensor in (q, kv[0], kv[1])
+    )
+    dropout = attention.dropout if attention.training else 0.0
+    attended = F.scaled_dot_product_attention(q, k, v, causal.view(1, 1, length, length), dropout, False)
+    attended = attended.permute(2, 0, 1, 3).reshape(batch * length, width)
+    output = F.linear(attended, attention.out_proj.weight, attention.out_proj.bias)
+    return output.view(length, batch, width).transpose(0, 1)
 
 
 class PersonalEmbedding(nn.Module):

@@ -8,7 +8,7 @@ users) and an inner-product search in each request's group table.
 """
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.runtime.distributed import current_world
 from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.serve.embed import Embeddings, load_embeddings, load_model
-from perpeft.engine.serve.index import ExactIndex
+from perpeft.engine.serve.index import ExactIndex, build_index
 
 
 def evaluate_run(path: Path) -> dict[str, dict[str, float]]:
@@ -91,9 +91,15 @@ def printable(value: str) -> str:
     return value if value.isprintable() else repr(value)
 
 
-def engine_indices(ids: list[str | None], wanted: Sequence[str], option: str) -> np.ndarray:
-    """Engine indices of the dataset ids ``wanted``; InputError naming those that are unknown."""
-    index = {value: position for position, value in enumerate(ids) if value is not None}
+def id_positions(ids: list[str | None]) -> dict[str, int]:
+    """Original id → engine index (padding's None left out)."""
+    return {value: position for position, value in enumerate(ids) if value is not None}
+
+
+def engine_indices(ids: list[str | None] | Mapping[str, int], wanted: Sequence[str], option: str) -> np.ndarray:
+    """Engine indices of the dataset ids ``wanted`` (``ids`` by engine index, or `id_positions` of them);
+    InputError naming those that are unknown."""
+    index = ids if isinstance(ids, Mapping) else id_positions(ids)
     unknown = [printable(value) for value in wanted if value not in index]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
@@ -139,17 +145,25 @@ class ServingRun:
     """A finished PerPEFT run opened for serving: its dataset, cached tables, SASRec and snapshot SASRec,
     loaded once and checked against each other (`check_tables`)."""
 
-    def __init__(self, run: RunDirectory, dataset: Dataset, embeddings: Embeddings) -> None:
-        self.run, self.dataset, self.embeddings = run, dataset, embeddings
+    def __init__(self, run: RunDirectory, dataset: Dataset, embeddings: Embeddings, index: str = "exact") -> None:
+        self.run, self.dataset, self.embeddings, self.index_kind = run, dataset, embeddings, index
         config = run.config
         self.maxlen = config.maxlen
         self.model = load_model(run, run.best_checkpoint("perpeft"), config.groups, dataset.num_items)
         self.snapshot = load_model(run, run.snapshot, 1, dataset.num_items)
-        self.index = ExactIndex(embeddings.items)
+        self.index = build_index(index, embeddings.items)
+        self.user_positions, self.item_positions = id_positions(dataset.user_ids), id_positions(dataset.item_ids)
+        # A known user's vector depends on nothing but its purchases: computed once, served by lookup.
+        with torch.inference_mode():
+            windows = torch.from_numpy(last_window(dataset.sequences, self.maxlen))
+            self.known_vectors = self.model.user_vectors(
+                windows, embeddings.groups, embeddings.items, config.eval_batch_size
+            )
 
     @classmethod
-    def open(cls, path: Path) -> "ServingRun":
-        """Open ``path`` for serving; InputError when it is not a finished PerPEFT run with matching embeddings."""
+    def open(cls, path: Path, index: str = "exact") -> "ServingRun":
+        """Open ``path`` for serving with an ``index`` (`SEARCH_INDEX`) over each group's table; InputError
+        when it is not a finished PerPEFT run with matching embeddings."""
         run = RunDirectory.open(path)
         run.best_checkpoint("perpeft")
         embeddings = load_embeddings(run)
@@ -160,58 +174,76 @@ class ServingRun:
             raise InputError(
                 f"{run.embedded_ids}: the ids differ from the run's dataset; recompute with `embed --overwrite`"
             )
-        return cls(run, dataset, embeddings)
+        return cls(run, dataset, embeddings, index)
 
     @property
     def groups(self) -> int:
         return self.embeddings.items.shape[0]
 
-    def _history(self, query: Query) -> tuple[np.ndarray, int | None]:
-        """The query's history (engine indices) and, for a known user, its group."""
+    def prepare(self, query: Query) -> "Prepared":
+        """``query`` checked and in engine indices; InputError naming the field that is wrong."""
         if (query.user is None) == (query.history is None):
             raise InputError("give exactly one of user and history")
         if query.k < 1:
             raise InputError(f"k: must be at least 1, got {query.k}")
+        user = group = None
         if query.user is not None:
-            index = int(engine_indices(self.dataset.user_ids, [query.user], "user")[0])
-            return self.dataset.sequences[index], int(self.embeddings.groups[index])
-        if not query.history:
+            user = int(engine_indices(self.user_positions, [query.user], "user")[0])
+            history, group = self.dataset.sequences[user], int(self.embeddings.groups[user])
+        elif not query.history:
             raise InputError("history: give at least one item id")
-        return engine_indices(self.dataset.item_ids, query.history, "history"), None
+        else:
+            history = engine_indices(self.item_positions, query.history, "history")
+        excluded = engine_indices(self.item_positions, query.exclude, "exclude")
+        return Prepared(query, history, user, group, np.concatenate([history, excluded]))
 
-    @torch.no_grad()
-    def recommend(self, queries: Sequence[Query]) -> list[Recommendations]:
-        """Top-K of every query in one batch: InputError (naming the field) when any query is malformed."""
-        read = [self._history(query) for query in queries]
-        exclude = [
-            np.concatenate([history, engine_indices(self.dataset.item_ids, query.exclude, "exclude")])
-            for query, (history, _) in zip(queries, read, strict=True)
-        ]
-        histories = [history for history, _ in read]
-        groups = torch.tensor([-1 if group is None else group for _, group in read], dtype=torch.long)
+    @torch.inference_mode()
+    def answer(self, prepared: Sequence["Prepared"]) -> list[Recommendations]:
+        """Top-K of every prepared query in one batch: known users' vectors are looked up; new users take
+        one pass of the snapshot's SASRec (their group) and one of PerPEFT's; then each query's search in
+        its group's table."""
+        groups = torch.tensor([-1 if entry.group is None else entry.group for entry in prepared], dtype=torch.long)
+        known = [-1 if entry.user is None else entry.user for entry in prepared]
+        vectors = self.known_vectors[torch.tensor(known).clamp(min=0)]
         new = (groups < 0).nonzero().squeeze(1)
         if new.numel():
-            windows = torch.from_numpy(last_window([histories[row] for row in new.tolist()], self.maxlen))
+            rows = new.tolist()
+            windows = torch.from_numpy(last_window([prepared[row].history for row in rows], self.maxlen))
             placed = self.snapshot.user_vectors(
-                windows, torch.zeros(new.numel(), dtype=torch.long), self.embeddings.snapshot, new.numel()
+                windows, torch.zeros(len(rows), dtype=torch.long), self.embeddings.snapshot, len(rows)
             )
             groups[new] = nearest_centroid(placed, self.embeddings.centroids)
-        windows = torch.from_numpy(last_window(histories, self.maxlen))
-        vectors = self.model.user_vectors(windows, groups, self.embeddings.items, len(queries))
-        hits = self.index.search(vectors, groups, [query.k for query in queries], exclude)
+            vectors[new] = self.model.user_vectors(windows, groups[new], self.embeddings.items, len(rows))
+        hits = self.index.search(vectors, groups, [entry.query.k for entry in prepared], [e.exclude for e in prepared])
         ids, titles = self.dataset.item_ids, self.dataset.titles
         return [
             Recommendations(
-                query.user,
+                entry.query.user,
                 int(group),
-                NEAREST_CENTROID if known is None else KNOWN_USER,
-                [ids[item] for item in history],
+                NEAREST_CENTROID if entry.group is None else KNOWN_USER,
+                [ids[item] for item in entry.history],
                 [ids[item] for item in hit.items],
                 [titles[item] for item in hit.items],
                 hit.scores,
             )
-            for query, (history, known), group, hit in zip(queries, read, groups.tolist(), hits, strict=True)
+            for entry, group, hit in zip(prepared, groups.tolist(), hits, strict=True)
         ]
+
+    def recommend(self, queries: Sequence[Query]) -> list[Recommendations]:
+        """Top-K of every query in one batch: InputError (naming the field) when any query is malformed."""
+        return self.answer([self.prepare(query) for query in queries])
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked query: its history and exclusions (history included) in engine indices, and the known
+    user's engine index and group (None for a new user, placed at answer time)."""
+
+    query: Query
+    history: np.ndarray
+    user: int | None
+    group: int | None
+    exclude: np.ndarray
 
 
 def recommend(

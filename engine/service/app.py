@@ -1,35 +1,41 @@
-"""The service's routes: top-K for known and new users (one or a batch), items, health, readiness, metrics.
+"""The service's routes: top-K for known and new users (one or a batch), items, the case-study page,
+health, readiness, metrics.
 
 Every request is answered from a `ServingRun` (cached per-group tables, SASRec, the snapshot table that
-places new users); no adapter runs online. Bad input is a 4xx with a one-line JSON body ``{"error": ...}``:
+places new users); no adapter runs online. Concurrent requests are answered together (`MicroBatcher`). Bad input is a 4xx with a one-line JSON body ``{"error": ...}``:
 malformed JSON 400, unknown item 404, an oversized body or batch 413, anything else invalid 422.
 """
 
+import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
+from perpeft.engine.analysis.case import CaseStudies, case_study_html
 from perpeft.engine.errors import InputError
 from perpeft.engine.serve.recommend import (
     KNOWN_USER,
     NEAREST_CENTROID,
-    Query,
     Recommendations,
     ServingRun,
     printable,
 )
+from perpeft.engine.serve.recommend import Query as UserQuery
+from perpeft.engine.service.batching import MicroBatcher
 from perpeft.engine.service.metrics import RequestMetrics
 
 MAX_K = 1000
 MAX_BATCH = 256
 MAX_IDS = 10_000  # history items or exclusions in one request
 MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_CASE_K = 50
 
 
 class RecommendRequest(BaseModel):
@@ -52,8 +58,8 @@ class RecommendRequest(BaseModel):
             raise ValueError("give exactly one of user and history")
         return self
 
-    def query(self) -> Query:
-        return Query(self.user, self.history, self.k, self.exclude)
+    def query(self) -> UserQuery:
+        return UserQuery(self.user, self.history, self.k, self.exclude)
 
 
 class RecommendResponse(BaseModel):
@@ -82,6 +88,7 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     run: str
+    index: str
     groups: int
     items: int
     users: int
@@ -168,51 +175,85 @@ def create_app(serving: ServingRun) -> FastAPI:
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
 
-    def answer(requests: list[RecommendRequest]) -> list[RecommendResponse]:
-        answers = serving.recommend([request.query() for request in requests])
+    batcher = MicroBatcher(serving.answer, MAX_BATCH)
+
+    async def answer(requests: list[RecommendRequest]) -> list[RecommendResponse]:
+        # Checked here, so a bad request is refused alone; the valid ones join the next batch.
+        prepared = [serving.prepare(request.query()) for request in requests]
+        answers = await batcher.submit(prepared)
         for rule in (KNOWN_USER, NEAREST_CENTROID):
             metrics.served(rule, sum(answer.assigned_by == rule for answer in answers))
         return [RecommendResponse.of(answer) for answer in answers]
 
     @app.post("/recommend", responses=ERRORS)
-    def recommend(request: RecommendRequest) -> RecommendResponse:
+    async def recommend(request: RecommendRequest) -> RecommendResponse:
         """Top-K for a known user (group from the run's grouping) or a new user (nearest centroid)."""
-        return answer([request])[0]
+        return (await answer([request]))[0]
 
     @app.post("/recommend/batch", responses=ERRORS)
-    def recommend_batch(
+    async def recommend_batch(
         requests: Annotated[list[RecommendRequest], Body(min_length=1, max_length=MAX_BATCH)],
     ) -> list[RecommendResponse]:
         """A JSON list of `/recommend` bodies, answered in one pass, in order."""
-        return answer(requests)
+        return await answer(requests)
 
     @app.get("/items/{item_id}", responses={404: {"model": ErrorBody}})
-    def item(item_id: str) -> Item:
+    async def item(item_id: str) -> Item:
         """An item of the catalog by its original id."""
         row = item_rows.get(item_id)
         if row is None:
             raise HTTPException(404, f"item: unknown id {printable(item_id)}")
         return Item(item=item_id, title=dataset.titles[row], has_image=dataset.image_paths[row] is not None)
 
+    cases = CaseStudies(serving.run, dataset, serving.embeddings) if serving.groups > 1 else None
+    user_rows = {user: row for row, user in enumerate(dataset.user_ids) if user is not None}
+
+    json_error = {"content": {"application/json": {"schema": ErrorBody.model_json_schema()}}}
+
+    @app.get("/case/{user_id}", response_class=HTMLResponse, responses={404: json_error, 422: json_error})
+    def case(
+        user_id: str,
+        k: Annotated[int, Query(ge=1, le=MAX_CASE_K)] = 10,
+        other_group: Annotated[int | None, Query(ge=0)] = None,
+    ) -> str:
+        """The case study page of a known user (paper §4.4): the user's recent history beside the top-K of
+        Global PEFT, of the user's group and of another group, with thumbnails. The first request encodes
+        Global PEFT's item table (seconds); later ones reuse it."""
+        if user_id not in user_rows:
+            raise HTTPException(404, f"user: unknown id {printable(user_id)}")
+        if cases is None:
+            raise HTTPException(422, "the run has one group: the case study compares the user's group with another")
+        return case_study_html(cases.study(user_id, k, other_group))
+
     @app.get("/health")
-    def health() -> Health:
+    async def health() -> Health:
         """Liveness: the process answers."""
         return Health(status="ok")
 
     @app.get("/ready")
-    def ready() -> Readiness:
+    async def ready() -> Readiness:
         """Readiness: the run's tables are loaded and checked."""
         return Readiness(
             ready=True,
             run=str(serving.run.path),
+            index=serving.index_kind,
             groups=serving.groups,
             items=dataset.num_items,
             users=dataset.num_users,
         )
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    def exposition() -> str:
+    async def exposition() -> str:
         """Request counts and latency histograms (Prometheus text format)."""
         return metrics.exposition()
 
     return app
+
+
+RUN_VARIABLE, INDEX_VARIABLE = "PERPEFT_SERVE_RUN", "PERPEFT_SERVE_INDEX"
+
+
+def app_from_environment() -> FastAPI:
+    """The app of the run named by ``$PERPEFT_SERVE_RUN`` (index ``$PERPEFT_SERVE_INDEX``): the factory each
+    of uvicorn's worker processes calls (`serve --workers N`)."""
+    return create_app(ServingRun.open(Path(os.environ[RUN_VARIABLE]), os.environ.get(INDEX_VARIABLE, "exact")))

@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.request
 
+import pytest
 from click.testing import CliRunner
 
 from perpeft.cli.main import cli
@@ -40,9 +41,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_a_served_run_answers_over_http(embedded_run):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_served_run_answers_over_http(embedded_run, workers):
     port = free_port()
     command = [sys.executable, "-m", "perpeft.cli", "serve", "--run", str(embedded_run), "--port", str(port)]
+    command += ["--workers", str(workers)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 from perpeft.engine.model.params import parameter_counts
-from perpeft.engine.model.recommender import GroupedProjector, Recommender
+from perpeft.engine.model.recommender import GroupedProjector, Recommender, SASRec
 
 
 def test_sasrec_parameter_count_and_shapes():
@@ -110,3 +111,39 @@ def test_parameter_counts_match_paper_table_8():
         "perpeft_total": 1_529_280,
     }
     assert parameter_counts("vit-b-32", "lora", groups=8, items=18884)["peft_per_group"] == 245_760
+
+
+class ModuleAttentionSASRec(SASRec):
+    """SASRec through `nn.MultiheadAttention`'s own forward: the reference `causal_attention` replaces."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        for norm, attention, forward_norm, feed_forward in zip(
+            self.attention_norms, self.attentions, self.forward_norms, self.feed_forwards, strict=True
+        ):
+            query = norm(x)
+            x = forward_norm(query + attention(query, x, x, attn_mask=causal, need_weights=False)[0])
+            x = feed_forward(x)
+        return self.last_norm(x)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_causal_attention_is_bitwise_nn_multihead_attention(training):
+    """Same outputs, input and parameter gradients, and dropout draws, to the last bit: training results
+    did not change when SASRec stopped calling the module."""
+    torch.manual_seed(0)
+    ours, reference = SASRec(32, 2, 4, 0.3), ModuleAttentionSASRec(32, 2, 4, 0.3)
+    reference.load_state_dict(ours.state_dict())
+    ours.train(training), reference.train(training)
+    x = torch.randn(16, 10, 32)
+    results = []
+    for model in (ours, reference):
+        torch.manual_seed(5)
+        inputs = x.clone().requires_grad_()
+        output = model(inputs)
+        output.square().sum().backward()
+        after = torch.rand(1)  # the next draw: equal only when both consumed the same random numbers
+        results.append((output.detach(), inputs.grad, [parameter.grad for parameter in model.parameters()], after))
+    (out, grad, grads, after), (ref_out, ref_grad, ref_grads, ref_after) = results
+    assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad) and torch.equal(after, ref_after)
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(grads, ref_grads, strict=True))

@@ -168,3 +168,14 @@ def test_bought_items_are_excluded_even_when_repeated(embedded_run, served):
     item = dataset.item_ids[int(dataset.sequences[3][0])]
     result = recommend(embedded_run, 3, history=[item, item])
     assert item not in result.items and len(result.items) == 3
+
+
+def test_hnsw_serving_equals_exact_on_a_small_catalog(embedded_run, served):
+    """48 items: the graph walk visits them all, so approximate search returns the exact top-K."""
+    dataset = served["dataset"]
+    queries = [Query(user=dataset.user_ids[user], k=5) for user in (1, 20, 50)]
+    queries.append(Query(history=[dataset.item_ids[2], dataset.item_ids[8]], k=5, exclude=[dataset.item_ids[3]]))
+    exact = ServingRun.open(embedded_run).recommend(queries)
+    approximate = ServingRun.open(embedded_run, "hnsw").recommend(queries)
+    assert [answer.items for answer in approximate] == [answer.items for answer in exact]
+    assert [answer.group for answer in approximate] == [answer.group for answer in exact]

@@ -154,3 +154,16 @@ def assert_one_line_error(response, fragment: str) -> None:
     assert 400 <= response.status_code < 500, response.text
     body = response.json()
     assert list(body) == ["error"] and "\n" not in body["error"] and fragment in body["error"], json.dumps(body)
+
+
+def test_case_page_shows_history_and_three_columns(client, serving):
+    user = serving.dataset.user_ids[6]
+    page = client.get(f"/case/{user}", params={"k": 4})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    text = page.text
+    assert f"Case study · user {user}" in text
+    assert text.count("<section>") == 4 and "Global PEFT" in text and "PerPEFT · own group" in text
+    assert text.count('src="data:image/jpeg;base64,') >= 3 * 4
+    assert_one_line_error(client.get("/case/nobody"), "user: unknown id nobody")
+    assert client.get(f"/case/{user}", params={"k": 0}).status_code == 422
+    assert_one_line_error(client.get(f"/case/{user}", params={"other_group": 7}), "--other-group 7")

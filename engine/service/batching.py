@@ -1,0 +1,76 @@
+"""Dynamic batching: requests that arrive while a batch is being answered are answered together next.
+
+One worker thread computes (no GIL contention between request threads, and the torch threads are the
+ones ``--threads`` sets); the event loop only checks requests and queues them. A batch is whatever is
+queued when the worker becomes free, up to ``max_batch`` queries, so a lone request waits for nothing
+and under load one SASRec pass serves many users.
+"""
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Answer = TypeVar("Answer")
+
+
+class MicroBatcher(Generic[Item, Answer]):
+    """Answers lists of items through ``answer`` (called on one worker thread with the concatenation of
+    queued lists, returning one answer per item), in batches of at most ``max_batch`` items (a longer list
+    is a batch of its own)."""
+
+    def __init__(self, answer: Callable[[Sequence[Item]], list[Answer]], max_batch: int) -> None:
+        self.answer, self.max_batch = answer, max_batch
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="perpeft-answer")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: deque[tuple[Sequence[Item], asyncio.Future]] = deque()
+        self._wakeup: asyncio.Event | None = None
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+        """This loop's wake-up event, its worker task started on first use (a server has one loop; a test
+        client may run each request in a loop of its own)."""
+        if self._loop is not loop or self._wakeup is None:
+            self._loop, self._wakeup, self._pending = loop, asyncio.Event(), deque()
+            loop.create_task(self._work(self._wakeup, self._pending))
+        return self._wakeup
+
+    async def submit(self, items: Sequence[Item]) -> list[Answer]:
+        """The answers to ``items``, in order, once a batch holding them has been computed."""
+        loop = asyncio.get_running_loop()
+        wakeup = self._bind(loop)
+        future = loop.create_future()
+        self._pending.append((items, future))
+        wakeup.set()
+        return await future
+
+    async def _work(self, wakeup: asyncio.Event, pending: deque) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await wakeup.wait()
+            wakeup.clear()
+            while pending:
+                waiting = [pending.popleft()]
+                size = len(waiting[0][0])
+                while pending and size + len(pending[0][0]) <= self.max_batch:
+                    waiting.append(pending.popleft())
+                    size += len(waiting[-1][0])
+                await self._answer(loop, waiting)
+
+    async def _answer(
+        self, loop: asyncio.AbstractEventLoop, waiting: list[tuple[Sequence[Item], asyncio.Future]]
+    ) -> None:
+        flat = [item for items, _ in waiting for item in items]
+        try:
+            answers = self.answer(flat)
+        except Exception as error:  # every request of the batch sees the failure; the worker goes on
+            for _, future in waiting:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        start = 0
+        for items, future in waiting:
+            if not future.done():
+                future.set_result(answers[start : start + len(items)])
+            start += len(items)

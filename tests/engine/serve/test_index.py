@@ -1,0 +1,61 @@
+"""Per-group inner-product search: the exact index against brute force, the HNSW index against the
+exact one (recall), exclusions in both."""
+
+import numpy as np
+import pytest
+import torch
+
+from perpeft.engine.errors import InputError
+from perpeft.engine.serve.index import ExactIndex, HNSWIndex, build_index
+
+
+@pytest.fixture(scope="module")
+def tables() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    tables = torch.randn(3, 601, 16, generator=generator)
+    tables[:, 0] = 0
+    return tables
+
+
+def queries(count: int, groups: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    vectors = torch.from_numpy(rng.normal(size=(count, 16)).astype(np.float32))
+    chosen = torch.from_numpy(rng.integers(0, groups, count))
+    exclude = [rng.integers(1, 601, rng.integers(1, 30)) for _ in range(count)]
+    return vectors, chosen, exclude
+
+
+def test_exact_index_is_brute_force_top_k(tables):
+    vectors, groups, exclude = queries(40, 3)
+    hits = ExactIndex(tables).search(vectors, groups, [7] * 40, exclude)
+    for vector, group, excluded, hit in zip(vectors, groups.tolist(), exclude, hits, strict=True):
+        scores = (tables[group, 1:] @ vector).tolist()
+        ranked = sorted(
+            (item for item in range(1, 601) if item not in set(excluded.tolist())), key=lambda i: -scores[i - 1]
+        )
+        assert hit.items == ranked[:7]
+        assert hit.scores == pytest.approx([scores[item - 1] for item in ranked[:7]], rel=1e-5)
+
+
+def test_k_beyond_what_remains_returns_every_remaining_item(tables):
+    small = tables[:, :6]
+    hits = ExactIndex(small).search(torch.ones(1, 16), torch.tensor([1]), [50], [np.array([2, 2, 4])])
+    assert sorted(hits[0].items) == [1, 3, 5]
+    approximate = HNSWIndex(small).search(torch.ones(1, 16), torch.tensor([1]), [50], [np.array([2, 2, 4])])
+    assert approximate[0].items == hits[0].items
+
+
+def test_hnsw_recall_against_exact_and_exclusions(tables):
+    vectors, groups, exclude = queries(200, 3, seed=2)
+    exact = ExactIndex(tables).search(vectors, groups, [10] * 200, exclude)
+    approximate = HNSWIndex(tables).search(vectors, groups, [10] * 200, exclude)
+    recall = np.mean([len(set(a.items) & set(e.items)) / 10 for a, e in zip(approximate, exact, strict=True)])
+    assert recall >= 0.95
+    for hit, excluded in zip(approximate, exclude, strict=True):
+        assert len(hit.items) == 10 and not set(hit.items) & set(excluded.tolist())
+        assert hit.scores == sorted(hit.scores, reverse=True)
+
+
+def test_unknown_index_kind():
+    with pytest.raises(InputError, match="--index annoy: expected one of exact, hnsw"):
+        build_index("annoy", torch.zeros(1, 2, 4))
