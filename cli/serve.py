@@ -32,8 +32,8 @@ from perpeft.engine.config.choices import SEARCH_INDEX
 )
 @reports_input_errors
 def serve(run: Path, host: str, port: int, index: str, workers: int, log_level: str) -> None:
-    """Serve RUN's top-K over HTTP: POST /recommend and /recommend/batch, GET /items/{id}, /health, /ready,
-    /metrics; the OpenAPI schema at /openapi.json, its pages at /docs.
+    """Serve RUN's top-K over HTTP: POST /recommend and /recommend/batch, GET /items/{id}, /case/{user},
+    /health, /ready, /metrics; the OpenAPI schema at /openapi.json, its pages at /docs.
 
     Reads RUN/embeddings (run `embed` first) and checks them against the run before it listens. Needs the
     optional extra `serve`: pip install -e ".[serve]".
