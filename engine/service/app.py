@@ -160,7 +160,6 @@ def create_app(serving: ServingRun) -> FastAPI:
     metrics = RequestMetrics()
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     dataset = serving.dataset
-    item_rows = {item: row for row, item in enumerate(dataset.item_ids) if item is not None}
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -200,13 +199,12 @@ def create_app(serving: ServingRun) -> FastAPI:
     @app.get("/items/{item_id}", responses={404: {"model": ErrorBody}})
     async def item(item_id: str) -> Item:
         """An item of the catalog by its original id."""
-        row = item_rows.get(item_id)
+        row = serving.item_positions.get(item_id)
         if row is None:
             raise HTTPException(404, f"item: unknown id {printable(item_id)}")
         return Item(item=item_id, title=dataset.titles[row], has_image=dataset.image_paths[row] is not None)
 
     cases = CaseStudies(serving.run, dataset, serving.embeddings) if serving.groups > 1 else None
-    user_rows = {user: row for row, user in enumerate(dataset.user_ids) if user is not None}
 
     json_error = {"content": {"application/json": {"schema": ErrorBody.model_json_schema()}}}
 
@@ -219,7 +217,7 @@ def create_app(serving: ServingRun) -> FastAPI:
         """The case study page of a known user (paper §4.4): the user's recent history beside the top-K of
         Global PEFT, of the user's group and of another group, with thumbnails. The first request encodes
         Global PEFT's item table (seconds); later ones reuse it."""
-        if user_id not in user_rows:
+        if user_id not in serving.user_positions:
             raise HTTPException(404, f"user: unknown id {printable(user_id)}")
         if cases is None:
             raise HTTPException(422, "the run has one group: the case study compares the user's group with another")
