@@ -3,8 +3,9 @@
 A known user is scored with its group's table. A new user, given as a purchase history, is placed in the
 grouping space by the very Global-PEFT snapshot the grouping was fitted on (epoch E1, read through its
 cached item table), joins the group of the nearest K-Means centroid (paper App. D.2.2), and is then scored
-like a known user of that group. No item encoder runs: one SASRec pass per batch of requests (two for new
-users) and an inner-product search in each request's group table.
+like a known user of that group. No item encoder runs: known users' vectors are computed once, when the
+run is opened; a batch of new users takes two SASRec passes (the snapshot's, then PerPEFT's); every
+request then takes an inner-product search in its group's table.
 """
 
 import json
