@@ -35,7 +35,7 @@ class RequestMetrics:
     def exposition(self) -> str:
         """Everything recorded, in the Prometheus text exposition format (version 0.0.4)."""
         lines = [
-            "# HELP perpeft_request_seconds Request latency, from the first byte read to the response.",
+            "# HELP perpeft_request_seconds Request latency in the server, from the app receiving it to the last response byte.",
             "# TYPE perpeft_request_seconds histogram",
         ]
         with self._lock:
