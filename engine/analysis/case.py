@@ -102,12 +102,14 @@ class CaseStudies:
         run: RunDirectory,
         dataset: Dataset,
         embeddings: Embeddings,
+        perpeft: PerpeftModel,
         device: str | None = None,
         progress: bool = False,
     ) -> None:
-        self.run, self.dataset, self.embeddings = run, dataset, embeddings
+        """``perpeft`` is the run's best PerPEFT model without an item encoder (`load_model`), which scores
+        from the cached tables; the service passes the one it already serves with."""
+        self.run, self.dataset, self.embeddings, self.perpeft = run, dataset, embeddings, perpeft
         self.device, self.progress = device, progress
-        self.perpeft = load_model(run, run.best_checkpoint("perpeft"), run.config.groups, dataset.num_items)
         self._global: tuple[PerpeftModel, torch.Tensor] | None = None
         self._lock = threading.Lock()
 
@@ -117,7 +119,9 @@ class CaseStudies:
         run = open_perpeft_run(run_dir)
         if run.config.groups < 2:
             raise InputError(f"{run.path}: one group only; the case study compares the user's group with another")
-        return cls(run, run_dataset(run.config), load_embeddings(run), device, progress)
+        dataset = run_dataset(run.config)
+        perpeft = load_model(run, run.best_checkpoint("perpeft"), run.config.groups, dataset.num_items)
+        return cls(run, dataset, load_embeddings(run), perpeft, device, progress)
 
     def global_peft(self) -> tuple[PerpeftModel, torch.Tensor]:
         """Global PEFT's model (on the CPU) and its item table ``[1, I+1, d]``, encoded once."""

@@ -204,7 +204,7 @@ def create_app(serving: ServingRun) -> FastAPI:
             raise HTTPException(404, f"item: unknown id {printable(item_id)}")
         return Item(item=item_id, title=dataset.titles[row], has_image=dataset.image_paths[row] is not None)
 
-    cases = CaseStudies(serving.run, dataset, serving.embeddings) if serving.groups > 1 else None
+    cases = CaseStudies(serving.run, dataset, serving.embeddings, serving.model) if serving.groups > 1 else None
 
     json_error = {"content": {"application/json": {"schema": ErrorBody.model_json_schema()}}}
 

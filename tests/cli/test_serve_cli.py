@@ -2,15 +2,13 @@
 
 import json
 import shutil
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 from click.testing import CliRunner
 
+from benchmarks.serve_load import free_port, start_server
 from perpeft.cli.main import cli
 from perpeft.engine.runtime.run_directory import EMBEDDINGS, RunDirectory
 from perpeft.engine.runtime.tensors import load_tensors, save_tensors
@@ -35,30 +33,14 @@ def test_refuses_tables_that_do_not_match_the_config(embedded_run, tmp_path, ass
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_served_run_answers_over_http(embedded_run, workers):
     port = free_port()
-    command = [sys.executable, "-m", "perpeft.cli", "serve", "--run", str(embedded_run), "--port", str(port)]
-    command += ["--workers", str(workers)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = start_server(embedded_run, port, threads=1, workers=workers)  # returns once /ready answers
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.communicate()
-            try:
-                with urllib.request.urlopen(f"{base}/ready", timeout=5) as response:
-                    ready = json.load(response)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the service did not start"
-                time.sleep(0.5)
+        with urllib.request.urlopen(f"{base}/ready", timeout=5) as response:
+            ready = json.load(response)
         assert ready["ready"] and ready["groups"] == 2
         request = urllib.request.Request(
             f"{base}/recommend", data=json.dumps({"user": "u00004", "k": 3}).encode(), method="POST"

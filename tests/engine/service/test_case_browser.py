@@ -2,13 +2,13 @@
 driven by selenium): it renders, every image loads, and a screenshot is saved in the test's output."""
 
 import shutil
-import socket
 import threading
 import time
 
 import pytest
 import uvicorn
 
+from benchmarks.serve_load import free_port
 from perpeft.engine.serve.recommend import ServingRun
 from perpeft.engine.service.app import create_app
 
@@ -20,9 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def base_url(embedded_run):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     config = uvicorn.Config(create_app(ServingRun.open(embedded_run)), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
