@@ -43,22 +43,30 @@ class SearchIndex:
 
 
 class ExactIndex(SearchIndex):
-    """Exact search: one product and one top-K per group present in a batch."""
+    """Exact search: the batch's queries ordered by group, one product per group written into one score
+    matrix, then one top-K for the whole batch (per-group top-Ks cost more than the products at
+    serving's sizes: a batch of new users spans most groups)."""
 
     def search(
         self, vectors: torch.Tensor, groups: torch.Tensor, k: Sequence[int], exclude: Sequence[np.ndarray]
     ) -> list[Hits]:
-        hits: list[Hits | None] = [None] * vectors.shape[0]
-        for group in torch.unique(groups).tolist():
-            rows = (groups == group).nonzero().squeeze(1).tolist()
-            scores = vectors[rows] @ self.tables[group, 1:].T
-            seen = [np.unique(exclude[row]) for row in rows]
-            marked = torch.from_numpy(np.repeat(np.arange(len(rows)), [len(items) for items in seen]))
-            scores[marked, torch.from_numpy(np.concatenate(seen)).long() - 1] = float("-inf")
-            counts = [min(k[row], self.num_items - len(items)) for row, items in zip(rows, seen, strict=True)]
-            best = torch.topk(scores, max(counts), dim=1)
-            for position, (row, count) in enumerate(zip(rows, counts, strict=True)):
-                hits[row] = Hits((best.indices[position, :count] + 1).tolist(), best.values[position, :count].tolist())
+        order = np.argsort(groups.numpy(), kind="stable")
+        ordered_groups = groups.numpy()[order]
+        starts = np.flatnonzero(np.diff(ordered_groups, prepend=-1))
+        ends = np.append(starts[1:], len(order))
+        queries = vectors[torch.from_numpy(order)]
+        scores = queries.new_empty(len(order), self.num_items)
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+            torch.matmul(queries[start:end], self.tables[int(ordered_groups[start]), 1:].T, out=scores[start:end])
+        seen = [np.unique(exclude[row]) for row in order]
+        marked = torch.from_numpy(np.repeat(np.arange(len(order)), [len(items) for items in seen]))
+        scores[marked, torch.from_numpy(np.concatenate(seen)).long() - 1] = float("-inf")
+        counts = [min(k[row], self.num_items - len(items)) for row, items in zip(order, seen, strict=True)]
+        best = torch.topk(scores, max(counts), dim=1)
+        items, values = (best.indices + 1).tolist(), best.values.tolist()
+        hits: list[Hits | None] = [None] * len(order)
+        for position, (row, count) in enumerate(zip(order.tolist(), counts, strict=True)):
+            hits[row] = Hits(items[position][:count], values[position][:count])
         return hits  # type: ignore[return-value]
 
 

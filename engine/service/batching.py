@@ -3,8 +3,10 @@
 A worker task on the event loop answers each batch on the loop's own thread: no request thread
 contends for the GIL (answering in a thread beside the loop measured slower under load, RESULTS), and
 the torch threads are the ones ``--threads`` sets. Requests that arrive meanwhile wait in the socket
-and join the next batch, which is whatever is queued when the worker is free again, up to ``max_batch``
-queries: a lone request waits for nothing, and under load one SASRec pass serves many users.
+and join the next batch. Before it forms a batch the worker yields to the loop while the queue still
+grows (at most `GATHER_TURNS` turns), so that requests already received but not yet parsed join it too:
+a lone request waits one loop turn, and under load one SASRec pass serves many users (without those
+turns, 8 closed-loop clients formed batches of 3.1 requests on average; with them 7.2, RESULTS).
 """
 
 import asyncio
@@ -14,6 +16,8 @@ from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 Answer = TypeVar("Answer")
+
+GATHER_TURNS = 4
 
 
 class MicroBatcher(Generic[Item, Answer]):
@@ -47,6 +51,12 @@ class MicroBatcher(Generic[Item, Answer]):
         while True:
             await wakeup.wait()
             wakeup.clear()
+            queued = -1
+            for _ in range(GATHER_TURNS):
+                if len(pending) == queued:
+                    break
+                queued = len(pending)
+                await asyncio.sleep(0)
             while pending:
                 waiting = [pending.popleft()]
                 size = len(waiting[0][0])

@@ -27,14 +27,15 @@ def queries(count: int, groups: int, seed: int = 1) -> tuple[torch.Tensor, torch
 
 def test_exact_index_is_brute_force_top_k(tables):
     vectors, groups, exclude = queries(40, 3)
-    hits = ExactIndex(tables).search(vectors, groups, [7] * 40, exclude)
-    for vector, group, excluded, hit in zip(vectors, groups.tolist(), exclude, hits, strict=True):
+    counts = [1 + row % 9 for row in range(40)]  # each query its own k, groups mixed in one batch
+    hits = ExactIndex(tables).search(vectors, groups, counts, exclude)
+    for vector, group, excluded, hit, k in zip(vectors, groups.tolist(), exclude, hits, counts, strict=True):
         scores = (tables[group, 1:] @ vector).tolist()
         ranked = sorted(
             (item for item in range(1, 601) if item not in set(excluded.tolist())), key=lambda i: -scores[i - 1]
         )
-        assert hit.items == ranked[:7]
-        assert hit.scores == pytest.approx([scores[item - 1] for item in ranked[:7]], rel=1e-5)
+        assert hit.items == ranked[:k]
+        assert hit.scores == pytest.approx([scores[item - 1] for item in ranked[:k]], rel=1e-5)
 
 
 def test_k_beyond_what_remains_returns_every_remaining_item(tables):
