@@ -22,13 +22,40 @@ run_option = click.option(
     help="(item, group) pairs per encoder pass, groups mixed. [the run's encode_batch_size]",
 )
 @click.option("--device", default=None, help="'cpu', 'cuda', 'cuda:1'… [the run's device]")
-@click.option("--overwrite", is_flag=True, help="Recompute existing embeddings.")
+@click.option(
+    "--add-items",
+    "add_items",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A RecBole item file of new items (images in images/ beside it): add them to the tables, no retraining.",
+)
+@click.option("--overwrite", is_flag=True, help="Recompute existing embeddings (added items are kept).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_input_errors
 @runs_distributed("device")
-def embed(run: Path, batch_size: int | None, device: str | None, overwrite: bool, quiet: bool) -> None:
-    """Cache every group's item table and every user's vector in RUN/embeddings (resumable after interruption)."""
+def embed(
+    run: Path, batch_size: int | None, device: str | None, add_items: Path | None, overwrite: bool, quiet: bool
+) -> None:
+    """Cache every group's item table and every user's vector in RUN/embeddings (resumable after interruption).
+
+    With --add-items FILE, encode FILE's items through every group's adapters (and the Global-PEFT
+    snapshot) and publish them as the catalog's next version: `recommend` and a running `serve` include
+    them. An added item has no ID embedding, so its vector is the multimodal term alone.
+    """
+    from perpeft.engine.errors import InputError
     from perpeft.engine.runtime.run_directory import RunDirectory
+
+    if add_items is not None:
+        from perpeft.engine.serve.catalog import add_items as add_catalog_items
+
+        if overwrite:
+            raise InputError("give --add-items or --overwrite, not both")
+        catalog, added = add_catalog_items(run, add_items, batch_size, device, progress=not quiet)
+        click.echo(
+            f"added {added:,} items (catalog version {catalog.version}, {len(catalog.items):,} added in all);"
+            f" written to {RunDirectory(run).embedded_catalog}"
+        )
+        return
     from perpeft.engine.serve.embed import embed_run
 
     embeddings = embed_run(run, batch_size, overwrite, device, progress=not quiet)

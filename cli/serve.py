@@ -24,6 +24,13 @@ from perpeft.engine.config.choices import SEARCH_INDEX
     help="Server processes sharing the port, each with the run's tables (one per core to spare).",
 )
 @click.option(
+    "--reload-seconds",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="How often to look for items added by `embed --add-items` (0: never).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -31,19 +38,20 @@ from perpeft.engine.config.choices import SEARCH_INDEX
     help="uvicorn's log level (access lines at info).",
 )
 @reports_input_errors
-def serve(run: Path, host: str, port: int, index: str, workers: int, log_level: str) -> None:
+def serve(run: Path, host: str, port: int, index: str, workers: int, reload_seconds: float, log_level: str) -> None:
     """Serve RUN's top-K over HTTP: POST /recommend and /recommend/batch, GET /items/{id}, /case/{user},
     /health, /ready, /metrics; the OpenAPI schema at /openapi.json, its pages at /docs.
 
-    Reads RUN/embeddings (run `embed` first) and checks them against the run before it listens. Needs the
-    optional extra `serve`: pip install -e ".[serve]".
+    Reads RUN/embeddings (run `embed` first) and checks them against the run before it listens; items
+    that `embed --add-items` adds later are served from the next request after it publishes them, each
+    worker swapping its whole tables at once. Needs the optional extra `serve`: pip install -e ".[serve]".
     """
     from perpeft.engine.errors import InputError
 
     try:
         import uvicorn
 
-        from perpeft.engine.service.app import INDEX_VARIABLE, RUN_VARIABLE, create_app
+        from perpeft.engine.service.app import INDEX_VARIABLE, RELOAD_VARIABLE, RUN_VARIABLE, create_app
     except ModuleNotFoundError as error:
         raise InputError(
             f"serve needs the optional extra 'serve' ({error.name} is not installed): pip install -e \".[serve]\""
@@ -58,13 +66,20 @@ def serve(run: Path, host: str, port: int, index: str, workers: int, log_level: 
         err=True,
     )
     if workers == 1:
-        uvicorn.run(create_app(serving), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(serving, reload_seconds or None), host=host, port=port, log_level=log_level)
         return
     # Checked above, once; each worker process opens the run again through the app factory.
     del serving
     import torch
 
     threads = str(torch.get_num_threads())  # spawned workers read torch's thread count from the environment
-    os.environ.update({RUN_VARIABLE: str(run.resolve()), INDEX_VARIABLE: index, "OMP_NUM_THREADS": threads})
+    os.environ.update(
+        {
+            RUN_VARIABLE: str(run.resolve()),
+            INDEX_VARIABLE: index,
+            RELOAD_VARIABLE: str(reload_seconds),
+            "OMP_NUM_THREADS": threads,
+        }
+    )
     factory = "perpeft.engine.service.app:app_from_environment"
     uvicorn.run(factory, factory=True, workers=workers, host=host, port=port, log_level=log_level)

@@ -42,8 +42,7 @@ def load_recbole(directory: Path, text_fields: tuple[str, ...] | None = None) ->
     if not directory.is_dir():
         raise InputError(f"{directory}: dataset directory not found")
     name = directory.resolve().name
-    item_ids, titles = _read_items(directory / f"{name}.item", text_fields)
-    image_paths = _locate_images(directory / "images", item_ids, _declared_missing(directory / MISSING_IMAGES))
+    item_ids, titles, image_paths = load_item_file(directory / f"{name}.item", text_fields)
     item_index = {item_id: index for index, item_id in enumerate(item_ids, start=1)}
     user_ids, sequences = _read_interactions(directory / f"{name}.inter", item_index)
     return Dataset(
@@ -54,6 +53,21 @@ def load_recbole(directory: Path, text_fields: tuple[str, ...] | None = None) ->
         image_paths=[None, *image_paths],
         user_ids=[None, *user_ids],
         sequences=sequences,
+    )
+
+
+def load_item_file(
+    path: Path, text_fields: tuple[str, ...] | None = None
+) -> tuple[list[str], list[str], list[Path | None]]:
+    """Item ids, texts and image files of the RecBole item file ``path``, read as `load_recbole` reads
+    ``NAME.item``: images from ``images/`` beside it, ``missing_images.txt`` beside it declaring those
+    that may lack one."""
+    item_ids, titles = _read_items(path, text_fields)
+    directory = path.parent
+    return (
+        item_ids,
+        titles,
+        _locate_images(directory / "images", item_ids, _declared_missing(directory / MISSING_IMAGES)),
     )
 
 

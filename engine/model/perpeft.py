@@ -111,9 +111,10 @@ class PerpeftModel(nn.Module):
     def _precision(self) -> contextlib.AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
 
-    def item_vectors(self, items: torch.Tensor, group: int | torch.Tensor) -> torch.Tensor:
+    def item_vectors(self, items: torch.Tensor, group: int | torch.Tensor, with_ids: bool = True) -> torch.Tensor:
         """z for ``items`` (``[N]``, 0 allowed: padding gives zeros), each seen by ``group`` (one group for
-        all, or a per-row ``[N]`` tensor: the grouped encoder serves any mix of groups in one pass).
+        all, or a per-row ``[N]`` tensor: the grouped encoder serves any mix of groups in one pass);
+        ``with_ids=False`` leaves the ID embedding out (`Recommender.item_vectors`).
 
         Which rows are padding is decided on the host: with ``items`` on the CPU (as training and
         evaluation pass them) a CUDA step never waits for the device to answer it."""
@@ -125,7 +126,7 @@ class PerpeftModel(nn.Module):
         else:
             group_ids = torch.full((items.shape[0],), group, dtype=torch.long, device=device)
         if self.encoder is None:
-            return self.recommender.item_vectors(items, None, group_ids)
+            return self.recommender.item_vectors(items, None, group_ids, with_ids=with_ids)
         real = (host != 0).nonzero().squeeze(1)
         multimodal = torch.zeros(items.shape[0], self.encoder.out_features, device=device)
         if real.numel():
@@ -134,7 +135,7 @@ class PerpeftModel(nn.Module):
                 encoded = self.encoder(*self.inputs.batch(host[real], device), group_ids[rows])
             multimodal = multimodal.index_put((rows,), encoded.float())
         present = self.inputs.modalities(host, device)[:, self.present_columns] if self.fills_missing else None
-        return self.recommender.item_vectors(items, multimodal, group_ids, present)
+        return self.recommender.item_vectors(items, multimodal, group_ids, present, with_ids)
 
     def personal_rows(self, users: torch.Tensor | None) -> torch.Tensor | None:
         """Rows of the personal embedding for ``users`` (None when the method has none)."""

@@ -241,13 +241,19 @@ class Recommender(nn.Module):
         multimodal: torch.Tensor | None,
         group_ids: torch.Tensor,
         present: torch.Tensor | None = None,
+        with_ids: bool = True,
     ) -> torch.Tensor:
         """z = 0.5·MLP_g(multimodal) + h for ``items`` (padding rows are zero); ``present`` marks which
-        modalities each item has, when the projector holds placeholders."""
-        ids = self.item_embeddings(items)
+        modalities each item has, when the projector holds placeholders. ``with_ids=False`` leaves h out:
+        the vector of an item added after training, which has no ID embedding (``items`` then need not
+        index the ID table)."""
+        if not with_ids and (self.projector is None or multimodal is None):
+            raise ValueError("an item without an ID embedding needs its multimodal features")
         if self.projector is None or multimodal is None:
-            return ids
-        z = MULTIMODAL_WEIGHT * self.projector(multimodal, group_ids, present) + ids
+            return self.item_embeddings(items)
+        z = MULTIMODAL_WEIGHT * self.projector(multimodal, group_ids, present)
+        if with_ids:
+            z = z + self.item_embeddings(items)
         return z * (items != 0).unsqueeze(-1).to(z.dtype)
 
     def sequence_output(

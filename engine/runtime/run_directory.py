@@ -10,6 +10,8 @@ Layout (all written atomically)::
     global/snapshot-e1.safetensors     Global PEFT at epoch E1, where the second stage starts
     grouping.safetensors               user → group assignment and centroids
     embeddings/                        `embed`'s per-group item tables, user vectors, snapshot table, ids
+    embeddings/additions/NNNN.safetensors  items added after training (`embed --add-items`), one file each
+    embeddings/catalog.json            the added items and their files, written last: the catalog's version
     analysis/                          `analyze` pages and heat maps
 """
 
@@ -172,6 +174,15 @@ class RunDirectory:
     def embedding_chunks(self) -> Path:
         """`embed`'s resumable partial chunks while it runs."""
         return self.embeddings / ".partial"
+
+    @property
+    def embedded_catalog(self) -> Path:
+        """Items added after training (`embed --add-items`): their ids, texts, images and table files."""
+        return self.embeddings / "catalog.json"
+
+    def embedded_addition(self, version: int) -> Path:
+        """The tables of the items that catalog version ``version`` added."""
+        return self.embeddings / "additions" / f"{version:04d}.safetensors"
 
     @property
     def embedding_outputs(self) -> tuple[Path, Path, Path, Path]:

@@ -101,8 +101,10 @@ def grouped_item_tables(
     batch_size: int,
     chunks: PartialChunks | None = None,
     progress: bool = False,
+    with_ids: bool = True,
 ) -> torch.Tensor:
-    """Every group's item table ``[C, I+1, d]`` (row 0 zeros, on the CPU), ``batch_size`` pairs per pass.
+    """Every group's item table ``[C, I+1, d]`` (row 0 zeros, on the CPU), ``batch_size`` pairs per pass;
+    ``with_ids=False`` for items without ID embeddings (`PerpeftModel.item_vectors`).
 
     With ``chunks``, each batch is a chunk: finished ones are read back, new ones are saved. Under a
     process group each rank encodes a contiguous block of the chunks (the very batches one process
@@ -118,7 +120,7 @@ def grouped_item_tables(
     for index in bar:
         part = chunks.load(index) if chunks is not None else None
         if part is None:
-            part = model.item_vectors(*batches[index]).float().cpu()
+            part = model.item_vectors(*batches[index], with_ids).float().cpu()
             if chunks is not None:
                 chunks.save(index, part)
         parts.append(part)
@@ -144,8 +146,10 @@ def embed_run(
     world = current_world()
 
     def prepare_directory() -> None:
-        if overwrite:
-            shutil.rmtree(run.embeddings, ignore_errors=True)
+        if overwrite:  # items added since training (`catalog`) stay: the same checkpoint encoded them
+            for output in run.embedding_outputs:
+                output.unlink(missing_ok=True)
+            shutil.rmtree(run.embedding_chunks, ignore_errors=True)
         elif all(path.is_file() for path in run.embedding_outputs):
             raise InputError(f"{run.embeddings}: embeddings exist; pass --overwrite to recompute them")
 

@@ -6,6 +6,7 @@ large catalogs (optional extra ``ann``). Each query excludes its own items (hist
 exclusions) inside the search, so a query never gets back what it bought.
 """
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,11 @@ class SearchIndex:
         items of ``exclude[n]`` (engine indices, repeats allowed) left out; fewer when fewer remain."""
         raise NotImplementedError
 
+    def extended(self, tables: torch.Tensor) -> "SearchIndex":
+        """An index over ``tables``, which are this index's tables with rows appended (added items); this
+        one is left as it is, for the requests still answered from it."""
+        raise NotImplementedError
+
 
 class ExactIndex(SearchIndex):
     """Exact search: the batch's queries ordered by group, one product per group written into one score
@@ -68,6 +74,9 @@ class ExactIndex(SearchIndex):
         for position, (row, count) in enumerate(zip(order.tolist(), counts, strict=True)):
             hits[row] = Hits(items[position][:count], values[position][:count])
         return hits  # type: ignore[return-value]
+
+    def extended(self, tables: torch.Tensor) -> "ExactIndex":
+        return ExactIndex(tables)
 
 
 HNSW_NEIGHBOURS = 32
@@ -102,6 +111,15 @@ class HNSWIndex(SearchIndex):
             graph.hnsw.efConstruction = ef_construction
             graph.add(np.ascontiguousarray(tables[group, 1:].numpy(), dtype=np.float32))
             self.graphs.append(graph)
+
+    def extended(self, tables: torch.Tensor) -> "HNSWIndex":
+        """Copies of this index's graphs with the new rows inserted: the old rows are not re-indexed."""
+        grown = copy.copy(self)
+        grown.tables = tables
+        grown.graphs = [self.faiss.clone_index(graph) for graph in self.graphs]
+        for group, graph in enumerate(grown.graphs):
+            graph.add(np.ascontiguousarray(tables[group, self.num_items + 1 :].numpy(), dtype=np.float32))
+        return grown
 
     def search(
         self, vectors: torch.Tensor, groups: torch.Tensor, k: Sequence[int], exclude: Sequence[np.ndarray]

@@ -8,6 +8,8 @@ run is opened; a batch of new users takes two SASRec passes (the snapshot's, the
 request then takes an inner-product search in its group's table.
 """
 
+import copy
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,8 +28,9 @@ from perpeft.engine.eval.users import nearest_centroid
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.runtime.distributed import current_world
 from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.serve.catalog import Catalog, read_catalog
 from perpeft.engine.serve.embed import Embeddings, load_embeddings, load_model
-from perpeft.engine.serve.index import ExactIndex, build_index
+from perpeft.engine.serve.index import ExactIndex, SearchIndex, build_index
 
 
 def evaluate_run(path: Path) -> dict[str, dict[str, float]]:
@@ -144,27 +147,64 @@ def check_tables(run: RunDirectory, embeddings: Embeddings, dataset: Dataset) ->
 
 class ServingRun:
     """A finished PerPEFT run opened for serving: its dataset, cached tables, SASRec and snapshot SASRec,
-    loaded once and checked against each other (`check_tables`)."""
+    loaded once and checked against each other (`check_tables`), and the items added since training
+    (`catalog`, after the trained ones: ``dataset`` and ``embeddings`` hold both, ``trained_dataset`` and
+    ``trained_embeddings`` the run's own)."""
 
-    def __init__(self, run: RunDirectory, dataset: Dataset, embeddings: Embeddings, index: str = "exact") -> None:
-        self.run, self.dataset, self.embeddings, self.index_kind = run, dataset, embeddings, index
+    def __init__(
+        self,
+        run: RunDirectory,
+        dataset: Dataset,
+        embeddings: Embeddings,
+        index: str = "exact",
+        catalog: Catalog | None = None,
+    ) -> None:
+        self.run, self.index_kind = run, index
+        self.trained_dataset, self.trained_embeddings = dataset, embeddings
         config = run.config
         self.maxlen = config.maxlen
         self.model = load_model(run, run.best_checkpoint("perpeft"), config.groups, dataset.num_items)
         self.snapshot = load_model(run, run.snapshot, 1, dataset.num_items)
-        self.index = build_index(index, embeddings.items)
-        self.user_positions, self.item_positions = id_positions(dataset.user_ids), id_positions(dataset.item_ids)
-        # A known user's vector depends on nothing but its purchases: computed once, served by lookup.
+        self.user_positions = id_positions(dataset.user_ids)
+        # A known user's vector depends on nothing but its purchases (all in the trained catalog):
+        # computed once, served by lookup, unchanged by added items.
         with torch.inference_mode():
             windows = torch.from_numpy(last_window(dataset.sequences, self.maxlen))
             self.known_vectors = self.model.user_vectors(
                 windows, embeddings.groups, embeddings.items, config.eval_batch_size
             )
+        catalog = catalog or Catalog.empty(config.groups, config.hidden)
+        self._take_catalog(catalog, build_index(index, self._tables(catalog)))
+
+    def _tables(self, catalog: Catalog) -> torch.Tensor:
+        """Every group's table with ``catalog``'s rows after the trained ones."""
+        if not catalog.items:
+            return self.trained_embeddings.items
+        return torch.cat([self.trained_embeddings.items, catalog.tables], dim=1)
+
+    def _take_catalog(self, catalog: Catalog, index: SearchIndex) -> None:
+        trained = self.trained_embeddings
+        self.catalog, self.index = catalog, index
+        self.dataset = catalog.extend(self.trained_dataset)
+        self.embeddings = dataclasses.replace(
+            trained, items=index.tables, snapshot=torch.cat([trained.snapshot, catalog.snapshot], dim=1)
+        )
+        self.item_positions = id_positions(self.dataset.item_ids)
+
+    def with_catalog(self, catalog: Catalog) -> "ServingRun":
+        """A copy serving ``catalog`` (this one's, grown by later additions: tables are append-only, so a
+        query prepared by this run stays valid there); the models, known users' vectors and the index's
+        rows so far are shared, not recomputed."""
+        if catalog.items[: len(self.catalog.items)] != self.catalog.items:
+            raise InputError(f"{self.run.embedded_catalog}: the added items changed, not grew; restart the service")
+        grown = copy.copy(self)
+        grown._take_catalog(catalog, self.index.extended(grown._tables(catalog)))
+        return grown
 
     @classmethod
     def open(cls, path: Path, index: str = "exact") -> "ServingRun":
-        """Open ``path`` for serving with an ``index`` (`SEARCH_INDEX`) over each group's table; InputError
-        when it is not a finished PerPEFT run with matching embeddings."""
+        """Open ``path`` for serving with an ``index`` (`SEARCH_INDEX`) over each group's table, items added
+        since training included; InputError when it is not a finished PerPEFT run with matching embeddings."""
         run = RunDirectory.open(path)
         run.best_checkpoint("perpeft")
         embeddings = load_embeddings(run)
@@ -175,7 +215,7 @@ class ServingRun:
             raise InputError(
                 f"{run.embedded_ids}: the ids differ from the run's dataset; recompute with `embed --overwrite`"
             )
-        return cls(run, dataset, embeddings, index)
+        return cls(run, dataset, embeddings, index, read_catalog(run))
 
     @property
     def groups(self) -> int:

@@ -6,6 +6,7 @@ places new users); no adapter runs online. Concurrent requests are answered toge
 malformed JSON 400, unknown item 404, an oversized body or batch 413, anything else invalid 422.
 """
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -31,6 +32,7 @@ from perpeft.engine.serve.recommend import (
 )
 from perpeft.engine.serve.recommend import Query as UserQuery
 from perpeft.engine.service.batching import MicroBatcher
+from perpeft.engine.service.live import LiveRun
 from perpeft.engine.service.metrics import RequestMetrics
 
 MAX_K = 1000
@@ -38,6 +40,7 @@ MAX_BATCH = 256
 MAX_IDS = 10_000  # history items or exclusions in one request
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_CASE_K = 50
+RELOAD_SECONDS = 2.0  # how often a running service looks for a new catalog version
 
 
 class RecommendRequest(BaseModel):
@@ -94,6 +97,7 @@ class Readiness(BaseModel):
     groups: int
     items: int
     users: int
+    catalog_version: int = Field(description="Additions since training (`embed --add-items`); 0: none.")
 
 
 class ErrorBody(BaseModel):
@@ -152,28 +156,33 @@ class MetricsMiddleware:
             self.metrics.observe(route_of(scope), scope["method"], status, time.perf_counter() - started)
 
 
-@contextlib.asynccontextmanager
-async def frozen_heap(app: FastAPI) -> AsyncIterator[None]:
-    """Moves everything alive at start-up (the run's id lists, torch's and the app's modules) out of the
-    collector's reach: a full collection over it stalled the loop for 210–280 ms, which was the whole
-    p99 of a load test (RESULTS); requests' short-lived objects are collected as before."""
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
+def create_app(serving: ServingRun, reload_seconds: float | None = RELOAD_SECONDS) -> FastAPI:
+    """The ASGI app answering from ``serving`` (already opened and checked: `ServingRun.open`), looking
+    for a new catalog version every ``reload_seconds`` while it runs (None: never; `LiveRun`)."""
+    live = LiveRun(serving)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Everything alive at start-up (the run's id lists, torch's and the app's modules) leaves the
+        # collector's reach: a full collection over it stalled the loop for 210–280 ms, the whole p99 of
+        # a load test (RESULTS); requests' short-lived objects are collected as before.
+        gc.collect()
+        gc.freeze()
+        watcher = asyncio.get_running_loop().create_task(live.watch(reload_seconds)) if reload_seconds else None
+        yield
+        if watcher is not None:
+            watcher.cancel()
+        gc.unfreeze()
 
-def create_app(serving: ServingRun) -> FastAPI:
-    """The ASGI app answering from ``serving`` (already opened and checked: `ServingRun.open`)."""
     app = FastAPI(
         title="perpeft-engine",
         summary="Top-K recommendations from a PerPEFT run's per-group item tables.",
         version="1",
-        lifespan=frozen_heap,
+        lifespan=lifespan,
     )
+    app.state.live = live
     metrics = RequestMetrics()
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    dataset = serving.dataset
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -188,11 +197,11 @@ def create_app(serving: ServingRun) -> FastAPI:
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
 
-    batcher = MicroBatcher(serving.answer, MAX_BATCH)
+    batcher = MicroBatcher(lambda prepared: live.serving.answer(prepared), MAX_BATCH)
 
     async def answer(requests: list[RecommendRequest]) -> list[RecommendResponse]:
         # Checked here, so a bad request is refused alone; the valid ones join the next batch.
-        prepared = [serving.prepare(request.query()) for request in requests]
+        prepared = [live.serving.prepare(request.query()) for request in requests]
         answers = await batcher.submit(prepared)
         for rule in (KNOWN_USER, NEAREST_CENTROID):
             metrics.served(rule, sum(answer.assigned_by == rule for answer in answers))
@@ -212,13 +221,15 @@ def create_app(serving: ServingRun) -> FastAPI:
 
     @app.get("/items/{item_id}", responses={404: {"model": ErrorBody}})
     async def item(item_id: str) -> Item:
-        """An item of the catalog by its original id."""
-        row = serving.item_positions.get(item_id)
+        """An item of the catalog (added items included) by its original id."""
+        dataset = live.serving.dataset
+        row = live.serving.item_positions.get(item_id)
         if row is None:
             raise HTTPException(404, f"item: unknown id {printable(item_id)}")
         return Item(item=item_id, title=dataset.titles[row], has_image=dataset.image_paths[row] is not None)
 
-    cases = CaseStudies(serving.run, dataset, serving.embeddings, serving.model) if serving.groups > 1 else None
+    trained = serving.trained_dataset, serving.trained_embeddings
+    cases = CaseStudies(serving.run, *trained, serving.model) if serving.groups > 1 else None
 
     json_error = {"content": {"application/json": {"schema": ErrorBody.model_json_schema()}}}
 
@@ -229,8 +240,9 @@ def create_app(serving: ServingRun) -> FastAPI:
         other_group: Annotated[int | None, Query(ge=0)] = None,
     ) -> str:
         """The case study page of a known user (paper §4.4): the user's recent history beside the top-K of
-        Global PEFT, of the user's group and of another group, with thumbnails. The first request encodes
-        Global PEFT's item table (seconds); later ones reuse it."""
+        Global PEFT, of the user's group and of another group, with thumbnails, over the training catalog
+        (Global PEFT has no table of added items). The first request encodes Global PEFT's item table
+        (seconds); later ones reuse it."""
         if user_id not in serving.user_positions:
             raise HTTPException(404, f"user: unknown id {printable(user_id)}")
         if cases is None:
@@ -244,14 +256,16 @@ def create_app(serving: ServingRun) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> Readiness:
-        """Readiness: the run's tables are loaded and checked."""
+        """Readiness: the run's tables are loaded and checked; which catalog version is served."""
+        current = live.serving
         return Readiness(
             ready=True,
-            run=str(serving.run.path),
-            index=serving.index_kind,
-            groups=serving.groups,
-            items=dataset.num_items,
-            users=dataset.num_users,
+            run=str(current.run.path),
+            index=current.index_kind,
+            groups=current.groups,
+            items=current.dataset.num_items,
+            users=current.dataset.num_users,
+            catalog_version=current.catalog.version,
         )
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -262,10 +276,12 @@ def create_app(serving: ServingRun) -> FastAPI:
     return app
 
 
-RUN_VARIABLE, INDEX_VARIABLE = "PERPEFT_SERVE_RUN", "PERPEFT_SERVE_INDEX"
+RUN_VARIABLE, INDEX_VARIABLE, RELOAD_VARIABLE = "PERPEFT_SERVE_RUN", "PERPEFT_SERVE_INDEX", "PERPEFT_SERVE_RELOAD"
 
 
 def app_from_environment() -> FastAPI:
-    """The app of the run named by ``$PERPEFT_SERVE_RUN`` (index ``$PERPEFT_SERVE_INDEX``): the factory each
-    of uvicorn's worker processes calls (`serve --workers N`)."""
-    return create_app(ServingRun.open(Path(os.environ[RUN_VARIABLE]), os.environ.get(INDEX_VARIABLE, "exact")))
+    """The app of the run named by ``$PERPEFT_SERVE_RUN`` (index ``$PERPEFT_SERVE_INDEX``, catalog polled
+    every ``$PERPEFT_SERVE_RELOAD`` seconds, 0 never): the factory each of uvicorn's worker processes calls
+    (`serve --workers N`)."""
+    serving = ServingRun.open(Path(os.environ[RUN_VARIABLE]), os.environ.get(INDEX_VARIABLE, "exact"))
+    return create_app(serving, float(os.environ.get(RELOAD_VARIABLE, RELOAD_SECONDS)) or None)

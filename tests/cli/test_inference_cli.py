@@ -129,3 +129,24 @@ def test_export_loads_in_peft_and_refuses_iisan(demo_run, tmp_path, assert_one_l
     assert_one_line_error(
         invoke("export", "--run", str(iisan), "--group", "0", "--out", str(tmp_path / "x")), "IISAN", "peft"
     )
+
+
+def test_embed_add_items_then_recommend_them(demo_run, tmp_path, item_copies, assert_one_line_error):
+    copy = shutil.copytree(demo_run, tmp_path / "run")
+    run = str(copy)
+    item_file, ids = item_copies(copy, tmp_path / "new", [2, 5, 8])
+    result = invoke("embed", "--run", run, "--add-items", str(item_file), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "added 3 items (catalog version 1, 3 added in all)" in result.stdout
+    result = invoke("recommend", "--run", run, "--history", ",".join(ids[:2]), "--k", "40", "--json")
+    assert result.exit_code == 0, result.output
+    assert ids[2] in [entry["item"] for entry in json.loads(result.stdout)["recommendations"]]
+    assert_one_line_error(
+        invoke("embed", "--run", run, "--add-items", str(item_file)), "new.item: already in the run's catalog", ids[0]
+    )
+    assert_one_line_error(
+        invoke("embed", "--run", run, "--add-items", str(item_file), "--overwrite"), "--add-items or --overwrite"
+    )
+    assert_one_line_error(
+        invoke("embed", "--run", run, "--add-items", str(tmp_path / "absent.item")), "absent.item: item file not found"
+    )

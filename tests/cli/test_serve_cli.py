@@ -3,6 +3,9 @@
 import json
 import shutil
 import sys
+import threading
+import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -58,3 +61,45 @@ def test_a_served_run_answers_over_http(embedded_run, workers):
 def test_says_which_extra_is_missing(embedded_run, monkeypatch, assert_one_line_error):
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     assert_one_line_error(invoke("serve", "--run", str(embedded_run)), "uvicorn is not installed", '".[serve]"')
+
+
+def test_a_running_service_picks_up_added_items_while_it_answers(embedded_copy, tmp_path, item_copies):
+    run = embedded_copy
+    item_file, ids = item_copies(run, tmp_path / "new", [3, 4])
+    port = free_port()
+    server = start_server(run, port, threads=1)  # looks for a new catalog every 2 s (serve's default)
+    base = f"http://127.0.0.1:{port}"
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def ask() -> None:  # known-user requests all along the addition and the swap
+        body = json.dumps({"user": "u00004", "k": 5}).encode()
+        while not done.is_set():
+            request = urllib.request.Request(f"{base}/recommend", data=body, method="POST")
+            request.add_header("content-type", "application/json")
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    statuses.append(response.status)
+            except urllib.error.HTTPError as error:
+                statuses.append(error.code)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        assert invoke("embed", "--run", str(run), "--add-items", str(item_file), "--quiet").exit_code == 0
+        deadline = time.monotonic() + 60
+        while get_json(f"{base}/ready")["catalog_version"] != 1:
+            assert time.monotonic() < deadline, "the service did not take in catalog version 1 in 60 s"
+            time.sleep(0.2)
+        assert get_json(f"{base}/items/{ids[1]}")["item"] == ids[1]
+    finally:
+        done.set()
+        asker.join()
+        server.terminate()
+        server.communicate(timeout=30)
+    assert statuses and set(statuses) == {200}
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)

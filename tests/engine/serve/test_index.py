@@ -60,3 +60,17 @@ def test_hnsw_recall_against_exact_and_exclusions(tables):
 def test_unknown_index_kind():
     with pytest.raises(InputError, match="--index annoy: expected one of exact, hnsw"):
         build_index("annoy", torch.zeros(1, 2, 4))
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_an_extended_index_finds_the_appended_rows_and_leaves_the_original_alone(tables, kind):
+    original = build_index(kind, tables[:, :401])
+    grown = original.extended(tables)
+    vectors, groups, exclude = queries(20, 3, seed=4)
+    expected = ExactIndex(tables).search(vectors, groups, [5] * 20, exclude)
+    found = grown.search(vectors, groups, [5] * 20, exclude)
+    overlap = np.mean([len(set(a.items) & set(b.items)) / 5 for a, b in zip(found, expected, strict=True)])
+    assert overlap >= (1.0 if kind == "exact" else 0.9)
+    assert any(item > 400 for hit in found for item in hit.items)
+    within = [items[items <= 400] for items in exclude]
+    assert all(item <= 400 for hit in original.search(vectors, groups, [5] * 20, within) for item in hit.items)
