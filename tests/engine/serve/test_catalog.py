@@ -17,6 +17,7 @@ from perpeft.engine.runtime.tensors import load_tensors, save_tensors
 from perpeft.engine.serve.catalog import add_items, read_catalog
 from perpeft.engine.serve.embed import embed_run, load_embeddings
 from perpeft.engine.serve.recommend import Query, ServingRun
+from perpeft.engine.train.pipeline import train_new_run
 
 HEADER = "item_id:token\ttitle:token_seq"
 
@@ -167,3 +168,16 @@ def test_item_id_methods_and_runs_without_embeddings_are_refused(run, tmp_path, 
     (run / "config.json").write_text(json.dumps({**config, "method": "wo-mm"}))
     with pytest.raises(InputError, match="scores items by their ID embeddings alone"):
         add_items(run, item_file, progress=False)
+
+
+@pytest.mark.parametrize("peft", ["ia3", "iisan"])
+def test_other_pefts_add_items_the_same_way(peft, small_demo, small_config, tmp_path, item_copies):
+    trained, _ = train_new_run(small_config(small_demo, peft=peft), tmp_path / "run", False, lambda line: None, False)
+    embed_run(trained.path, progress=False)
+    rows = [2, 9]
+    item_file, ids = item_copies(trained.path, tmp_path / "new", rows)
+    catalog, _ = add_items(trained.path, item_file, progress=False)
+    ids_table = load_tensors(trained.best_checkpoint("perpeft"))[0]["recommender.item_embeddings.weight"]
+    expected = load_embeddings(trained).items[:, rows] - ids_table[rows]
+    torch.testing.assert_close(catalog.tables, expected, rtol=0, atol=1e-5)
+    assert ServingRun.open(trained.path).recommend([Query(history=ids, k=3)])[0].items
