@@ -12,6 +12,7 @@ Layout (all written atomically)::
     embeddings/                        `embed`'s per-group item tables, user vectors, snapshot table, ids
     embeddings/additions/NNNN.safetensors  items added after training (`embed --add-items`), one file each
     embeddings/catalog.json            the added items and their files, written last: the catalog's version
+    embeddings/hnsw/                   `serve --index hnsw`'s graphs of the trained tables, by content hash
     analysis/                          `analyze` pages and heat maps
 """
 
@@ -179,6 +180,11 @@ class RunDirectory:
     def embedded_catalog(self) -> Path:
         """Items added after training (`embed --add-items`): their ids, texts, images and table files."""
         return self.embeddings / "catalog.json"
+
+    @property
+    def search_graphs(self) -> Path:
+        """`serve --index hnsw`'s per-group graphs, kept for the next start (derived: safe to delete)."""
+        return self.embeddings / "hnsw"
 
     def embedded_addition(self, version: int) -> Path:
         """The tables of the items that catalog version ``version`` added."""

@@ -150,6 +150,7 @@ def embed_run(
             for output in run.embedding_outputs:
                 output.unlink(missing_ok=True)
             shutil.rmtree(run.embedding_chunks, ignore_errors=True)
+            shutil.rmtree(run.search_graphs, ignore_errors=True)
         elif all(path.is_file() for path in run.embedding_outputs):
             raise InputError(f"{run.embeddings}: embeddings exist; pass --overwrite to recompute them")
 

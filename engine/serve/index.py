@@ -2,13 +2,17 @@
 
 `ExactIndex` scores every item of a query's group table (the default: Beauty's 8 × 31,151 × 32 floats are
 ~32 MB, and one query is a ``[I] × d`` product). `HNSWIndex` builds one faiss HNSW graph per group for
-large catalogs (optional extra ``ann``). Each query excludes its own items (history and any asked
+large catalogs (optional extra ``ann``), kept on disk for the next start. Each query excludes its own items (history and any asked
 exclusions) inside the search, so a query never gets back what it bought.
 """
 
 import copy
+import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,7 +100,10 @@ class HNSWIndex(SearchIndex):
         neighbours: int = HNSW_NEIGHBOURS,
         ef_construction: int = HNSW_EF_CONSTRUCTION,
         ef_search: int = HNSW_EF_SEARCH,
+        cache: Path | None = None,
     ) -> None:
+        """With ``cache``, each group's graph is read from that directory when one was built there for the
+        same rows and settings (named by their hash), and written there after it is built."""
         try:
             import faiss
         except ModuleNotFoundError:
@@ -105,12 +112,29 @@ class HNSWIndex(SearchIndex):
             ) from None
         super().__init__(tables)
         self.faiss, self.ef_search = faiss, ef_search
-        self.graphs = []
-        for group in range(tables.shape[0]):
-            graph = faiss.IndexHNSWFlat(tables.shape[-1], neighbours, faiss.METRIC_INNER_PRODUCT)
-            graph.hnsw.efConstruction = ef_construction
-            graph.add(np.ascontiguousarray(tables[group, 1:].numpy(), dtype=np.float32))
-            self.graphs.append(graph)
+        self.graphs = [
+            self._graph(tables[group, 1:], neighbours, ef_construction, cache) for group in range(len(tables))
+        ]
+
+    def _graph(self, rows: torch.Tensor, neighbours: int, ef_construction: int, cache: Path | None) -> Any:
+        faiss = self.faiss
+        vectors = np.ascontiguousarray(rows.numpy(), dtype=np.float32)
+        path = None
+        if cache is not None:
+            digest = hashlib.sha256(f"{faiss.__version__} {neighbours} {ef_construction} {vectors.shape}".encode())
+            digest.update(vectors.tobytes())
+            path = cache / f"hnsw-{digest.hexdigest()[:24]}.faiss"
+            if path.is_file():
+                return faiss.read_index(str(path))
+        graph = faiss.IndexHNSWFlat(vectors.shape[1], neighbours, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = ef_construction
+        graph.add(vectors)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}")
+            faiss.write_index(graph, str(temporary))
+            os.replace(temporary, path)
+        return graph
 
     def extended(self, tables: torch.Tensor) -> "HNSWIndex":
         """Copies of this index's graphs with the new rows inserted: the old rows are not re-indexed."""
@@ -141,7 +165,8 @@ class HNSWIndex(SearchIndex):
         return hits
 
 
-def build_index(kind: str, tables: torch.Tensor) -> SearchIndex:
-    """The ``kind`` index (`SEARCH_INDEX`: exact or hnsw) over ``tables`` ``[C, I+1, d]``."""
+def build_index(kind: str, tables: torch.Tensor, cache: Path | None = None) -> SearchIndex:
+    """The ``kind`` index (`SEARCH_INDEX`: exact or hnsw) over ``tables`` ``[C, I+1, d]``; an HNSW index keeps
+    its graphs in ``cache`` (when given) for the next start."""
     SEARCH_INDEX.check(kind)
-    return ExactIndex(tables) if kind == "exact" else HNSWIndex(tables)
+    return ExactIndex(tables) if kind == "exact" else HNSWIndex(tables, cache=cache)

@@ -174,12 +174,12 @@ class ServingRun:
                 windows, embeddings.groups, embeddings.items, config.eval_batch_size
             )
         catalog = catalog or Catalog.empty(config.groups, config.hidden)
-        self._take_catalog(catalog, build_index(index, self._tables(catalog)))
+        # Built (or read back) for the trained tables, then grown as a running service grows it.
+        trained_index = build_index(index, embeddings.items, run.search_graphs)
+        self._take_catalog(catalog, trained_index.extended(self._tables(catalog)) if catalog.items else trained_index)
 
     def _tables(self, catalog: Catalog) -> torch.Tensor:
         """Every group's table with ``catalog``'s rows after the trained ones."""
-        if not catalog.items:
-            return self.trained_embeddings.items
         return torch.cat([self.trained_embeddings.items, catalog.tables], dim=1)
 
     def _take_catalog(self, catalog: Catalog, index: SearchIndex) -> None:

@@ -181,3 +181,13 @@ def test_other_pefts_add_items_the_same_way(peft, small_demo, small_config, tmp_
     expected = load_embeddings(trained).items[:, rows] - ids_table[rows]
     torch.testing.assert_close(catalog.tables, expected, rtol=0, atol=1e-5)
     assert ServingRun.open(trained.path).recommend([Query(history=ids, k=3)])[0].items
+
+
+def test_approximate_serving_grows_the_kept_graphs_of_the_trained_tables(run, tmp_path, item_copies):
+    item_file, ids = item_copies(run, tmp_path / "new", [1, 2])
+    add_items(run, item_file, progress=False)
+    serving = ServingRun.open(run, "hnsw")
+    assert serving.index.num_items == serving.dataset.num_items
+    assert len(list(RunDirectory.open(run).search_graphs.glob("hnsw-*.faiss"))) == serving.groups
+    answer = serving.recommend([Query(history=ids, k=10)])[0]
+    assert len(answer.items) == 10 and not set(ids) & set(answer.items)

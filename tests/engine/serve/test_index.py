@@ -74,3 +74,20 @@ def test_an_extended_index_finds_the_appended_rows_and_leaves_the_original_alone
     assert any(item > 400 for hit in found for item in hit.items)
     within = [items[items <= 400] for items in exclude]
     assert all(item <= 400 for hit in original.search(vectors, groups, [5] * 20, within) for item in hit.items)
+
+
+def test_hnsw_graphs_are_kept_on_disk_and_read_back(tables, tmp_path, monkeypatch):
+    first = HNSWIndex(tables, cache=tmp_path)
+    kept = sorted(tmp_path.glob("hnsw-*.faiss"))
+    assert len(kept) == 3  # one graph per group
+
+    def no_build(*args):
+        raise AssertionError("built a graph that was on disk")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(first.faiss, "IndexHNSWFlat", no_build)
+        again = HNSWIndex(tables, cache=tmp_path)
+    vectors, groups, exclude = queries(10, 3, seed=7)
+    assert again.search(vectors, groups, [5] * 10, exclude) == first.search(vectors, groups, [5] * 10, exclude)
+    HNSWIndex(tables * 2, cache=tmp_path)  # other rows: other graphs, beside the first ones
+    assert len(list(tmp_path.glob("hnsw-*.faiss"))) == 6
