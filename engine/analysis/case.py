@@ -36,7 +36,6 @@ from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import leave_one_out
 from perpeft.engine.errors import InputError
 from perpeft.engine.model.perpeft import PerpeftModel
-from perpeft.engine.model.run_inputs import load_run_inputs
 from perpeft.engine.runtime.atomic import atomic_write_bytes
 from perpeft.engine.runtime.device import resolve_device
 from perpeft.engine.runtime.run_directory import RunDirectory
@@ -127,6 +126,9 @@ class CaseStudies:
         """Global PEFT's model (on the CPU) and its item table ``[1, I+1, d]``, encoded once."""
         with self._lock:
             if self._global is None:
+                # Imported here: run_inputs loads transformers (seconds), which a service needs only now.
+                from perpeft.engine.model.run_inputs import load_run_inputs
+
                 config = self.run.config
                 run_inputs = load_run_inputs(config, self.dataset, self.progress)
                 model = load_model(self.run, self.run.best_checkpoint("global"), 1, self.dataset.num_items, run_inputs)

@@ -30,7 +30,6 @@ from perpeft.engine.data.formats import load_item_file
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.errors import InputError
 from perpeft.engine.features.inputs import modality_presence
-from perpeft.engine.model.run_inputs import load_run_inputs
 from perpeft.engine.runtime.atomic import atomic_write_json
 from perpeft.engine.runtime.device import resolve_device
 from perpeft.engine.runtime.distributed import current_world
@@ -196,6 +195,8 @@ def _add_items(
     )
     resolved = config.for_catalog(dataset.has_text, dataset.has_images, str(dataset.root))
     _check_modalities(resolved, dataset, added, item_file)
+    from perpeft.engine.model.run_inputs import load_run_inputs  # transformers: only when items are added
+
     run_inputs = load_run_inputs(resolved, added, progress)
     target = resolve_device(device or config.device)
     batch_size = batch_size or config.encode_batch_size

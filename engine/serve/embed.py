@@ -20,7 +20,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -29,12 +29,14 @@ from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.errors import InputError
 from perpeft.engine.model.perpeft import PerpeftModel
-from perpeft.engine.model.run_inputs import RunInputs, load_run_inputs
 from perpeft.engine.runtime.atomic import atomic_write_json
 from perpeft.engine.runtime.device import resolve_device
 from perpeft.engine.runtime.distributed import current_world
 from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.runtime.tensors import load_tensors, save_tensors
+
+if TYPE_CHECKING:  # run_inputs imports transformers (seconds): serving from the tables never needs it
+    from perpeft.engine.model.run_inputs import RunInputs
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Embeddings:
 
 
 def load_model(
-    run: RunDirectory, checkpoint: Path, groups: int, num_items: int, run_inputs: RunInputs | None = None
+    run: RunDirectory, checkpoint: Path, groups: int, num_items: int, run_inputs: "RunInputs | None" = None
 ) -> PerpeftModel:
     """The run's model for ``groups`` groups with ``checkpoint``'s weights, in eval mode on the CPU.
 
@@ -155,6 +157,8 @@ def embed_run(
             raise InputError(f"{run.embeddings}: embeddings exist; pass --overwrite to recompute them")
 
     world.main_first(prepare_directory, lambda: None)
+    from perpeft.engine.model.run_inputs import load_run_inputs
+
     config = run.config
     dataset = run_dataset(config)
     run_inputs = load_run_inputs(config, dataset, progress)

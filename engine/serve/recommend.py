@@ -3,9 +3,10 @@
 A known user is scored with its group's table. A new user, given as a purchase history, is placed in the
 grouping space by the very Global-PEFT snapshot the grouping was fitted on (epoch E1, read through its
 cached item table), joins the group of the nearest K-Means centroid (paper App. D.2.2), and is then scored
-like a known user of that group. No item encoder runs: known users' vectors are computed once, when the
-run is opened; a batch of new users takes two SASRec passes (the snapshot's, then PerPEFT's); every
-request then takes an inner-product search in its group's table.
+like a known user of that group. No item encoder runs: a service computes known users' vectors once,
+when the run is opened (a one-off `recommend` only those asked for); a batch of new users takes two
+SASRec passes (the snapshot's, then PerPEFT's); every request then takes an inner-product search in its
+group's table.
 """
 
 import copy
@@ -158,6 +159,7 @@ class ServingRun:
         embeddings: Embeddings,
         index: str = "exact",
         catalog: Catalog | None = None,
+        precompute_users: bool = True,
     ) -> None:
         self.run, self.index_kind = run, index
         self.trained_dataset, self.trained_embeddings = dataset, embeddings
@@ -166,17 +168,21 @@ class ServingRun:
         self.model = load_model(run, run.best_checkpoint("perpeft"), config.groups, dataset.num_items)
         self.snapshot = load_model(run, run.snapshot, 1, dataset.num_items)
         self.user_positions = id_positions(dataset.user_ids)
-        # A known user's vector depends on nothing but its purchases (all in the trained catalog):
-        # computed once, served by lookup, unchanged by added items.
-        with torch.inference_mode():
-            windows = torch.from_numpy(last_window(dataset.sequences, self.maxlen))
-            self.known_vectors = self.model.user_vectors(
-                windows, embeddings.groups, embeddings.items, config.eval_batch_size
-            )
+        # A known user's vector depends on nothing but its purchases (all in the trained catalog): a
+        # service computes them all once and serves them by lookup, unchanged by added items; a one-off
+        # call (`precompute_users=False`) computes those it is asked for.
+        self.known_vectors = self._user_vectors(range(len(dataset.sequences))) if precompute_users else None
         catalog = catalog or Catalog.empty(config.groups, config.hidden)
         # Built (or read back) for the trained tables, then grown as a running service grows it.
         trained_index = build_index(index, embeddings.items, run.search_graphs)
         self._take_catalog(catalog, trained_index.extended(self._tables(catalog)) if catalog.items else trained_index)
+
+    @torch.inference_mode()
+    def _user_vectors(self, users: Sequence[int]) -> torch.Tensor:
+        """SASRec's vectors of known ``users`` (engine indices) from everything each bought."""
+        windows = torch.from_numpy(last_window([self.trained_dataset.sequences[user] for user in users], self.maxlen))
+        groups = self.trained_embeddings.groups[torch.tensor(users, dtype=torch.long)]
+        return self.model.user_vectors(windows, groups, self.trained_embeddings.items, self.run.config.eval_batch_size)
 
     def _tables(self, catalog: Catalog) -> torch.Tensor:
         """Every group's table with ``catalog``'s rows after the trained ones."""
@@ -202,9 +208,10 @@ class ServingRun:
         return grown
 
     @classmethod
-    def open(cls, path: Path, index: str = "exact") -> "ServingRun":
+    def open(cls, path: Path, index: str = "exact", precompute_users: bool = True) -> "ServingRun":
         """Open ``path`` for serving with an ``index`` (`SEARCH_INDEX`) over each group's table, items added
-        since training included; InputError when it is not a finished PerPEFT run with matching embeddings."""
+        since training included (``precompute_users``: every known user's vector now, as a service wants);
+        InputError when it is not a finished PerPEFT run with matching embeddings."""
         run = RunDirectory.open(path)
         run.best_checkpoint("perpeft")
         embeddings = load_embeddings(run)
@@ -215,7 +222,7 @@ class ServingRun:
             raise InputError(
                 f"{run.embedded_ids}: the ids differ from the run's dataset; recompute with `embed --overwrite`"
             )
-        return cls(run, dataset, embeddings, index, read_catalog(run))
+        return cls(run, dataset, embeddings, index, read_catalog(run), precompute_users)
 
     @property
     def groups(self) -> int:
@@ -244,8 +251,10 @@ class ServingRun:
         one pass of the snapshot's SASRec (their group) and one of PerPEFT's; then each query's search in
         its group's table."""
         groups = torch.tensor([-1 if entry.group is None else entry.group for entry in prepared], dtype=torch.long)
-        known = [-1 if entry.user is None else entry.user for entry in prepared]
-        vectors = self.known_vectors[torch.tensor(known).clamp(min=0)]
+        known = [0 if entry.user is None else entry.user for entry in prepared]  # 0: padding, replaced below
+        vectors = (
+            self.known_vectors[torch.tensor(known)] if self.known_vectors is not None else self._user_vectors(known)
+        )
         new = (groups < 0).nonzero().squeeze(1)
         if new.numel():
             rows = new.tolist()
@@ -292,4 +301,4 @@ def recommend(
 ) -> Recommendations:
     """Top-``k`` for a known ``user`` (from everything it bought) or a new user's ``history`` (oldest first),
     the user's items and ``exclude`` left out. Needs the run's embeddings (``embed``)."""
-    return ServingRun.open(path).recommend([Query(user, history, k, exclude)])[0]
+    return ServingRun.open(path, precompute_users=False).recommend([Query(user, history, k, exclude)])[0]

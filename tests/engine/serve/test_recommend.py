@@ -179,3 +179,19 @@ def test_hnsw_serving_equals_exact_on_a_small_catalog(embedded_run, served):
     approximate = ServingRun.open(embedded_run, "hnsw").recommend(queries)
     assert [answer.items for answer in approximate] == [answer.items for answer in exact]
     assert [answer.group for answer in approximate] == [answer.group for answer in exact]
+
+
+def test_known_users_computed_on_demand_equal_the_precomputed_ones(embedded_run, served):
+    dataset = served["dataset"]
+    queries = [Query(user=dataset.user_ids[user], k=8) for user in (1, 4, 9, 4)]
+    queries.append(Query(history=[dataset.item_ids[3], dataset.item_ids[7]], k=8))
+    precomputed = ServingRun.open(embedded_run)
+    on_demand = ServingRun.open(embedded_run, precompute_users=False)
+    assert on_demand.known_vectors is None and precomputed.known_vectors.shape[0] == dataset.num_users + 1
+    for lookup, computed in zip(precomputed.recommend(queries), on_demand.recommend(queries), strict=True):
+        assert (lookup.items, lookup.group, lookup.assigned_by) == (
+            computed.items,
+            computed.group,
+            computed.assigned_by,
+        )
+        assert lookup.scores == pytest.approx(computed.scores, rel=1e-5)
