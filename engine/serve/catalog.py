@@ -149,6 +149,8 @@ def add_items(
     InputError (one line) when the run has no embeddings, scores items by ID alone (w/o MM), or the file
     is malformed, repeats an id already in the catalog, or lacks what the run's encoder reads."""
     run = RunDirectory.open(path)
+    if not current_world().alone:
+        raise InputError("embed --add-items runs in one process: start it without torchrun")
     with _adding(run):
         return _add_items(run, Path(item_file), batch_size, device, progress)
 
@@ -204,15 +206,12 @@ def _add_items(
     for name, checkpoint_path, groups in (("items", checkpoint, config.groups), ("snapshot", run.snapshot, 1)):
         model = load_model(run, checkpoint_path, groups, dataset.num_items, run_inputs).to(target)
         rows[name] = grouped_item_tables(model, added.num_items, batch_size, progress=progress, with_ids=False)[:, 1:]
-    world = current_world()
-    if world.is_main:
-        version = catalog.version + 1
-        save_tensors(run.embedded_addition(version), rows)
-        entries = [
-            {"id": item, "title": title, "image": None if image is None else str(image.resolve())}
-            for item, title, image in zip(ids, titles, images, strict=True)
-        ]
-        additions = [*_record(run), {"source": str(item_file.resolve()), "items": entries}]
-        atomic_write_json(run.embedded_catalog, {"version": version, "additions": additions})
-    world.barrier()
+    version = catalog.version + 1
+    save_tensors(run.embedded_addition(version), rows)
+    entries = [
+        {"id": item, "title": title, "image": None if image is None else str(image.resolve())}
+        for item, title, image in zip(ids, titles, images, strict=True)
+    ]
+    additions = [*_record(run), {"source": str(item_file.resolve()), "items": entries}]
+    atomic_write_json(run.embedded_catalog, {"version": version, "additions": additions})  # publishes it
     return read_catalog(run), len(ids)

@@ -58,7 +58,11 @@ class LiveRun:
         return True
 
     async def watch(self, interval: float) -> None:
-        """`refresh` every ``interval`` seconds, for as long as the task runs."""
+        """`refresh` every ``interval`` seconds, for as long as the task runs; a failure is logged and the
+        next look tries again (the watcher never dies while the service answers)."""
         while True:
             await asyncio.sleep(interval)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("looking for a new catalog version failed")

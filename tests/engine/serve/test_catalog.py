@@ -5,6 +5,7 @@ import dataclasses
 import json
 import shutil
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.errors import InputError
 from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.runtime.tensors import load_tensors, save_tensors
+from perpeft.engine.serve import catalog as catalog_module
 from perpeft.engine.serve.catalog import add_items, read_catalog
 from perpeft.engine.serve.embed import embed_run, load_embeddings
 from perpeft.engine.serve.recommend import Query, ServingRun
@@ -158,8 +160,14 @@ def test_refusals(run, tmp_path, item_copies):
         ServingRun.open(run)
 
 
-def test_item_id_methods_and_runs_without_embeddings_are_refused(run, tmp_path, item_copies):
+def test_item_id_methods_process_groups_and_runs_without_embeddings_are_refused(
+    run, tmp_path, item_copies, monkeypatch
+):
     item_file, _ = item_copies(run, tmp_path / "new", [1])
+    with monkeypatch.context() as patch:
+        patch.setattr(catalog_module, "current_world", lambda: types.SimpleNamespace(alone=False))
+        with pytest.raises(InputError, match="runs in one process: start it without torchrun"):
+            add_items(run, item_file, progress=False)
     directory = RunDirectory.open(run)
     shutil.rmtree(directory.embeddings)
     with pytest.raises(InputError, match="no embeddings; compute them first"):
