@@ -1,6 +1,8 @@
 """``perpeft-engine serve``: the HTTP recommendation service over a run's cached tables."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import click
@@ -51,7 +53,13 @@ def serve(run: Path, host: str, port: int, index: str, workers: int, reload_seco
     try:
         import uvicorn
 
-        from perpeft.engine.service.app import INDEX_VARIABLE, RELOAD_VARIABLE, RUN_VARIABLE, create_app
+        from perpeft.engine.service.app import (
+            INDEX_VARIABLE,
+            METRICS_VARIABLE,
+            RELOAD_VARIABLE,
+            RUN_VARIABLE,
+            create_app,
+        )
     except ModuleNotFoundError as error:
         raise InputError(
             f"serve needs the optional extra 'serve' ({error.name} is not installed): pip install -e \".[serve]\""
@@ -73,13 +81,18 @@ def serve(run: Path, host: str, port: int, index: str, workers: int, reload_seco
     import torch
 
     threads = str(torch.get_num_threads())  # spawned workers read torch's thread count from the environment
+    metrics = tempfile.mkdtemp(prefix="perpeft-serve-metrics-")  # where the workers add up their figures
     os.environ.update(
         {
             RUN_VARIABLE: str(run.resolve()),
             INDEX_VARIABLE: index,
             RELOAD_VARIABLE: str(reload_seconds),
+            METRICS_VARIABLE: metrics,
             "OMP_NUM_THREADS": threads,
         }
     )
     factory = "perpeft.engine.service.app:app_from_environment"
-    uvicorn.run(factory, factory=True, workers=workers, host=host, port=port, log_level=log_level)
+    try:
+        uvicorn.run(factory, factory=True, workers=workers, host=host, port=port, log_level=log_level)
+    finally:
+        shutil.rmtree(metrics, ignore_errors=True)

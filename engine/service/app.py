@@ -33,7 +33,7 @@ from perpeft.engine.serve.recommend import (
 from perpeft.engine.serve.recommend import Query as UserQuery
 from perpeft.engine.service.batching import MicroBatcher
 from perpeft.engine.service.live import LiveRun
-from perpeft.engine.service.metrics import RequestMetrics
+from perpeft.engine.service.metrics import RequestMetrics, SharedMetrics
 
 MAX_K = 1000
 MAX_BATCH = 256
@@ -156,10 +156,15 @@ class MetricsMiddleware:
             self.metrics.observe(route_of(scope), scope["method"], status, time.perf_counter() - started)
 
 
-def create_app(serving: ServingRun, reload_seconds: float | None = RELOAD_SECONDS) -> FastAPI:
+def create_app(
+    serving: ServingRun, reload_seconds: float | None = RELOAD_SECONDS, metrics_directory: Path | None = None
+) -> FastAPI:
     """The ASGI app answering from ``serving`` (already opened and checked: `ServingRun.open`), looking
-    for a new catalog version every ``reload_seconds`` while it runs (None: never; `LiveRun`)."""
+    for a new catalog version every ``reload_seconds`` while it runs (None: never; `LiveRun`). One of
+    several server processes shares its metrics through ``metrics_directory`` (`SharedMetrics`)."""
     live = LiveRun(serving)
+    metrics = RequestMetrics()
+    shared = SharedMetrics(metrics, metrics_directory) if metrics_directory is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -168,10 +173,13 @@ def create_app(serving: ServingRun, reload_seconds: float | None = RELOAD_SECOND
         # a load test (RESULTS); requests' short-lived objects are collected as before.
         gc.collect()
         gc.freeze()
-        watcher = asyncio.get_running_loop().create_task(live.watch(reload_seconds)) if reload_seconds else None
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(live.watch(reload_seconds))] if reload_seconds else []
+        if shared is not None:
+            tasks.append(loop.create_task(shared.publish()))
         yield
-        if watcher is not None:
-            watcher.cancel()
+        for task in tasks:
+            task.cancel()
         gc.unfreeze()
 
     app = FastAPI(
@@ -181,7 +189,6 @@ def create_app(serving: ServingRun, reload_seconds: float | None = RELOAD_SECOND
         lifespan=lifespan,
     )
     app.state.live = live
-    metrics = RequestMetrics()
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
@@ -270,18 +277,21 @@ def create_app(serving: ServingRun, reload_seconds: float | None = RELOAD_SECOND
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def exposition() -> str:
-        """Request counts and latency histograms (Prometheus text format)."""
-        return metrics.exposition()
+        """Request counts and latency histograms (Prometheus text format), of every server process."""
+        return shared.exposition() if shared is not None else metrics.exposition()
 
     return app
 
 
-RUN_VARIABLE, INDEX_VARIABLE, RELOAD_VARIABLE = "PERPEFT_SERVE_RUN", "PERPEFT_SERVE_INDEX", "PERPEFT_SERVE_RELOAD"
+RUN_VARIABLE, INDEX_VARIABLE = "PERPEFT_SERVE_RUN", "PERPEFT_SERVE_INDEX"
+RELOAD_VARIABLE, METRICS_VARIABLE = "PERPEFT_SERVE_RELOAD", "PERPEFT_SERVE_METRICS"
 
 
 def app_from_environment() -> FastAPI:
     """The app of the run named by ``$PERPEFT_SERVE_RUN`` (index ``$PERPEFT_SERVE_INDEX``, catalog polled
-    every ``$PERPEFT_SERVE_RELOAD`` seconds, 0 never): the factory each of uvicorn's worker processes calls
-    (`serve --workers N`)."""
+    every ``$PERPEFT_SERVE_RELOAD`` seconds, 0 never, metrics shared in ``$PERPEFT_SERVE_METRICS``): the
+    factory each of uvicorn's worker processes calls (`serve --workers N`)."""
     serving = ServingRun.open(Path(os.environ[RUN_VARIABLE]), os.environ.get(INDEX_VARIABLE, "exact"))
-    return create_app(serving, float(os.environ.get(RELOAD_VARIABLE, RELOAD_SECONDS)) or None)
+    shared = os.environ.get(METRICS_VARIABLE)
+    reload_seconds = float(os.environ.get(RELOAD_VARIABLE, RELOAD_SECONDS)) or None
+    return create_app(serving, reload_seconds, Path(shared) if shared else None)

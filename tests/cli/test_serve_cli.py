@@ -49,9 +49,15 @@ def test_a_served_run_answers_over_http(embedded_run, workers):
             f"{base}/recommend", data=json.dumps({"user": "u00004", "k": 3}).encode(), method="POST"
         )
         request.add_header("content-type", "application/json")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            answer = json.load(response)
+        for _ in range(6):
+            with urllib.request.urlopen(request, timeout=10) as response:
+                answer = json.load(response)
         assert len(answer["items"]) == 3 and answer["assigned_by"] == "known_user"
+        time.sleep(1.5)  # the other workers publish their figures once a second
+        for _ in range(3):  # whichever process answers the scrape counts every process's requests
+            with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+                text = response.read().decode()
+            assert 'perpeft_requests_total{route="/recommend",method="POST",status="200"} 6' in text
     finally:
         server.terminate()
         _, stderr = server.communicate(timeout=30)
