@@ -45,7 +45,7 @@ def serve(run: Path, host: str, port: int, index: str, workers: int, reload_seco
     /health, /ready, /metrics; the OpenAPI schema at /openapi.json, its pages at /docs.
 
     Reads RUN/embeddings (run `embed` first) and checks them against the run before it listens; items
-    that `embed --add-items` adds later are served from the next request after it publishes them, each
+    that `embed --add-items` adds later are taken in within --reload-seconds of being published, each
     worker swapping its whole tables at once. Needs the optional extra `serve`: pip install -e ".[serve]".
     """
     from perpeft.engine.errors import InputError
