@@ -51,6 +51,11 @@ class SearchIndex:
         one is left as it is, for the requests still answered from it."""
         raise NotImplementedError
 
+    def _exclusions(self, k: Sequence[int], exclude: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+        """Each query's distinct excluded items and how many results it gets: its k, or all that remain."""
+        seen = [np.unique(items) for items in exclude]
+        return seen, [min(wanted, self.num_items - len(items)) for wanted, items in zip(k, seen, strict=True)]
+
 
 class ExactIndex(SearchIndex):
     """Exact search: the batch's queries ordered by group, one product per group written into one score
@@ -68,10 +73,9 @@ class ExactIndex(SearchIndex):
         scores = queries.new_empty(len(order), self.num_items)
         for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             torch.matmul(queries[start:end], self.tables[int(ordered_groups[start]), 1:].T, out=scores[start:end])
-        seen = [np.unique(exclude[row]) for row in order]
+        seen, counts = self._exclusions([k[row] for row in order], [exclude[row] for row in order])
         marked = torch.from_numpy(np.repeat(np.arange(len(order)), [len(items) for items in seen]))
         scores[marked, torch.from_numpy(np.concatenate(seen)).long() - 1] = float("-inf")
-        counts = [min(k[row], self.num_items - len(items)) for row, items in zip(order, seen, strict=True)]
         best = torch.topk(scores, max(counts), dim=1)
         items, values = (best.indices + 1).tolist(), best.values.tolist()
         hits: list[Hits | None] = [None] * len(order)
@@ -151,13 +155,11 @@ class HNSWIndex(SearchIndex):
         faiss = self.faiss
         queries = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
         hits = []
-        for row, group in enumerate(groups.tolist()):
-            seen = np.unique(exclude[row]).astype(np.int64) - 1
-            count = min(k[row], self.num_items - seen.size)
+        for row, (group, seen, count) in enumerate(zip(groups.tolist(), *self._exclusions(k, exclude), strict=True)):
             if count <= 0:
                 hits.append(Hits([], []))
                 continue
-            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(seen))
+            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(seen.astype(np.int64) - 1))
             parameters = faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.ef_search, count))
             scores, ids = self.graphs[group].search(queries[row : row + 1], count, params=parameters)
             found = ids[0] >= 0
