@@ -25,26 +25,29 @@ from perpeft.engine.serve.catalog import add_items, read_catalog
 from perpeft.engine.serve.recommend import ServingRun
 
 
-def write_item_copies(run: Path, directory: Path, count: int) -> Path:
-    """An item file of ``count`` new items copying the first trained items' titles and images."""
+def write_item_copies(run: Path, directory: Path, rows: list[int], prefix: str = "added") -> tuple[Path, list[str]]:
+    """An item file in ``directory`` (for `embed --add-items`) whose items copy the titles and images of
+    the run's trained items ``rows`` under new ids ``prefix + row``; returns the file and the new ids."""
     dataset = run_dataset(RunDirectory.open(run).config)
-    (directory / "images").mkdir(parents=True)
-    lines = ["item_id:token\ttitle:token_seq"]
-    for row in range(1, count + 1):
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    lines, ids = ["item_id:token\ttitle:token_seq"], []
+    for row in rows:
+        new_id = f"{prefix}{row}"
         image = dataset.image_paths[row]
         if image is not None:
-            shutil.copy(image, directory / "images" / f"added{row}{image.suffix}")
-        lines.append(f"added{row}\t{dataset.titles[row]}")
+            shutil.copy(image, directory / "images" / f"{new_id}{image.suffix}")
+        lines.append(f"{new_id}\t{dataset.titles[row]}")
+        ids.append(new_id)
     path = directory / f"{directory.name}.item"
     path.write_text("\n".join(lines) + "\n")
-    return path
+    return path, ids
 
 
 def measure(run: Path, count: int) -> dict[str, float | int]:
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "run"
         shutil.copytree(run, copy, ignore=shutil.ignore_patterns("additions", "catalog.json", "hnsw"))
-        item_file = write_item_copies(copy, Path(scratch) / "added", count)
+        item_file, _ = write_item_copies(copy, Path(scratch) / "added", list(range(1, count + 1)))
         figures: dict[str, float | int] = {"items_added": count}
         servings = {}
         for kind in ("exact", "hnsw"):

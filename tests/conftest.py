@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.catalog_update import write_item_copies
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.demo import DemoSpec, generate_demo
-from perpeft.engine.data.sources import run_dataset
-from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.serve.embed import embed_run
 from perpeft.engine.train.pipeline import train_new_run
 
@@ -69,23 +68,11 @@ def embedded_run(demo_run: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def item_copies() -> Callable[..., tuple[Path, list[str]]]:
-    """``item_copies(run, directory, rows, prefix="new")``: an item file in ``directory`` (for
-    `embed --add-items`) whose items copy the titles and images of the run's trained items ``rows`` under
-    new ids ``prefix + row``; returns the file and the new ids."""
+    """``item_copies(run, directory, rows, prefix="new")``: `benchmarks.catalog_update.write_item_copies`,
+    an item file of copies of the run's trained items ``rows`` under new ids."""
 
     def make(run: Path, directory: Path, rows: list[int], prefix: str = "new") -> tuple[Path, list[str]]:
-        dataset = run_dataset(RunDirectory.open(run).config)
-        (directory / "images").mkdir(parents=True, exist_ok=True)
-        lines, ids = ["item_id:token\ttitle:token_seq"], []
-        for row in rows:
-            new_id = f"{prefix}{row}"
-            image = dataset.image_paths[row]
-            shutil.copy(image, directory / "images" / f"{new_id}{image.suffix}")
-            lines.append(f"{new_id}\t{dataset.titles[row]}")
-            ids.append(new_id)
-        path = directory / f"{directory.name}.item"
-        path.write_text("\n".join(lines) + "\n")
-        return path, ids
+        return write_item_copies(run, directory, rows, prefix)
 
     return make
 
