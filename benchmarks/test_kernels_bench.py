@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from perpeft.kernels import bce_with_negatives, grouped_lora, segment_groups
+from perpeft.kernels.ops import bce_with_negatives, grouped_lora
+from perpeft.kernels.segments import segment_groups
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -8,6 +8,7 @@ import click
 from click.core import ParameterSource
 from tqdm.auto import tqdm
 
+from perpeft import __version__
 from perpeft.cli.analyze import analyze
 from perpeft.cli.distributed import relaunch_with_torchrun, runs_distributed
 from perpeft.cli.errors import reports_input_errors
@@ -26,6 +27,7 @@ from perpeft.engine.runtime.run_directory import RunDirectory
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="perpeft-engine")
 @click.option(
     "--threads",
     type=click.IntRange(min=1),

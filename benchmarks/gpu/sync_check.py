@@ -46,7 +46,7 @@ from perpeft.engine.data.split import leave_one_out
 from perpeft.engine.model.perpeft import ID_NORM_WEIGHT, PerpeftModel
 from perpeft.engine.model.run_inputs import clip_encoder_factory
 from perpeft.engine.train.stages import train_epoch
-from perpeft.kernels import bce_with_negatives
+from perpeft.kernels.ops import bce_with_negatives
 
 from .common import (
     SMOKE,

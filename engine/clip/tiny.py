@@ -20,7 +20,6 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from perpeft.engine.clip.preprocess import normalize_pixels, preprocess_image
 from perpeft.engine.data.demo import ASPECT_VALUES, DOMAIN_NAMES, NOUNS, item_title, render_item
+from perpeft.engine.runtime.atomic import replace_directory, temporary_directory_beside
 
 log = logging.getLogger(__name__)
 
@@ -204,19 +204,13 @@ def pretrain_tiny_clip(out_dir: Path, seed: int = 0, steps: int = PRETRAIN_STEPS
         torch.set_num_threads(threads)
     log.info("tiny CLIP: %d steps, final loss %.3f, held-out image→text accuracy %.3f", steps, loss.item(), accuracy)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
+    tmp = temporary_directory_beside(out_dir)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         preprocessor = {"crop_size": IMAGE_SIZE, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=1) + "\n")
         (tmp / TOKENIZER_FILE).write_text(tokenizer.to_json() + "\n")
-        old = tmp.with_name(tmp.name + ".old")
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_directory(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

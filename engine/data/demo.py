@@ -52,9 +52,7 @@ function of the seed and the `DemoSpec`.
 """
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import combinations
@@ -62,6 +60,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from perpeft.engine.runtime.atomic import replace_directory, temporary_directory_beside
 
 DOMAIN_NAMES: tuple[str, ...] = ("golf", "camping", "fishing", "cycling", "yoga", "tennis", "hiking", "skiing")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -296,9 +296,7 @@ def generate_demo(out_dir: Path, seed: int, spec: DemoSpec = DemoSpec()) -> Path
     user_ids = [f"u{u + 1:05d}" for u in range(spec.num_users)]
     names = spec.domains
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
+    tmp = temporary_directory_beside(out_dir)
     try:
         (tmp / "images").mkdir()
         item_lines = ["item_id:token\ttitle:token_seq"]
@@ -328,18 +326,8 @@ def generate_demo(out_dir: Path, seed: int, spec: DemoSpec = DemoSpec()) -> Path
             },
         }
         (tmp / "planted.json").write_text(json.dumps(planted, indent=1) + "\n", encoding="utf-8")
-        _swap_in(tmp, out_dir)
+        replace_directory(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
-
-def _swap_in(new: Path, target: Path) -> None:
-    """Rename ``new`` onto ``target``; an existing ``target`` is moved aside first and then deleted."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, old / "data")
-    os.replace(new, target)
-    shutil.rmtree(old)

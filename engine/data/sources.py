@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ from perpeft.engine.data.formats import (
     load_recbole,
 )
 from perpeft.engine.errors import InputError
-from perpeft.engine.runtime.cache import cache_root, staging_directory
+from perpeft.engine.runtime.atomic import replace_directory, temporary_directory_beside
+from perpeft.engine.runtime.cache import cache_root
 
 DEMO = "demo"
 DEMO_WORLD_SEED = 0
@@ -210,7 +210,7 @@ def write_prepared(out: Path, dataset: PreparedDataset, stats: dict[str, Any], o
     """
     check_output(out, overwrite)
     name = out.resolve().name
-    staging = staging_directory(out)
+    staging = temporary_directory_beside(out)
     try:
         _write_tsv(
             staging / f"{name}.item",
@@ -236,8 +236,7 @@ def write_prepared(out: Path, dataset: PreparedDataset, stats: dict[str, Any], o
         if missing:
             (staging / MISSING_IMAGES).write_text("".join(f"{item}\n" for item in missing), encoding="utf-8")
         (staging / STATS).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-        staging.chmod(0o755)
-        _replace(staging, out)
+        replace_directory(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -254,14 +253,3 @@ def _link_or_copy(source: Path, target: Path) -> None:
     except OSError:
         shutil.copyfile(source, target)
 
-
-def _replace(new: Path, target: Path) -> None:
-    """Rename ``new`` onto ``target``; an existing ``target`` is moved aside first, then deleted."""
-    if target.is_dir():
-        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, aside / "old")
-        os.replace(new, target)
-        shutil.rmtree(aside)
-    else:
-        target.unlink(missing_ok=True)
-        os.replace(new, target)

@@ -33,8 +33,8 @@ from transformers import CLIPConfig, CLIPModel
 from perpeft.engine.clip.loading import ClipBundle
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.features.inputs import ItemInputs
-from perpeft.engine.runtime.atomic import atomic_write_bytes
-from perpeft.engine.runtime.cache import cache_root, publish_directory, staging_directory
+from perpeft.engine.runtime.atomic import atomic_write_bytes, temporary_directory_beside
+from perpeft.engine.runtime.cache import cache_root, publish_directory
 
 FORMAT = "iisan-hidden-v1"
 STATES_FILE = "hidden.safetensors"
@@ -142,7 +142,7 @@ def _build_hidden_states(
     mean = torch.tensor(bundle.image_mean, device=device)
     std = torch.tensor(bundle.image_std, device=device)
     home = next(model.parameters()).device
-    staging = staging_directory(directory)
+    staging = temporary_directory_beside(directory)
     try:
         arrays = _create_safetensors(staging / STATES_FILE, shapes, metadata)
         model.to(device)

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from perpeft.engine.clip.preprocess import Tokenizer, preprocess_image
 from perpeft.engine.data.dataset import Dataset
 from perpeft.engine.errors import InputError
-from perpeft.engine.runtime.cache import cache_root, publish_directory, staging_directory
+from perpeft.engine.runtime.atomic import temporary_directory_beside
+from perpeft.engine.runtime.cache import cache_root, publish_directory
 from perpeft.engine.runtime.device import to_device
 
 
@@ -120,7 +121,7 @@ def load_item_inputs(
 def _build_item_inputs(
     dataset: Dataset, tokenizer: Tokenizer, image_size: int, directory: Path, progress: bool
 ) -> None:
-    staging = staging_directory(directory)
+    staging = temporary_directory_beside(directory)
     try:
         input_ids, attention_mask = tokenizer(dataset.titles)
         np.save(staging / "input_ids.npy", input_ids)

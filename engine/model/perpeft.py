@@ -17,7 +17,7 @@ from perpeft.engine.features.inputs import ItemInputs
 from perpeft.engine.model.recommender import Recommender
 from perpeft.engine.runtime.device import to_device, uses_bf16_autocast
 from perpeft.engine.runtime.distributed import current_world
-from perpeft.kernels import bce_with_negatives
+from perpeft.kernels.ops import bce_with_negatives
 
 ID_NORM_WEIGHT = 1e-6
 

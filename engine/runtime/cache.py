@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 
@@ -21,9 +20,3 @@ def publish_directory(staging: Path, final: Path) -> None:
         if not final.exists():
             raise
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def staging_directory(final: Path) -> Path:
-    """A fresh temporary directory beside ``final``, on the same filesystem so the rename is atomic."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))

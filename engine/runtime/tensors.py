@@ -2,7 +2,6 @@
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +10,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from perpeft.engine.errors import InputError
+from perpeft.engine.runtime.atomic import temporary_file_beside
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
     """Atomic safetensors write; ``metadata`` (JSON-able) rides in the header under the key ``json``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
+    temporary = temporary_file_beside(path)
     try:
+        mode = temporary.stat().st_mode  # 0666 less the umask; safetensors replaces the file by a private one
         contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
         save_file(contiguous, temporary, metadata={"json": json.dumps(metadata or {})})
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 

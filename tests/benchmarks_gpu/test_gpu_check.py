@@ -16,10 +16,8 @@ STEPS = ("common", "embed_check", "train_check", "sync_check", "cli_check", "rep
 
 
 @pytest.fixture
-def gpu(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
-    """The ``benchmarks.gpu`` step modules (the repository root on the path, as the script runs them);
-    the torch thread count the smoke modes lower is restored afterwards."""
-    monkeypatch.syspath_prepend(str(ROOT))
+def gpu() -> SimpleNamespace:
+    """The ``benchmarks.gpu`` step modules; the torch thread count the smoke modes lower is restored afterwards."""
     threads = torch.get_num_threads()
     yield SimpleNamespace(**{name: importlib.import_module(f"benchmarks.gpu.{name}") for name in STEPS})
     torch.set_num_threads(threads)

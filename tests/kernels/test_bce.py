@@ -5,7 +5,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from perpeft.kernels import bce_with_negatives
+from perpeft.kernels.ops import bce_with_negatives
 from perpeft.kernels.reference import bce_with_negatives_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

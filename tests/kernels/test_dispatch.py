@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from perpeft.kernels import bce_with_negatives, grouped_ia3, grouped_lora, kernel_backend, segment_groups
+from perpeft.kernels.ops import bce_with_negatives, grouped_ia3, grouped_lora, kernel_backend
+from perpeft.kernels.segments import segment_groups
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

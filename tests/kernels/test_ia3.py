@@ -5,9 +5,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from perpeft.kernels import grouped_ia3, segment_groups
 from perpeft.kernels import ia3 as ia3_kernels
+from perpeft.kernels.ops import grouped_ia3
 from perpeft.kernels.reference import grouped_ia3_reference
+from perpeft.kernels.segments import segment_groups
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]

@@ -5,9 +5,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from perpeft.kernels import grouped_lora, segment_groups
 from perpeft.kernels import lora as lora_kernels
+from perpeft.kernels.ops import grouped_lora
 from perpeft.kernels.reference import grouped_lora_reference
+from perpeft.kernels.segments import segment_groups
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]

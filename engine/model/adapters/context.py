@@ -2,8 +2,7 @@
 
 import torch
 
-from perpeft.kernels import GroupSegments, segment_groups
-from perpeft.kernels.segments import shared_group
+from perpeft.kernels.segments import GroupSegments, segment_groups, shared_group
 
 
 class GroupContext:

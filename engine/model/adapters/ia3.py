@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from perpeft.engine.model.adapters.context import GroupContext
-from perpeft.kernels import grouped_ia3
+from perpeft.kernels.ops import grouped_ia3
 
 
 class GroupedIA3Linear(nn.Module):

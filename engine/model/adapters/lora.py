@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from perpeft.engine.model.adapters.context import GroupContext
-from perpeft.kernels import grouped_lora
+from perpeft.kernels.ops import grouped_lora
 
 DRAW_LEVELS = 2**16
 

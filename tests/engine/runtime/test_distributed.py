@@ -21,12 +21,13 @@ from perpeft.engine.serve.recommend import evaluate_run
 from perpeft.engine.train.stages import rank_batches
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+ROOT = Path(__file__).resolve().parents[3]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
-def _run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+def _run(command: list[str], timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -72,14 +73,15 @@ def test_sharded_embed_and_evaluate_equal_one_process(demo_run: Path, tmp_path: 
 
     sharded = tmp_path / "sharded"
     shutil.copytree(demo_run, sharded)
-    _run([*TORCHRUN, "-m", "perpeft.cli", "--", "embed", "--run", str(sharded), "--quiet"])
+    # Started from the checkout's root (on every rank's sys.path) and from elsewhere: both load CLIP.
+    _run([*TORCHRUN, "-m", "perpeft.cli", "--", "embed", "--run", str(sharded), "--quiet"], cwd=ROOT)
     for name in ("embedded_items", "embedded_users", "embedded_snapshot"):
         expected, _ = load_tensors(getattr(RunDirectory(single), name))
         actual, _ = load_tensors(getattr(RunDirectory(sharded), name))
         assert expected.keys() == actual.keys()
         for key in expected:
             torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
-    result = _run([*TORCHRUN, "-m", "perpeft.cli", "--", "evaluate", "--run", str(sharded), "--json"])
+    result = _run([*TORCHRUN, "-m", "perpeft.cli", "--", "evaluate", "--run", str(sharded), "--json"], cwd=tmp_path)
     printed = json.loads(result.stdout)  # rank 0 alone prints
     for stage in ("valid", "test"):
         assert printed[stage] == pytest.approx(expected_metrics[stage], rel=1e-12, abs=1e-15)

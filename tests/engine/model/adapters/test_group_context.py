@@ -10,7 +10,7 @@ from perpeft.engine.model.adapters import ia3 as ia3_module
 from perpeft.engine.model.adapters import lora as lora_module
 from perpeft.engine.model.adapters.context import GroupContext
 from perpeft.engine.model.encoders import GroupedClipEncoder
-from perpeft.kernels import GroupSegments
+from perpeft.kernels.segments import GroupSegments
 
 GROUPS = 3
 # Items per group: 0 -> 2, 1 -> 1, 2 -> 2; group 2 comes first, so the sort order is not the identity.
