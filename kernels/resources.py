@@ -202,10 +202,18 @@ class _Build:
     cases: list[str]
 
 
+# The compilation knobs `JITFunction.run` passes to every launch, those this Triton has (3.9 added the last).
+_RUN_KNOBS = {
+    name: getattr(knobs.compilation, name)
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts")
+    if hasattr(knobs.compilation, name)
+}
+
+
 def _builds(target: Target) -> list[_Build]:
     """The distinct binaries of :func:`vit_b32_launches` on ``target``, each with the cases that run it.
 
-    Binds every launch as ``JITFunction.run`` does (Triton 3.9) before compiling: the same options and
+    Binds every launch as ``JITFunction.run`` does (Triton 3.8 and 3.9) before compiling: the same options and
     specialisation, so launches that would hit one cached binary at run time are compiled once here.
     """
     backend = make_backend(GPUTarget("cuda", target.capability, 32))
@@ -215,12 +223,7 @@ def _builds(target: Target) -> list[_Build]:
         kernel = launch.kernel
         if kernel not in binders:
             binders[kernel] = create_function_from_signature(kernel.signature, kernel.params, backend)
-        kwargs = {
-            "debug": kernel.debug or knobs.runtime.debug,
-            "instrumentation_mode": knobs.compilation.instrumentation_mode,
-            "fpsan_homomorphic_casts": knobs.compilation.fpsan_homomorphic_casts,
-            **launch.options,
-        }
+        kwargs = {"debug": kernel.debug or knobs.runtime.debug, **_RUN_KNOBS, **launch.options}
         bound, specialization, options = binders[kernel](*launch.args, **kwargs)
         key = repr((kernel.fn.__qualname__, specialization, options))
         if key not in builds:
