@@ -1,6 +1,8 @@
 """The ``perpeft-engine`` command: parse, call ``perpeft.engine``, print."""
 
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,22 @@ from perpeft.engine.runtime.run_directory import RunDirectory
 )
 def cli(threads: int | None) -> None:
     """PerPEFT: personalized PEFT of CLIP for multimodal sequential recommendation."""
+    _warnings_to_stderr()
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _warnings_to_stderr() -> None:
+    """The engine's warnings (a damaged file it fell back from or rebuilt, a lock it took over) as lines on
+    this command's stderr, for as long as the command runs."""
+    logger = logging.getLogger("perpeft")
+    handler = logging.StreamHandler(sys.stderr)  # (a test runner's stream while it runs the command)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    click.get_current_context().call_on_close(lambda: logger.removeHandler(handler))
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:

@@ -64,14 +64,14 @@ def timed_epoch(runner: StageRunner, batches: list[Batch], warmup: int, budget_s
     warmup = min(warmup, len(batches))
     with PeakMemory(device) as peak:
         with stopwatch() as warm:
-            losses = [train_epoch(runner.trainer, runner.optimizer, batches[:warmup], device, "warm-up", False)]
+            losses = [train_epoch(runner.trainer, runner.optimizer, batches[:warmup], device, "warm-up", False).loss]
             synchronize(device)
         done = warmup
         started = time.perf_counter()
         with stopwatch() as steady:
             while done < len(batches) and time.perf_counter() - started < budget_s:
                 chunk = batches[done : done + CHUNK_STEPS]
-                losses.append(train_epoch(runner.trainer, runner.optimizer, chunk, device, "timed", False))
+                losses.append(train_epoch(runner.trainer, runner.optimizer, chunk, device, "timed", False).loss)
                 done += len(chunk)
             synchronize(device)
     timed_steps = done - warmup

@@ -37,7 +37,7 @@ from perpeft.engine.config.choices import ADAPTER_PEFTS
 from perpeft.engine.config.methods import METHODS, method_of
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sources import run_dataset
-from perpeft.engine.errors import InputError
+from perpeft.engine.errors import InputError, RunError
 from perpeft.engine.eval.metrics import SELECTION_METRIC
 from perpeft.engine.eval.report import result_metrics
 from perpeft.engine.runtime.run_directory import RunDirectory
@@ -165,6 +165,18 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class Failed:
+    """A cell's run for one seed and tuned combination that stopped with an error (``reason``, one line); its
+    directory keeps what it wrote, so rerunning the grid retries it from there."""
+
+    cell: Cell
+    seed: int
+    run: Path
+    reason: str
+    variant: Variant = ()
+
+
+@dataclass(frozen=True)
 class Selection:
     """The tuned combination a cell reports: the best mean validation `SELECTION_METRIC` over seeds."""
 
@@ -198,13 +210,18 @@ def select_by_validation(finished: list[Finished]) -> tuple[list[Finished], list
     return [entry for entry in finished if (entry.cell, entry.variant) in chosen], selections
 
 
+def _check_cell(config: RunConfig, path: Path) -> None:
+    """InputError when ``path`` holds a run of another configuration (the grid's --out is another grid's)."""
+    if RunDirectory.holds_run(path) and RunDirectory.open(path).config != trained_config(config, run_dataset(config))[0]:
+        raise InputError(f"{path}: holds a run of another configuration; use another --out")
+
+
 def _train_cell(config: RunConfig, path: Path, global_from: RunDirectory | None = None) -> dict[str, Any]:
     """Train, resume or skip the run at ``path`` (a new one from ``global_from``'s Global stage when given);
     a directory holding another configuration is refused."""
     if RunDirectory.holds_run(path):
+        _check_cell(config, path)
         run = RunDirectory.open(path)
-        if run.config != trained_config(config, run_dataset(config))[0]:
-            raise InputError(f"{path}: holds a run of another configuration; use another --out")
         if run.finished:
             return run.read_metrics()
         return resume_run(path, silent, progress=False)[1]
@@ -219,9 +236,10 @@ def run_grid(
     out: Path,
     report: Callable[[str], None] = print,
     variants: list[Variant] | None = None,
-) -> list[Finished]:
+) -> tuple[list[Finished], list[Failed]]:
     """Every (cell, tuned combination, seed) run, each distinct configuration trained once, with a progress
-    line and ETA each."""
+    line and ETA each. A run that fails (training diverged, a write failed, any error) is reported and
+    returned among the failures; the grid goes on with the others."""
     variants = variants or [()]
     jobs: dict[tuple[str, int], RunConfig] = {}
     entries: list[tuple[Cell, int, Variant, str]] = []  # every (cell, seed, variant) and its run's name
@@ -232,13 +250,21 @@ def run_grid(
                 name = run_name(config) + variant_name(variant)
                 jobs.setdefault((name, seed), config)
                 entries.append((cell, seed, variant, name))
+    for (name, seed), config in jobs.items():  # refused before any cell trains, not cell by cell
+        _check_cell(config, out / "runs" / name / f"seed-{seed}")
     metrics: dict[tuple[str, int], dict[str, Any]] = {}
+    reasons: dict[tuple[str, int], str] = {}
     trained_seconds: list[float] = []
     for index, ((name, seed), config) in enumerate(jobs.items(), start=1):
         path = out / "runs" / name / f"seed-{seed}"
         finished_before = RunDirectory.holds_run(path) and RunDirectory(path).finished
         started = time.perf_counter()
-        metrics[name, seed] = _train_cell(config, path)
+        try:
+            metrics[name, seed] = _train_cell(config, path)
+        except Exception as error:
+            reasons[name, seed] = failure_reason(error).removeprefix(f"{path}: ")  # the row names the run
+            report(f"[{index}/{len(jobs)}] {name} seed {seed}: FAILED: {reasons[name, seed]}")
+            continue
         seconds = time.perf_counter() - started
         if finished_before:
             status = "done earlier"
@@ -249,16 +275,32 @@ def run_grid(
         eta = f"ETA {_duration(statistics.mean(trained_seconds) * remaining)}" if trained_seconds and remaining else ""
         result = result_metrics(metrics[name, seed])["test"]["NDCG@20"]
         report(f"[{index}/{len(jobs)}] {name} seed {seed}: test NDCG@20 {result:.4f} ({status})  {eta}".rstrip())
-    return [
+    finished = [
         Finished(cell, seed, out / "runs" / name / f"seed-{seed}", metrics[name, seed], variant)
         for cell, seed, variant, name in entries
+        if (name, seed) in metrics
     ]
+    failed = [
+        Failed(cell, seed, out / "runs" / name / f"seed-{seed}", reasons[name, seed], variant)
+        for cell, seed, variant, name in entries
+        if (name, seed) in reasons
+    ]
+    return finished, failed
 
 
-def reseeded_runs(finished: list[Finished], report: Callable[[str], None] = print) -> dict[int, Path]:
+def failure_reason(error: Exception) -> str:
+    """One line for a failed run: the engine's own errors say it all; others are named by their type."""
+    message = (str(error).strip().splitlines() or [""])[0]
+    return message if isinstance(error, InputError | RunError) else f"{type(error).__name__}: {message}".rstrip(": ")
+
+
+def reseeded_runs(
+    finished: list[Finished], report: Callable[[str], None] = print
+) -> tuple[dict[int, Path], list[Failed]]:
     """Table 7's intra-group runs, trained (or resumed, or skipped when finished) beside each seed ``s``'s
-    PerPEFT run of the divergence section: its Global stage and groups, second stage with seed ``s + 1``."""
-    paths = {}
+    PerPEFT run of the divergence section: its Global stage and groups, second stage with seed ``s + 1``;
+    those that failed apart."""
+    paths, failed = {}, []
     for entry in finished:
         if entry.cell.section != "divergence":
             continue
@@ -266,14 +308,20 @@ def reseeded_runs(finished: list[Finished], report: Callable[[str], None] = prin
         seed = entry.seed + RESEED_OFFSET
         path = RunDirectory(entry.run).reseed_path(seed)
         started = time.perf_counter()
-        metrics = _train_cell(reseeded_config(source, seed), path, global_from=source)
+        try:
+            metrics = _train_cell(reseeded_config(source, seed), path, global_from=source)
+        except Exception as error:
+            reason = failure_reason(error).removeprefix(f"{path}: ")
+            failed.append(Failed(entry.cell, entry.seed, path, reason, entry.variant))
+            report(f"reseeded {entry.run.parent.name} seed {entry.seed} → {seed}: FAILED: {failed[-1].reason}")
+            continue
         result = result_metrics(metrics)["test"]["NDCG@20"]
         report(
             f"reseeded {entry.run.parent.name} seed {entry.seed} → {seed}: test NDCG@20 {result:.4f} "
             f"({time.perf_counter() - started:.0f} s)"
         )
         paths[entry.seed] = path
-    return paths
+    return paths, failed
 
 
 def _duration(seconds: float) -> str:

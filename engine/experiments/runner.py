@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from perpeft.engine.config.run_config import RunConfig
-from perpeft.engine.errors import InputError
+from perpeft.engine.errors import InputError, RunError
 from perpeft.engine.experiments.grid import (
     Cell,
     Finished,
@@ -18,6 +18,7 @@ from perpeft.engine.experiments.grid import (
 )
 from perpeft.engine.experiments.tables import results_csv, tables_markdown
 from perpeft.engine.runtime.atomic import atomic_write_bytes
+from perpeft.engine.runtime.run_lock import holding_run_lock
 
 RESULTS_CSV = "results.csv"
 
@@ -34,16 +35,28 @@ def run_experiment(
     tuning: dict[str, list[Any]] | None = None,
 ) -> list[Finished]:
     """Run (or resume) the grid, every cell at every combination of the ``tuning`` values, and write
-    ``results.csv`` (every run) and ``table.md`` (each cell at its selected combination) under ``out``."""
+    ``results.csv`` (every run) and ``table.md`` (each cell at its selected combination) under ``out``.
+
+    Runs that failed are listed in both with their reasons, the tables are over the runs that finished, and
+    then RunError says how many failed: rerunning the same grid retries them.
+    """
     if not seeds:
         raise InputError("--seeds: give at least one seed")
     base, tuning = split_tuning(base, tuning or {})
     variants = tuning_variants(tuning)
-    out.mkdir(parents=True, exist_ok=True)
-    finished = run_grid(base, cells, seeds, out, report, variants)
-    selected, selections = select_by_validation(finished)
-    reseeded = reseeded_runs(selected, report)
-    atomic_write_bytes(out / RESULTS_CSV, results_csv(finished, out, selected).encode())
-    tuned = Tuned(tuning, selections) if tuning else None
-    atomic_write_bytes(out / TABLE_MD, tables_markdown(selected, base, seeds, reseeded, tuned).encode())
+    with holding_run_lock(out):  # one grid writes here; each cell's run also holds its own lock
+        finished, failed = run_grid(base, cells, seeds, out, report, variants)
+        selected, selections = select_by_validation(finished)
+        reseeded, failed_reseeds = reseeded_runs(selected, report)
+        failed += failed_reseeds
+        atomic_write_bytes(out / RESULTS_CSV, results_csv(finished, out, selected, failed).encode())
+        tuned = Tuned(tuning, selections) if tuning else None
+        table = tables_markdown(selected, base, seeds, reseeded, tuned, failed, out)
+        atomic_write_bytes(out / TABLE_MD, table.encode())
+    if failed:
+        raise RunError(
+            f"{out}: {len({entry.run for entry in failed})} of {len({entry.run for entry in [*finished, *failed]})} "
+            f"runs failed (listed with their reasons in "
+            f"{TABLE_MD} and {RESULTS_CSV}); run the same command again to retry them"
+        )
     return finished

@@ -15,7 +15,7 @@ from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.eval.metrics import METRIC_NAMES, SELECTION_METRIC
 from perpeft.engine.eval.report import result_metrics
-from perpeft.engine.experiments.grid import TUNED_SETTINGS, Finished, Tuned
+from perpeft.engine.experiments.grid import TUNED_SETTINGS, Failed, Finished, Tuned
 from perpeft.engine.model.params import parameter_counts
 from perpeft.engine.runtime.run_directory import RunDirectory
 
@@ -31,7 +31,9 @@ PEFT_TITLES = {"lora": "LoRA", "ia3": "(IA)3", "iisan": "IISAN"}
 def divergence_table(finished: list[Finished], reseeded: dict[int, Path]) -> list[str]:
     """Table 7 per seed and as a mean: inter-group JSD, intra-group JSD against the reseeded run (the paper's
     protocol) and, with several seeds, against the next seed's independent run (groups matched by users)."""
-    entries = [entry for entry in finished if entry.cell.section == "divergence"]
+    entries = [entry for entry in finished if entry.cell.section == "divergence" and entry.seed in reseeded]
+    if not entries:
+        return []
     independent = len(entries) > 1
     values, others = [], []
     for index, entry in enumerate(entries):
@@ -77,12 +79,14 @@ def divergence_table(finished: list[Finished], reseeded: dict[int, Path]) -> lis
     ]
 
 
-def results_csv(finished: list[Finished], out: Path, selected: list[Finished]) -> str:
+def results_csv(finished: list[Finished], out: Path, selected: list[Finished], failed: list[Failed]) -> str:
     """One row per cell, tuned combination and seed with its training settings and every validation and
     test metric of the selected epoch; ``run`` is the run's directory relative to ``out``, ``selected``
-    whether the tables report that run (its combination won the cell's validation)."""
+    whether the tables report that run (its combination won the cell's validation). A failed run's row has
+    no metrics and its reason under ``error``."""
     header = ["section", "row", "peft", "method", "seed", "run", *TUNED_SETTINGS, "selected", "best_epoch"]
     header += [f"{stage}_{metric}" for stage in ("valid", "test") for metric in METRIC_NAMES]
+    header += ["error"]
     reported = {id(entry) for entry in selected}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -102,9 +106,39 @@ def results_csv(finished: list[Finished], out: Path, selected: list[Finished]) -
                 int(id(entry) in reported),
                 result["best_epoch"],
                 *(f"{result[stage][metric]:.6f}" for stage in ("valid", "test") for metric in METRIC_NAMES),
+                "",
+            ]
+        )
+    for entry in failed:
+        config = dict(entry.cell.changes)
+        writer.writerow(
+            [
+                entry.cell.section,
+                entry.cell.row,
+                entry.cell.peft or "",
+                config.get("method", ""),
+                entry.seed,
+                entry.run.relative_to(out).as_posix(),
+                *("" if dict(entry.variant).get(name) is None else f"{dict(entry.variant)[name]:g}" for name in TUNED_SETTINGS),
+                0,
+                "",
+                *("" for _ in ("valid", "test") for _ in METRIC_NAMES),
+                entry.reason,
             ]
         )
     return buffer.getvalue()
+
+
+def failed_runs(failed: list[Failed], out: Path) -> list[str]:
+    """The runs that failed, with their reasons: the tables above them are over the runs that finished."""
+    rows = list({entry.run: entry for entry in failed}.values())
+    return [
+        f"### Failed runs ({len(rows)}): the tables are over the seeds that finished; rerunning the grid retries these",
+        "",
+        "| run | reason |",
+        "|---|---|",
+        *(f"| `{entry.run.relative_to(out).as_posix()}` | {entry.reason.replace('|', '/')} |" for entry in rows),
+    ]
 
 
 def _values(finished: list[Finished], section: str, row: str, peft: str | None, metric: str) -> list[float]:
@@ -279,9 +313,12 @@ def tables_markdown(
     seeds: list[int],
     reseeded: dict[int, Path] | None = None,
     tuned: Tuned | None = None,
+    failed: list[Failed] | None = None,
+    out: Path | None = None,
 ) -> str:
     """``table.md``: every requested section's table, laid out like the paper's, under the grid's settings;
-    with ``tuned`` (a tuning grid) each cell at its selected combination, and which one that was."""
+    with ``tuned`` (a tuning grid) each cell at its selected combination, and which one that was; with
+    ``failed``, those runs (relative to ``out``) and their reasons first."""
     sections = {entry.cell.section for entry in finished}
     dataset = Path(base.data).name
     settings = base.resolved()
@@ -299,6 +336,8 @@ def tables_markdown(
         "×100, mean (standard deviation) over seeds. Bold: best mean per column (per PEFT block in Table 2).",
         "",
     ]
+    if failed:
+        lines += [*failed_runs(failed, out or Path()), ""]
     if tuned is not None:
         lines += [*tuning_table(tuned), ""]
     if "methods" in sections:
@@ -312,6 +351,6 @@ def tables_markdown(
         lines += [*_simple_table(finished, "groups", title, True), ""]
     if "scalability" in sections:
         lines += [*scalability_table(finished), ""]
-    if "divergence" in sections:
-        lines += [*divergence_table(finished, reseeded or {}), ""]
+    if "divergence" in sections and (table := divergence_table(finished, reseeded or {})):
+        lines += [*table, ""]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ changed catalog or model builds a new cache and an unchanged one is never rebuil
 import hashlib
 import json
 import math
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from perpeft.engine.clip.loading import ClipBundle
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.features.inputs import ItemInputs
 from perpeft.engine.runtime.atomic import atomic_write_bytes, temporary_directory_beside
-from perpeft.engine.runtime.cache import cache_root, publish_directory
+from perpeft.engine.runtime.cache import cache_root, discard_damaged, publish_directory
 
 FORMAT = "iisan-hidden-v1"
 STATES_FILE = "hidden.safetensors"
@@ -106,7 +107,9 @@ def clip_fingerprint(model: CLIPModel) -> str:
         identity.update(f"\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
     memo = cache_root() / "clip-fingerprints" / f"{identity.hexdigest()[:32]}.txt"
     if memo.is_file():
-        return memo.read_text()
+        remembered = memo.read_text(errors="replace")
+        if re.fullmatch("[0-9a-f]{64}", remembered):
+            return remembered  # else damaged: computed and written again
     fingerprint = _hash_model(model)
     atomic_write_bytes(memo, fingerprint.encode())
     return fingerprint
@@ -119,9 +122,21 @@ def load_hidden_states(
     key = json.dumps([FORMAT, clip_fingerprint(bundle.model), bundle.image_mean, bundle.image_std])
     directory = cache_root() / "hidden" / f"{inputs.directory.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     path = directory / STATES_FILE
-    if not path.is_file():
-        _build_hidden_states(bundle, inputs, directory, device, batch_size, progress)
+    rows = inputs.input_ids.shape[0]
+    if path.is_file():
+        try:
+            return _open_hidden_states(path, rows)
+        except (OSError, ValueError, KeyError, struct.error) as error:
+            discard_damaged(directory, str(error))
+    _build_hidden_states(bundle, inputs, directory, device, batch_size, progress)
+    return _open_hidden_states(path, rows)
+
+
+def _open_hidden_states(path: Path, rows: int) -> HiddenStates:
+    """The cache in ``path``, memory-mapped; an error when it is cut short or has other than ``rows`` rows."""
     arrays = _map_safetensors(path, "r")
+    if any(arrays[name].shape[0] != rows for name in ("text", "image")):
+        raise ValueError(f"{rows} rows expected, found {[array.shape for array in arrays.values()]}")
     return HiddenStates(arrays["text"], arrays["image"], path)
 
 

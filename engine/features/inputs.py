@@ -15,7 +15,7 @@ from perpeft.engine.clip.preprocess import Tokenizer, preprocess_image
 from perpeft.engine.data.dataset import Dataset
 from perpeft.engine.errors import InputError
 from perpeft.engine.runtime.atomic import temporary_directory_beside
-from perpeft.engine.runtime.cache import cache_root, publish_directory
+from perpeft.engine.runtime.cache import cache_root, discard_damaged, publish_directory
 from perpeft.engine.runtime.device import to_device
 
 
@@ -107,15 +107,30 @@ def load_item_inputs(
     """Build the cache once per (catalog, tokenizer, image size) and memory-map it on every later call."""
     key = input_cache_key(dataset, tokenizer_id, image_size)
     directory = cache_root() / "inputs" / f"{dataset.name}-{key}"
-    if not (directory / "meta.json").is_file():
-        _build_item_inputs(dataset, tokenizer, image_size, directory, progress)
-    return ItemInputs(
-        np.load(directory / "input_ids.npy", mmap_mode="r"),
-        np.load(directory / "attention_mask.npy", mmap_mode="r"),
-        np.load(directory / "pixels.npy", mmap_mode="r"),
-        modality_presence(dataset),
-        directory,
-    )
+    if (directory / "meta.json").is_file():
+        try:
+            return _open_item_inputs(dataset, image_size, directory)
+        except (OSError, ValueError) as error:
+            discard_damaged(directory, str(error))
+    _build_item_inputs(dataset, tokenizer, image_size, directory, progress)
+    return _open_item_inputs(dataset, image_size, directory)
+
+
+def _open_item_inputs(dataset: Dataset, image_size: int, directory: Path) -> ItemInputs:
+    """The cache in ``directory``, memory-mapped; ValueError when a file is cut short or of another shape."""
+    meta = json.loads((directory / "meta.json").read_bytes())
+    expected = {"dataset": dataset.name, "items": dataset.num_items, "image_size": image_size}
+    if meta != expected:
+        raise ValueError(f"meta.json says {meta}, expected {expected}")
+    input_ids = np.load(directory / "input_ids.npy", mmap_mode="r")
+    attention_mask = np.load(directory / "attention_mask.npy", mmap_mode="r")
+    pixels = np.load(directory / "pixels.npy", mmap_mode="r")
+    rows = dataset.num_items + 1
+    if input_ids.shape[0] != rows or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"token arrays of shapes {input_ids.shape} and {attention_mask.shape} for {rows} rows")
+    if pixels.shape != (rows, 3, image_size, image_size):
+        raise ValueError(f"pixels of shape {pixels.shape}, expected {(rows, 3, image_size, image_size)}")
+    return ItemInputs(input_ids, attention_mask, pixels, modality_presence(dataset), directory)
 
 
 def _build_item_inputs(

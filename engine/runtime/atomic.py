@@ -1,4 +1,8 @@
-"""Atomic writes: a temporary file or directory beside the target, complete before it is renamed over it.
+"""Our own files: atomic writes (a temporary file or directory beside the target, complete and fsynced
+before it is renamed over it) and checked JSON reads.
+
+A write that fails (a full disk, any ``OSError``) removes its temporary, leaves the target as it was and
+raises `RunError` naming the target and the operating system's reason.
 
 Temporaries are created with the modes any program asks for (0666 files, 0777 directories), so the
 process's umask decides what the renamed result allows, as for every other file a user writes (0644 and
@@ -11,6 +15,8 @@ import secrets
 import shutil
 from pathlib import Path
 from typing import Any
+
+from perpeft.engine.errors import InputError, RunError
 
 
 def _temporary_name(target: Path) -> Path:
@@ -41,15 +47,26 @@ def temporary_directory_beside(path: Path) -> Path:
             continue
 
 
+def write_failed(path: Path, error: OSError) -> RunError:
+    """The one-line error of a write to ``path`` that the operating system refused."""
+    return RunError(f"{path}: cannot write ({error.strerror or error}); what was there is intact")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it and rename it over ``path``."""
-    temporary = temporary_file_beside(path)
+    try:
+        temporary = temporary_file_beside(path)
+    except OSError as error:
+        raise write_failed(path, error) from None
     try:
         with temporary.open("wb") as stream:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise write_failed(path, error) from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -57,6 +74,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``; InputError naming the file when it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing") from None
+    except (OSError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        raise InputError(f"{path}: damaged or unreadable ({reason})") from None
 
 
 def replace_directory(new: Path, target: Path) -> None:

@@ -1,8 +1,11 @@
 """Where the engine keeps what it derives once and reuses: input caches and generated demo data."""
 
+import logging
 import os
 import shutil
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
@@ -20,3 +23,10 @@ def publish_directory(staging: Path, final: Path) -> None:
         if not final.exists():
             raise
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def discard_damaged(directory: Path, reason: str) -> None:
+    """Delete a cache directory that failed its checks (cut short, another shape), saying so in one line, so
+    that the caller builds it again."""
+    log.warning("warning: %s: damaged cache (%s); building it again", directory, reason)
+    shutil.rmtree(directory, ignore_errors=True)

@@ -14,16 +14,17 @@ Layout (all written atomically)::
     embeddings/catalog.json            the added items and their files, written last: the catalog's version
     embeddings/hnsw/                   `serve --index hnsw`'s graphs of the trained tables, by content hash
     analysis/                          `analyze` pages and heat maps
+    .lock                              the writer lock and its holder (`run_lock.py`)
 """
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
-from perpeft.engine.runtime.atomic import atomic_write_bytes, atomic_write_json
+from perpeft.engine.runtime.atomic import atomic_write_bytes, atomic_write_json, read_json
+from perpeft.engine.runtime.run_lock import LOCK
 from perpeft.engine.runtime.run_state import RunState
 
 CONFIG = "config.json"
@@ -32,6 +33,7 @@ METRICS = "metrics.json"
 SNAPSHOT = "global/snapshot-e1.safetensors"
 GROUPING = "grouping.safetensors"
 EMBEDDINGS = "embeddings"
+METRICS_KEYS = {"dataset", "method", "groups", "seed", "result"}  # every metrics.json has these
 
 
 class RunDirectory:
@@ -45,18 +47,28 @@ class RunDirectory:
         """Whether ``path`` is a run directory (it has a ``config.json``)."""
         return (path / CONFIG).is_file()
 
+    @staticmethod
+    def check_new(path: Path, overwrite: bool) -> None:
+        """InputError unless ``path`` may become a new run: absent, empty, or replaced with ``overwrite``."""
+        occupied = path.exists() and (not path.is_dir() or any(entry.name != LOCK for entry in path.iterdir()))
+        if occupied and not overwrite:
+            raise InputError(f"{path}: run directory exists; pass --overwrite to replace it or --resume to continue")
+
     @classmethod
     def create(cls, path: Path, config: RunConfig, overwrite: bool) -> "RunDirectory":
-        """A new run; an existing non-empty directory is refused unless ``overwrite``."""
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            if not overwrite:
-                raise InputError(
-                    f"{path}: run directory exists; pass --overwrite to replace it or --resume to continue"
-                )
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+        """A new run; an existing non-empty directory is refused unless ``overwrite``. The caller holds the
+        directory's writer lock (`holding_run_lock`), which replacing the directory keeps."""
+        cls.check_new(path, overwrite)
+        if path.is_dir():
+            for entry in path.iterdir():
+                if entry.name == LOCK:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        elif path.exists():
+            path.unlink()
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
         atomic_write_bytes(path / CONFIG, (config.to_json() + "\n").encode())
@@ -83,9 +95,14 @@ class RunDirectory:
         return RunConfig.from_json_file(self.path / CONFIG)
 
     def read_state(self) -> RunState:
-        """The run's progress (empty before its first epoch)."""
+        """The run's progress (empty before its first epoch); InputError naming ``state.json`` if it is damaged."""
         path = self.path / STATE
-        return RunState.from_json(json.loads(path.read_text()), str(path)) if path.is_file() else RunState()
+        if not path.is_file():
+            return RunState()
+        try:
+            return RunState.from_json(read_json(path), str(path))
+        except InputError as error:
+            raise InputError(f"{error}: the run cannot resume; start it again with --overwrite") from None
 
     def write_state(self, state: RunState) -> None:
         atomic_write_json(self.path / STATE, state.to_json())
@@ -102,7 +119,11 @@ class RunDirectory:
         """``metrics.json``, written when the run finishes; InputError before that."""
         if not self.finished:
             raise InputError(f"{self.path}: run not finished (no {METRICS}); finish it with `train --resume`")
-        return json.loads((self.path / METRICS).read_text())
+        path = self.path / METRICS
+        metrics = read_json(path)
+        if not isinstance(metrics, dict) or not set(metrics) >= METRICS_KEYS or metrics["result"] not in metrics:
+            raise InputError(f"{path}: not a run's metrics (expected {sorted(METRICS_KEYS)} and the result's stage)")
+        return metrics
 
     def checkpoint(self, stage: str, epoch: int) -> Path:
         """The weights and optimizer state of ``stage`` after ``epoch`` (only the last one is kept)."""

@@ -62,6 +62,8 @@ class RunState:
     @classmethod
     def from_json(cls, values: dict[str, Any], where: str) -> "RunState":
         """The state in ``values``; InputError naming ``where`` (the file) for keys no run writes."""
+        if not isinstance(values, dict):
+            raise InputError(f"{where}: not a run's progress (a JSON object expected)")
         unknown = sorted(set(values) - {*STAGES, "grouping", "done"})
         if unknown:
             raise InputError(f"{where}: unknown progress keys {unknown}")
@@ -70,4 +72,7 @@ class RunState:
             grouping = GroupingRecord(**values["grouping"]) if "grouping" in values else None
         except TypeError as error:
             raise InputError(f"{where}: malformed progress record ({error})") from None
+        for name, stage in stages.items():
+            if not isinstance(stage.completed_epochs, int) or not isinstance(stage.history, list):
+                raise InputError(f"{where}: malformed progress record of stage {name!r}")
         return cls(stages, grouping, bool(values.get("done", False)))

@@ -1,38 +1,52 @@
-"""Tensors on disk: safetensors files with JSON metadata, written atomically; optimizer state as flat tensors."""
+"""Tensors on disk: safetensors files with JSON metadata, written atomically and checked when read; optimizer
+state as flat tensors."""
 
 import json
-import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from perpeft.engine.errors import InputError
-from perpeft.engine.runtime.atomic import temporary_file_beside
+from perpeft.engine.runtime.atomic import atomic_write_bytes
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
-    """Atomic safetensors write; ``metadata`` (JSON-able) rides in the header under the key ``json``."""
-    temporary = temporary_file_beside(path)
-    try:
-        mode = temporary.stat().st_mode  # 0666 less the umask; safetensors replaces the file by a private one
-        contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-        save_file(contiguous, temporary, metadata={"json": json.dumps(metadata or {})})
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    """Atomic, fsynced safetensors write; ``metadata`` (JSON-able) rides in the header under the key ``json``."""
+    contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    atomic_write_bytes(path, save(contiguous, metadata={"json": json.dumps(metadata or {})}))
 
 
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_tensors(
+    path: Path, expected: Mapping[str, Sequence[int] | None] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and metadata of a file `save_tensors` wrote. InputError naming ``path`` when it is missing,
+    damaged (cut short, not safetensors) or lacks a key of ``expected`` (name → shape, None for any shape)
+    or has it in another shape."""
     if not path.is_file():
-        raise InputError(f"{path}: checkpoint missing")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = json.loads((handle.metadata() or {}).get("json", "{}"))
-    return load_file(str(path)), metadata
+        raise InputError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = json.loads((handle.metadata() or {}).get("json", "{}"))
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(f"{path}: damaged or unreadable ({_first_line(error)})") from None
+    for name, shape in (expected or {}).items():
+        if name not in tensors:
+            raise InputError(f"{path}: lacks {name!r}: not a file of this run, or damaged")
+        if shape is not None and tuple(tensors[name].shape) != tuple(shape):
+            raise InputError(
+                f"{path}: {name!r} has shape {tuple(tensors[name].shape)}, expected {tuple(shape)}: "
+                "not a file of this run"
+            )
+    return tensors, metadata
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:

@@ -11,11 +11,8 @@ version. A reader reads that JSON and then only the files it names, so it never 
 table: the service (`engine.service.live`) polls it and swaps in the grown tables whole.
 """
 
-import contextlib
 import dataclasses
-import fcntl
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ from perpeft.engine.runtime.atomic import atomic_write_json
 from perpeft.engine.runtime.device import resolve_device
 from perpeft.engine.runtime.distributed import current_world
 from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.runtime.run_lock import holding_run_lock
 from perpeft.engine.runtime.tensors import load_tensors, save_tensors
 from perpeft.engine.serve.embed import grouped_item_tables, load_embeddings, load_model
 
@@ -151,20 +149,8 @@ def add_items(
     run = RunDirectory.open(path)
     if not current_world().alone:
         raise InputError("embed --add-items runs in one process: start it without torchrun")
-    with _adding(run):
+    with holding_run_lock(run.path):
         return _add_items(run, Path(item_file), batch_size, device, progress)
-
-
-@contextlib.contextmanager
-def _adding(run: RunDirectory) -> Iterator[None]:
-    """Holds the run's catalog lock (released by the OS if the process dies): one addition at a time."""
-    run.embeddings.mkdir(parents=True, exist_ok=True)
-    with open(run.embeddings / ".catalog.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"{run.embeddings}: another `embed --add-items` is adding items to this run") from None
-        yield
 
 
 def _add_items(

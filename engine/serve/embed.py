@@ -16,7 +16,7 @@ after an interruption encodes only the chunks that are missing.
 """
 
 import hashlib
-import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +29,14 @@ from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.errors import InputError
 from perpeft.engine.model.perpeft import PerpeftModel
-from perpeft.engine.runtime.atomic import atomic_write_json
+from perpeft.engine.runtime.atomic import atomic_write_json, read_json
 from perpeft.engine.runtime.device import resolve_device
 from perpeft.engine.runtime.distributed import current_world
 from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.runtime.run_lock import holding_run_lock
 from perpeft.engine.runtime.tensors import load_tensors, save_tensors
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # run_inputs imports transformers (seconds): serving from the tables never needs it
     from perpeft.engine.model.run_inputs import RunInputs
@@ -78,7 +81,11 @@ class PartialChunks:
     def __init__(self, directory: Path, fingerprint: dict[str, Any]) -> None:
         self.directory = directory
         manifest = directory / "manifest.json"
-        if not manifest.is_file() or json.loads(manifest.read_text()) != fingerprint:
+        try:
+            kept = read_json(manifest)
+        except InputError:  # none yet, or damaged
+            kept = None
+        if kept != fingerprint:
             shutil.rmtree(directory, ignore_errors=True)
             atomic_write_json(manifest, fingerprint)
 
@@ -86,8 +93,15 @@ class PartialChunks:
         return self.directory / f"chunk-{index:06d}.safetensors"
 
     def load(self, index: int) -> torch.Tensor | None:
+        """Chunk ``index`` if it was finished and is intact, else None (it is encoded again)."""
         path = self._path(index)
-        return load_tensors(path)[0]["vectors"] if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return load_tensors(path, {"vectors": None})[0]["vectors"]
+        except InputError as error:
+            log.warning("warning: %s; encoding that chunk again", error)
+            return None
 
     def save(self, index: int, vectors: torch.Tensor) -> None:
         save_tensors(self._path(index), {"vectors": vectors})
@@ -141,8 +155,14 @@ def embed_run(
     pairs (default: the run's ``encode_batch_size``), ``device`` defaults to the run's.
 
     Under ``torchrun`` the (item, group) chunks and then the users are sharded over the ranks, gathered,
-    and written once, by rank 0.
+    and written once, by rank 0, which holds the run's writer lock meanwhile.
     """
+    RunDirectory.open(path)
+    with holding_run_lock(path):
+        return _embed_run(path, batch_size, overwrite, device, progress)
+
+
+def _embed_run(path: Path, batch_size: int | None, overwrite: bool, device: str | None, progress: bool) -> Embeddings:
     run = RunDirectory.open(path)
     checkpoint = run.best_checkpoint("perpeft")
     world = current_world()

@@ -8,6 +8,7 @@ exclusions) inside the search, so a query never gets back what it bought.
 
 import copy
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import torch
 
 from perpeft.engine.config.choices import SEARCH_INDEX
 from perpeft.engine.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,15 +132,26 @@ class HNSWIndex(SearchIndex):
             digest.update(vectors.tobytes())
             path = cache / f"hnsw-{digest.hexdigest()[:24]}.faiss"
             if path.is_file():
-                return faiss.read_index(str(path))
+                try:
+                    kept = faiss.read_index(str(path))
+                    if kept.ntotal == len(vectors) and kept.d == vectors.shape[1]:
+                        return kept
+                    reason = f"{kept.ntotal} × {kept.d} vectors, expected {len(vectors)} × {vectors.shape[1]}"
+                except RuntimeError as error:  # faiss' error for a file it cannot read
+                    reason = (str(error).strip().splitlines() or ["unreadable"])[-1]
+                log.warning("warning: %s: damaged search graph (%s); building it again", path, reason)
         graph = faiss.IndexHNSWFlat(vectors.shape[1], neighbours, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = ef_construction
         graph.add(vectors)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_name(f".{path.name}.{os.getpid()}")
-            faiss.write_index(graph, str(temporary))
-            os.replace(temporary, path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                faiss.write_index(graph, str(temporary))
+                os.replace(temporary, path)
+            except (RuntimeError, OSError) as error:  # a full disk: serve without keeping the graph
+                temporary.unlink(missing_ok=True)
+                log.warning("warning: %s: cannot keep the search graph (%s); it is built again next start", path, error)
         return graph
 
     def extended(self, tables: torch.Tensor) -> "HNSWIndex":

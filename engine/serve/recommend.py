@@ -11,7 +11,6 @@ group's table.
 
 import copy
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from perpeft.engine.eval.evaluation import EvaluationData
 from perpeft.engine.eval.metrics import full_ranking_metrics
 from perpeft.engine.eval.users import nearest_centroid
 from perpeft.engine.model.perpeft import PerpeftModel
+from perpeft.engine.runtime.atomic import read_json
 from perpeft.engine.runtime.distributed import current_world
 from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.serve.catalog import Catalog, read_catalog
@@ -217,7 +217,7 @@ class ServingRun:
         embeddings = load_embeddings(run)
         dataset = run_dataset(run.config)
         check_tables(run, embeddings, dataset)
-        ids = json.loads(run.embedded_ids.read_text())
+        ids = read_json(run.embedded_ids)
         if ids != {"users": dataset.user_ids, "items": dataset.item_ids}:
             raise InputError(
                 f"{run.embedded_ids}: the ids differ from the run's dataset; recompute with `embed --overwrite`"

@@ -9,7 +9,7 @@ from sklearn.mixture import GaussianMixture
 
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.split import Split
-from perpeft.engine.errors import InputError
+from perpeft.engine.errors import InputError, RunError
 from perpeft.engine.eval.users import user_space_vectors
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.runtime.distributed import current_world
@@ -21,6 +21,12 @@ RANDOM_GROUPING_STREAM = 7  # a seed-sequence key of its own, apart from trainin
 def fit_groups(model: PerpeftModel, split: Split, num_items: int, config: RunConfig) -> tuple[np.ndarray, torch.Tensor]:
     """Group users on their Global-PEFT vectors: assignment ``[U+1]`` (entry 0 unused) and centroids ``[C, d]``."""
     vectors = user_space_vectors(model, split, num_items, config).float().cpu().numpy()
+    if not np.isfinite(vectors).all():
+        raise RunError(
+            f"--groups {config.groups}: {int((~np.isfinite(vectors).all(axis=1)).sum())} of {len(vectors)} user "
+            f"vectors of the Global PEFT snapshot are not finite (the stage diverged): train again with a lower "
+            f"learning rate (this run: --lr {config.lr:g})"
+        )
     world = current_world()
     labels, centroids = cluster_users(vectors, config) if world.is_main else (None, None)
     if not world.alone:  # clustered once, on rank 0; every rank gets its result

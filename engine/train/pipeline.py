@@ -1,5 +1,6 @@
 """The stage loop every method shares, and the PerPEFT pipeline: Global PEFT → grouping → PerPEFT."""
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from perpeft.engine.model.run_inputs import RunInputs, load_run_inputs
 from perpeft.engine.runtime.device import compiles_sasrec, resolve_device
 from perpeft.engine.runtime.distributed import current_world
 from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.runtime.run_lock import holding_run_lock
 from perpeft.engine.runtime.run_state import GroupingRecord
 from perpeft.engine.runtime.tensors import load_tensors, save_tensors
 from perpeft.engine.train.grouping import fit_groups
@@ -78,7 +80,12 @@ def run_pipeline(
     no_groups = np.zeros(dataset.num_users + 1, dtype=np.int64)
 
     def stage(
-        name: str, groups: int, sampler: TrainSampler, user_groups: np.ndarray, personal: np.ndarray | None = None
+        name: str,
+        epochs: int,
+        groups: int,
+        sampler: TrainSampler,
+        user_groups: np.ndarray,
+        personal: np.ndarray | None = None,
     ) -> StageRunner:
         seed_torch([config.stage_seed(name), STAGE_INDEX[name], 0])
         personal_index = None if personal is None else torch.from_numpy(personal)
@@ -90,14 +97,14 @@ def run_pipeline(
         runner = StageRunner(
             name, run, config, model, sampler, evaluation, user_groups, dataset.num_items, device, report, progress
         )
-        runner.resume(state.stage(name))
+        runner.resume(state.stage(name), epochs)
         return runner
 
     plain_sampler = TrainSampler(
         split.train, dataset.num_items, config.maxlen, config.batch_size, windows=config.train_windows
     )
     users = np.arange(dataset.num_users + 1, dtype=np.int64) if method.personal == "user" else None
-    global_stage = stage("global", 1, plain_sampler, no_groups, users)
+    global_stage = stage("global", global_epochs, 1, plain_sampler, no_groups, users)
 
     log_global = logged("global", 0)
 
@@ -134,10 +141,10 @@ def run_pipeline(
                 config.group_negatives,
                 config.train_windows,
             )
-            second = stage(name, config.groups, sampler, assignment)
+            second = stage(name, e2, config.groups, sampler, assignment)
         else:
             name = "grouped"
-            second = stage(name, 1, plain_sampler, no_groups, assignment)
+            second = stage(name, e2, 1, plain_sampler, no_groups, assignment)
         if not state.stage(name).completed_epochs:
             second.model.init_from_single_group(load_tensors(run.snapshot)[0])
         second.train(e2, state.stage(name), save_state, logged(name, e1))
@@ -204,24 +211,29 @@ def train_new_run(
         raise ValueError(f"{global_from.path} trained another Global stage than {config} would: use reseeded_config")
     run_inputs = load_run_inputs(config, dataset, progress)
 
-    def create() -> RunDirectory:
-        run = RunDirectory.create(out, config, overwrite)
-        if global_from is not None:
-            reuse_global_stage(global_from, run)
-        return run
+    with contextlib.ExitStack() as held:
 
-    # Rank 0 creates the directory before the other ranks open it.
-    run = current_world().main_first(create, lambda: RunDirectory.open(out))
-    return run, run_pipeline(run, run_inputs, report, progress, log_dir)
+        def create() -> RunDirectory:
+            RunDirectory.check_new(out, overwrite)  # before the lock: a refused directory gets no lock file
+            held.enter_context(holding_run_lock(out))
+            run = RunDirectory.create(out, config, overwrite)
+            if global_from is not None:
+                reuse_global_stage(global_from, run)
+            return run
+
+        # Rank 0 creates the directory, holding its writer lock, before the other ranks open it.
+        run = current_world().main_first(create, lambda: RunDirectory.open(out))
+        return run, run_pipeline(run, run_inputs, report, progress, log_dir)
 
 
 def resume_run(
     path: Path, report: Report = print, progress: bool = True, log_dir: Path | None = None
 ) -> tuple[RunDirectory, dict[str, Any]]:
-    """Continue an interrupted run from its last completed epoch."""
+    """Continue an interrupted run from its newest intact epoch checkpoint (see `StageRunner.resume`)."""
     run = RunDirectory.open(path)
     config = run.config
     if log_dir is not None:
         require_tensorboard()
-    run_inputs = load_run_inputs(config, run_dataset(config), progress)
-    return run, run_pipeline(run, run_inputs, report, progress, log_dir)
+    with holding_run_lock(path):
+        run_inputs = load_run_inputs(config, run_dataset(config), progress)
+        return run, run_pipeline(run, run_inputs, report, progress, log_dir)

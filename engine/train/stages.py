@@ -1,8 +1,10 @@
 """One training stage, epoch by epoch: seeding, batches dealt over ranks, evaluation, best-epoch selection and checkpoints."""
 
 import inspect
+import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,7 @@ from tqdm.auto import tqdm
 
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sampler import Batch, TrainSampler
+from perpeft.engine.errors import InputError, RunError
 from perpeft.engine.eval.evaluation import EvaluationData, evaluate_model
 from perpeft.engine.eval.metrics import SELECTION_METRIC
 from perpeft.engine.model.perpeft import PerpeftModel
@@ -22,6 +25,9 @@ from perpeft.engine.runtime.run_state import STAGE_TITLES, StageProgress
 from perpeft.engine.runtime.tensors import load_tensors, optimizer_tensors, restore_optimizer, save_tensors
 
 STAGE_INDEX = {"global": 1, "perpeft": 2, "grouped": 2}  # a stage's place in its seed key
+# Epoch checkpoints kept per stage: the newest, and the one before it to resume from if the newest is damaged.
+KEPT_CHECKPOINTS = 2
+log = logging.getLogger(__name__)
 
 
 Report = Callable[[str], None]
@@ -53,6 +59,15 @@ def rank_batches(batches: list[Batch], world: World) -> list[Batch]:
     return dealt[world.rank :: world.size]
 
 
+@dataclass(frozen=True)
+class EpochResult:
+    """One epoch's training: the mean loss over every rank's steps and, if training diverged, the first step
+    (1-based, on any rank) whose loss was not finite."""
+
+    loss: float
+    diverged_at: int | None
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -60,11 +75,14 @@ def train_epoch(
     device: torch.device,
     description: str,
     progress: bool,
-) -> float:
+) -> EpochResult:
     """One pass over ``batches``; ``model`` is the PerpeftModel or its DistributedDataParallel wrapper
-    (whose call all-reduces the gradients). Returns the mean loss over every rank's steps."""
+    (whose call all-reduces the gradients). The first non-finite loss is noted on the device (no host sync
+    per step) and read with the loss at the end of the epoch."""
     model.train()
     total = torch.zeros((), dtype=torch.float64, device=device)
+    never = len(batches) + 1
+    first_bad = torch.full((), never, dtype=torch.int64, device=device)
     bar = tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False, dynamic_ncols=True)
     for steps, batch in enumerate(bar, start=1):
         loss = model(batch, device)
@@ -72,10 +90,13 @@ def train_epoch(
         loss.backward()
         optimizer.step()
         total += loss.detach()
+        first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(loss.detach()), never, steps))
         if progress:
             bar.set_postfix(loss=f"{float(total) / steps:.4f}")
-    sums = current_world().sum(torch.stack([total.cpu(), torch.tensor(float(len(batches)), dtype=torch.float64)]))
-    return float(sums[0] / sums[1].clamp(min=1))
+    world = current_world()
+    sums = world.sum(torch.stack([total.cpu(), torch.tensor(float(len(batches)), dtype=torch.float64)]))
+    first = int(world.gather_rows(first_bad.cpu().view(1)).min())
+    return EpochResult(float(sums[0] / sums[1].clamp(min=1)), first if first < never else None)
 
 
 def parameter_groups(model: PerpeftModel, config: RunConfig) -> list[dict[str, Any]]:
@@ -131,13 +152,78 @@ class StageRunner:
                 **BUFFERS_NOT_SYNCED_PER_STEP,
             )
 
-    def resume(self, progress: StageProgress) -> None:
-        """Load model and optimizer from the stage's last completed epoch."""
+    def resume(self, progress: StageProgress, epochs: int) -> None:
+        """Load model and optimizer from the newest intact checkpoint of a stage that has epochs left of
+        ``epochs`` (a finished stage needs none of its epoch checkpoints).
+
+        The newest checkpoint damaged (cut short, not safetensors, not this model's) falls back to the one
+        before it, which is kept for this: ``progress`` is rolled back to that epoch and a warning says so.
+        With none intact, or with ``best.safetensors`` damaged and its epoch's weights in no checkpoint,
+        the run cannot resume: InputError naming the file.
+        """
         completed = progress.completed_epochs
-        if completed:
-            tensors, metadata = load_tensors(self.run.checkpoint(self.name, completed))
-            self.model.load_trainable_state(tensors)
-            restore_optimizer(self.optimizer, tensors, metadata["param_groups"])
+        if not completed or completed >= epochs:
+            return
+        shapes = {name: tuple(parameter.shape) for name, parameter in self.model.trainable_state().items()}
+        damage: InputError | None = None
+        for epoch in range(completed, max(completed - KEPT_CHECKPOINTS, 0), -1):
+            try:
+                tensors, metadata = load_tensors(self.run.checkpoint(self.name, epoch), shapes)
+                break
+            except InputError as error:
+                damage = damage or error
+        else:
+            raise InputError(f"{damage}; no earlier checkpoint of this stage is intact: start the run again with --overwrite")
+        if epoch < completed:
+            if self.world.is_main:
+                log.warning("warning: %s; %s resumes from epoch %d, whose checkpoint is intact", damage, self.name, epoch)
+            progress.best = _best_of(progress.history, self._best_epoch(shapes), epoch)
+            progress.history = progress.history[:epoch]
+            progress.completed_epochs = epoch
+        self._restore_best(progress, epoch, tensors, shapes)
+        self.model.load_trainable_state(tensors)
+        restore_optimizer(self.optimizer, tensors, metadata["param_groups"])
+
+    def _check_finite(self, result: EpochResult, epoch: int, steps: int) -> None:
+        """RunError, before anything of ``epoch`` is evaluated or saved, when its loss or the trained weights
+        stopped being finite: the stage ends there and its last checkpoint stays."""
+        if result.diverged_at is not None:
+            where = f"step {result.diverged_at} of {steps}: the loss is not finite"
+        elif not all(bool(torch.isfinite(parameter).all()) for parameter in self.model.trainable_state().values()):
+            where = f"its last step ({steps}): the weights are not finite"
+        else:
+            return
+        rates = f"--lr {self.config.lr:g}" + (f", --id-lr {self.config.id_lr:g}" if self.config.id_lr is not None else "")
+        kept = f"epoch {epoch - 1}'s checkpoint is kept" if epoch > 1 else "no epoch of it was saved"
+        raise RunError(
+            f"{self.run.path}: training diverged in {STAGE_TITLES[self.name]}, epoch {epoch}, at {where}; "
+            f"{kept}: train again with a lower learning rate (this run: {rates})"
+        )
+
+    def _best_epoch(self, shapes: dict[str, tuple[int, ...]]) -> int | None:
+        """The epoch whose weights ``best.safetensors`` holds; None when it is missing or damaged."""
+        try:
+            return int(load_tensors(self.run.best(self.name), shapes)[1]["epoch"])
+        except (InputError, KeyError, TypeError, ValueError):
+            return None
+
+    def _restore_best(
+        self, progress: StageProgress, epoch: int, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]
+    ) -> None:
+        """Make ``best.safetensors`` hold the weights of ``progress.best`` again: rewritten from the resumed
+        checkpoint when that is the best epoch, else refused if it is damaged."""
+        best = progress.best
+        if best is None or self._best_epoch(shapes) == best["epoch"]:
+            return
+        path = self.run.best(self.name)
+        if best["epoch"] != epoch:
+            raise InputError(
+                f"{path}: missing or damaged, and the weights of its epoch ({best['epoch']}) are in no checkpoint: "
+                "start the run again with --overwrite"
+            )
+        if self.world.is_main:
+            log.warning("warning: %s: missing or damaged; rewritten from the checkpoint of epoch %d", path, epoch)
+            save_tensors(path, {name: tensors[name] for name in shapes}, {"epoch": epoch})
 
     def train(
         self,
@@ -164,7 +250,7 @@ class StageRunner:
             # The same batches on every rank (same seed), dealt round-robin between them.
             batches = rank_batches(self.sampler.epoch(np.random.default_rng(seed)), self.world)
             with PeakMemory(self.device) as peak:
-                loss = train_epoch(
+                result = train_epoch(
                     self.trainer,
                     self.optimizer,
                     batches,
@@ -172,6 +258,8 @@ class StageRunner:
                     f"{self.name} epoch {epoch}/{epochs}",
                     self.progress,
                 )
+            self._check_finite(result, epoch, len(batches))
+            loss = result.loss
             trained = time.perf_counter() - started
             metrics = evaluate_model(self.model, self.evaluation, self.user_groups, self.num_items, self.config)
             record = {
@@ -187,12 +275,11 @@ class StageRunner:
             improved = best is None or metrics["valid"][SELECTION_METRIC] > best["valid"][SELECTION_METRIC]
             if improved:
                 progress.best = {"epoch": epoch, "valid": metrics["valid"], "test": metrics["test"]}
-            previous = progress.completed_epochs
             progress.completed_epochs = epoch
             if self.world.is_main:  # ranks hold identical weights; one writes
-                if improved:
-                    save_tensors(self.run.best(self.name), self.model.trainable_state(), {"epoch": epoch})
                 on_epoch(epoch, record)
+                # Checkpoint, then state, then best: wherever a crash falls, `resume` finds the weights of
+                # the state's best epoch (in best.safetensors, or in the newest checkpoint).
                 tensors, param_groups = optimizer_tensors(self.optimizer)
                 save_tensors(
                     self.run.checkpoint(self.name, epoch),
@@ -200,8 +287,10 @@ class StageRunner:
                     {"epoch": epoch, "param_groups": param_groups},
                 )
                 save_state()
-                if previous:
-                    self.run.checkpoint(self.name, previous).unlink(missing_ok=True)
+                if improved:
+                    save_tensors(self.run.best(self.name), self.model.trainable_state(), {"epoch": epoch})
+                if epoch > KEPT_CHECKPOINTS:
+                    self.run.checkpoint(self.name, epoch - KEPT_CHECKPOINTS).unlink(missing_ok=True)
             self.world.barrier()
             self.report(
                 f"{self.name} epoch {epoch}/{epochs}  loss {loss:.4f}  valid {SELECTION_METRIC} {metrics['valid'][SELECTION_METRIC]:.4f}  "
@@ -209,6 +298,24 @@ class StageRunner:
             )
             stage_bar.update(1)
         stage_bar.close()
+
+
+def _best_of(history: list[dict[str, Any]], kept: int | None, epoch: int) -> dict[str, Any] | None:
+    """The best record once ``history`` is cut back to ``epoch``: the one ``best.safetensors`` holds (``kept``)
+    where that file is intact, even from a later epoch (its weights are on disk), else the best of the
+    remaining epochs by validation, the earliest among equals (as training selects)."""
+    records = {record["epoch"]: record for record in history}
+    if kept is not None and kept in records:
+        chosen = records[kept]
+    else:
+        remaining = history[:epoch]
+        if not remaining:
+            return None
+        chosen = remaining[0]
+        for record in remaining[1:]:
+            if record["valid"][SELECTION_METRIC] > chosen["valid"][SELECTION_METRIC]:
+                chosen = record
+    return {"epoch": chosen["epoch"], "valid": chosen["valid"], "test": chosen["test"]}
 
 
 def stage_summary(progress: StageProgress, epochs: int) -> dict[str, Any]:

@@ -1,4 +1,3 @@
-import time
 from pathlib import Path
 
 import numpy as np
@@ -212,12 +211,13 @@ def test_check_image_accepts_a_good_image_and_names_a_bad_one(tmp_path: Path) ->
         assert bad.name in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_large_interaction_file_loads_quickly(tmp_path: Path) -> None:
-    items = 2_000
+def test_a_large_interaction_file_orders_each_users_items_by_time(tmp_path: Path) -> None:
+    """(Its speed at 250,000 interactions: benchmarks/test_data_bench.py.)"""
+    items = 200
     rng = np.random.default_rng(0)
-    users = rng.integers(0, 25_000, size=250_000)
-    item_column = rng.integers(0, items, size=250_000)
-    stamps = rng.integers(0, 10**12, size=250_000)
+    users = rng.integers(0, 2_500, size=25_000)
+    item_column = rng.integers(0, items, size=25_000)
+    stamps = rng.integers(0, 10**12, size=25_000)
     lines = [f"u{user}\ti{item}\t{stamp}" for user, item, stamp in zip(users, item_column, stamps, strict=True)]
     directory = make_dataset(
         tmp_path,
@@ -226,12 +226,9 @@ def test_large_interaction_file_loads_quickly(tmp_path: Path) -> None:
     )
     for item in range(items):
         (directory / "images" / f"i{item}.jpg").touch()
-    start = time.perf_counter()
     dataset = load_recbole(directory)
-    elapsed = time.perf_counter() - start
-    assert sum(map(len, dataset.sequences)) == 250_000
-    first = dataset.user_ids.index(f"u{users[0]}")
-    own = np.flatnonzero(users == users[0])
-    expected = item_column[own][np.argsort(stamps[own], kind="stable")] + 1
-    assert dataset.sequences[first].tolist() == expected.tolist()
-    assert elapsed < 1.5
+    assert sum(map(len, dataset.sequences)) == 25_000
+    for user in np.unique(users)[:50]:
+        own = np.flatnonzero(users == user)
+        expected = [dataset.item_ids.index(f"i{item}") for item in item_column[own][np.argsort(stamps[own], kind="stable")]]
+        assert dataset.sequences[dataset.user_ids.index(f"u{user}")].tolist() == expected

@@ -1,5 +1,3 @@
-import time
-
 import numpy as np
 import pytest
 
@@ -157,18 +155,16 @@ def test_invalid_arguments() -> None:
         TrainSampler(train, num_items=5, maxlen=3, batch_size=0)
 
 
-def test_epoch_is_fast_for_25k_users() -> None:
+def test_an_epoch_of_many_users_with_group_negatives_has_no_own_items() -> None:
+    """(Its speed at 25,000 users: benchmarks/test_data_bench.py.)"""
     rng = np.random.default_rng(12)
-    items = 15_000
-    train = random_train(rng, users=25_000, items=items, max_length=20)
+    items = 1_500
+    train = random_train(rng, users=2_500, items=items, max_length=20)
     groups = rng.integers(0, 8, size=len(train))
     sampler = TrainSampler(train, items, maxlen=10, batch_size=16, user_groups=groups, group_negatives=True)
-    start = time.perf_counter()
     batches = sampler.epoch(np.random.default_rng(13))
-    elapsed = time.perf_counter() - start
     assert len(batches) == sampler.num_batches
-    assert elapsed < 0.5
-    assert_no_own_items(batches[:50], train)
+    assert_no_own_items(batches, train)
 
 
 def test_all_windows_cover_every_training_target_once_in_non_overlapping_windows() -> None:

@@ -1,5 +1,3 @@
-import time
-
 import numpy as np
 import pytest
 
@@ -56,13 +54,11 @@ def test_last_window_edge_cases() -> None:
         last_window(arrays([1]), maxlen=0)
 
 
-def test_last_window_matches_a_plain_loop_and_is_fast() -> None:
+def test_last_window_matches_a_plain_loop() -> None:
+    """(Its speed at 50,000 sequences: benchmarks/test_data_bench.py.)"""
     rng = np.random.default_rng(0)
-    sequences = [rng.integers(1, 1000, size=rng.integers(0, 30)) for _ in range(50_000)]
-    start = time.perf_counter()
+    sequences = [rng.integers(1, 1000, size=rng.integers(0, 30)) for _ in range(5_000)]
     window = last_window(sequences, maxlen=10)
-    elapsed = time.perf_counter() - start
-    for row in rng.integers(0, len(sequences), size=200):
+    for row in range(len(sequences)):
         tail = sequences[row][-10:]
         assert window[row].tolist() == [0] * (10 - len(tail)) + tail.tolist()
-    assert elapsed < 0.5

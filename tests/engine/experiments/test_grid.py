@@ -12,7 +12,7 @@ from scipy import stats
 from perpeft.cli.main import cli
 from perpeft.engine.analysis.attention import divergence
 from perpeft.engine.config.methods import TABLE2_METHODS
-from perpeft.engine.errors import InputError
+from perpeft.engine.errors import InputError, RunError
 from perpeft.engine.experiments import grid as experiment
 from perpeft.engine.experiments.grid import Cell, Finished, build_grid, run_name
 from perpeft.engine.experiments.runner import run_experiment
@@ -204,3 +204,24 @@ def test_the_id_rate_is_a_tuning_axis_and_an_unset_one_stays_blank(small_config,
     run_experiment(small_config(small_demo), cells, [0], tmp_path / "plain", lambda line: None)
     (row,) = csv.DictReader(io.StringIO((tmp_path / "plain" / "results.csv").read_text()))
     assert row["id_lr"] == "" and row["lr"] == "0.001" and row["selected"] == "1"
+
+
+def test_a_failed_run_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(small_config, small_demo: Path, tmp_path) -> None:
+    cells = build_grid(["lora"], ["global-peft"], False, [], [], False)
+    base, lines = small_config(small_demo, baseline=False), []
+    with pytest.raises(RunError, match=r"1 of 2 runs failed \(listed with their reasons in table.md and results.csv\)"):
+        run_experiment(base, cells, [0], tmp_path, lines.append, {"lr": [1e-3, 1e4]})  # 1e4 diverges
+    failures = [line for line in lines if "FAILED: " in line]
+    assert len(failures) == 1 and "lr10000" in failures[0] and "training diverged in Global PEFT" in failures[0]
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "results.csv").read_text())))
+    assert sorted(row["lr"] for row in rows) == ["0.001", "10000"]
+    failed, done = sorted(rows, key=lambda row: row["error"] == "")
+    assert "training diverged" in failed["error"] and failed["test_HR@30"] == "" and failed["selected"] == "0"
+    assert done["error"] == "" and float(done["test_HR@30"]) > 0 and done["selected"] == "1"
+    table = (tmp_path / "table.md").read_text()
+    assert "### Failed runs (1)" in table and f"`{failed['run']}` | training diverged" in table
+    assert "Global PEFT" in table.split("### Table 2")[1]  # the finished run still makes its table
+    again: list[str] = []
+    with pytest.raises(RunError, match="1 of 2 runs failed"):
+        run_experiment(base, cells, [0], tmp_path, again.append, {"lr": [1e-3, 1e4]})
+    assert any("done earlier" in line for line in again) and any("FAILED: " in line for line in again)

@@ -58,3 +58,20 @@ def test_training_never_opens_an_image(small_demo, tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "open", refuse)
     _, metrics = train_new_run(config, tmp_path / "run", False, lambda line: None, progress=False)
     assert metrics["perpeft"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("damage", ["cut short", "another catalog's meta"])
+def test_a_damaged_cache_is_built_again(small_demo, damage, caplog):
+    dataset = load_recbole(small_demo)
+    bundle = load_clip("tiny")
+    first = load_item_inputs(dataset, bundle.tokenizer, bundle.tokenizer_id, bundle.image_size, progress=False)
+    expected = np.array(first.pixels)
+    if damage == "cut short":
+        pixels = first.directory / "pixels.npy"
+        pixels.write_bytes(pixels.read_bytes()[: pixels.stat().st_size // 2])
+    else:
+        (first.directory / "meta.json").write_text('{"dataset": "tiny", "items": 3, "image_size": 32}')
+    again = load_item_inputs(dataset, bundle.tokenizer, bundle.tokenizer_id, bundle.image_size, progress=False)
+    np.testing.assert_array_equal(np.array(again.pixels), expected)
+    warnings = [record.getMessage() for record in caplog.records if "damaged cache" in record.getMessage()]
+    assert len(warnings) == 1 and str(first.directory) in warnings[0]

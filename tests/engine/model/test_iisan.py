@@ -221,6 +221,17 @@ def test_cache_is_built_once_and_reused(small_bundle, small_inputs, monkeypatch)
     assert second.path == first.path and second.path.stat().st_mtime_ns == built_at
 
 
+def test_a_damaged_cache_is_built_again(small_bundle, small_inputs, count_builds, caplog):
+    first = load_hidden_states(small_bundle, small_inputs, CPU, progress=False)
+    expected, builds = (np.array(first.text), np.array(first.image)), len(count_builds)
+    first.path.write_bytes(first.path.read_bytes()[: first.path.stat().st_size - 64])  # cut short
+    again = load_hidden_states(small_bundle, small_inputs, CPU, progress=False)
+    np.testing.assert_array_equal(np.array(again.text), expected[0])
+    np.testing.assert_array_equal(np.array(again.image), expected[1])
+    assert len(count_builds) == builds + 1
+    assert any("damaged cache" in record.getMessage() for record in caplog.records)
+
+
 def test_changed_catalog_rebuilds(small_demo, small_bundle, small_inputs, count_builds):
     original = load_hidden_states(small_bundle, small_inputs, CPU, progress=False)
     dataset = load_recbole(small_demo)

@@ -74,12 +74,22 @@ def test_state_and_metrics_round_trip_and_unfinished_reads_fail(tmp_path: Path) 
         "global": {"completed_epochs": 2, "history": [{"epoch": 1}, {"epoch": 2}], "best": {"epoch": 2}},
         "grouping": {"sizes": [3, 4], "grouping": "interest", "clustering": "kmeans"},
     }
-    run.write_metrics({"method": "global-peft", "global": {}})
-    assert run.finished and run.read_metrics()["method"] == "global-peft"
+    metrics = {"dataset": "shop", "method": "global-peft", "groups": 8, "seed": 0, "result": "global", "global": {}}
+    run.write_metrics(metrics)
+    assert run.finished and run.read_metrics() == metrics
     assert run.best_checkpoint("global") == run.best("global")
     with pytest.raises(InputError, match="no perpeft stage"):
         run.best_checkpoint("perpeft")
     assert json.loads((run.path / "metrics.json").read_text())["method"] == "global-peft"
+
+
+@pytest.mark.parametrize("content", [b'{"method": "perpeft"', b'{"method": "perpeft"}', b"\x00\x01"])
+def test_a_damaged_metrics_file_is_refused_in_one_line(tmp_path: Path, content: bytes) -> None:
+    run = RunDirectory.create(tmp_path / "run", RunConfig(), overwrite=False)
+    (run.path / "metrics.json").write_bytes(content)
+    with pytest.raises(InputError, match=r"metrics.json: (damaged or unreadable|not a run's metrics)") as caught:
+        run.read_metrics()
+    assert "\n" not in str(caught.value)
 
 
 def test_opening_a_directory_without_a_config_fails_in_one_line(tmp_path: Path) -> None:

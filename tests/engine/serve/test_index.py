@@ -91,3 +91,15 @@ def test_hnsw_graphs_are_kept_on_disk_and_read_back(tables, tmp_path, monkeypatc
     assert again.search(vectors, groups, [5] * 10, exclude) == first.search(vectors, groups, [5] * 10, exclude)
     HNSWIndex(tables * 2, cache=tmp_path)  # other rows: other graphs, beside the first ones
     assert len(list(tmp_path.glob("hnsw-*.faiss"))) == 6
+
+
+def test_a_damaged_graph_on_disk_is_built_again(tables, tmp_path, caplog):
+    first = HNSWIndex(tables, cache=tmp_path)
+    kept = sorted(tmp_path.glob("hnsw-*.faiss"))
+    kept[1].write_bytes(kept[1].read_bytes()[:100])  # cut short
+    again = HNSWIndex(tables, cache=tmp_path)
+    vectors, groups, exclude = queries(10, 3, seed=8)
+    assert again.search(vectors, groups, [5] * 10, exclude) == first.search(vectors, groups, [5] * 10, exclude)
+    warnings = [record.getMessage() for record in caplog.records if "damaged search graph" in record.getMessage()]
+    assert len(warnings) == 1 and str(kept[1]) in warnings[0]
+    assert kept[1].stat().st_size > 100  # written again whole
