@@ -56,8 +56,8 @@ def grouped_lora(
     """Row-wise ``scaling * (x[n] @ lora_a[g].T) @ lora_b[g].T`` with ``g = group_ids[n]``.
 
     ``x`` is ``[N, K]``, ``lora_a`` ``[C, R, K]``, ``lora_b`` ``[C, M, R]``, ``group_ids`` ``[N]`` in
-    ``[0, C)``, in any order. ``segments`` (from :func:`~perpeft.kernels.segments.segment_groups`, once per batch) spares the
-    Triton path its per-call sort; it must describe the same grouping as ``group_ids``.
+    ``[0, C)``, in any order. ``segments`` (from :func:`~perpeft.kernels.segments.segment_groups`, once per
+    batch) spares the Triton path its per-call sort; it must describe the same grouping as ``group_ids``.
     """
     if kernel_backend(x) == "torch":
         return reference.grouped_lora_reference(x, lora_a, lora_b, group_ids, scaling)

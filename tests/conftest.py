@@ -4,15 +4,49 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.catalog_update import write_item_copies
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.demo import DemoSpec, generate_demo
+from perpeft.engine.data.sources import run_dataset
+from perpeft.engine.data.split import leave_one_out
+from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.serve.embed import embed_run
 from perpeft.engine.train.pipeline import train_new_run
 
 SMALL_DEMO = DemoSpec(num_domains=2, num_users=96, items_per_domain=24, min_seq_len=5, max_seq_len=8)
+
+
+def _assert_learned(run: Path, k: int = 10, margin: float = 1.5) -> None:
+    """The run learned something: its training loss fell from the first epoch to the last, and the reported
+    stage's validation HR@k beats ``margin`` × the chance level of a random ranking of this catalog — k over
+    the items each user's target competes with (the catalog less the user's other history items), averaged
+    over the evaluated users, computed here from the data."""
+    directory = RunDirectory.open(run)
+    metrics, state = directory.read_metrics(), directory.read_state()
+    losses = [record["loss"] for stage in state.stages.values() for record in stage.history]
+    assert losses[0] > losses[-1], f"the training loss did not fall: {losses}"
+    dataset = run_dataset(directory.config)
+    split = leave_one_out(dataset.sequences)
+    history = split.history("valid")
+    chance = float(
+        np.mean(
+            [
+                min(1.0, k / (dataset.num_items - len(set(history[user].tolist()) - {split.valid_target[user]})))
+                for user in split.eval_users
+            ]
+        )
+    )
+    hit_rate = metrics[metrics["result"]]["valid"][f"HR@{k}"]
+    assert hit_rate > margin * chance, f"validation HR@{k} {hit_rate:.3f}, chance {chance:.3f}"
+
+
+@pytest.fixture(scope="session")
+def assert_learned() -> Callable[..., None]:
+    """``assert_learned(run)``: the run's loss fell and its validation HR@10 is clearly above chance."""
+    return _assert_learned
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -37,7 +37,7 @@ def interrupt_at(line_start: str):
     return report
 
 
-def test_run_directory_and_metrics_schema(small_demo, two_epoch_config, tmp_path):
+def test_run_directory_and_metrics_schema(small_demo, two_epoch_config, tmp_path, assert_learned):
     run, metrics = train_new_run(
         two_epoch_config(small_demo), tmp_path / "run", False, lambda line: None, progress=False
     )
@@ -51,6 +51,7 @@ def test_run_directory_and_metrics_schema(small_demo, two_epoch_config, tmp_path
         for split in ("valid", "test"):
             assert set(metrics[stage][split]) == METRIC_KEYS
             assert all(0.0 <= value <= 1.0 for value in metrics[stage][split].values())
+    assert_learned(run.path)
     for name in (
         "config.json",
         "global/best.safetensors",
