@@ -19,33 +19,38 @@ from perpeft.engine.train.pipeline import train_new_run
 SMALL_DEMO = DemoSpec(num_domains=2, num_users=96, items_per_domain=24, min_seq_len=5, max_seq_len=8)
 
 
-def _assert_learned(run: Path, k: int = 10, margin: float = 1.5) -> None:
-    """The run learned something: its training loss fell from the first epoch to the last, and the reported
-    stage's validation HR@k beats ``margin`` × the chance level of a random ranking of this catalog — k over
-    the items each user's target competes with (the catalog less the user's other history items), averaged
-    over the evaluated users, computed here from the data."""
+def _assert_learned(run: Path, beats_chance: bool = True, k: int = 10) -> None:
+    """The run learned: its training loss fell from the first epoch to the last and, with ``beats_chance``,
+    the reported stage's validation HR@k is clearly above what a random ranking of this catalog scores —
+    more than 3 standard deviations of a random ranking's hit count above its mean, where user u's target
+    is a hit with probability k / (the catalog less u's other history items), computed here from the data."""
     directory = RunDirectory.open(run)
     metrics, state = directory.read_metrics(), directory.read_state()
     losses = [record["loss"] for stage in state.stages.values() for record in stage.history]
     assert losses[0] > losses[-1], f"the training loss did not fall: {losses}"
+    if not beats_chance:
+        return
     dataset = run_dataset(directory.config)
     split = leave_one_out(dataset.sequences)
     history = split.history("valid")
-    chance = float(
-        np.mean(
-            [
-                min(1.0, k / (dataset.num_items - len(set(history[user].tolist()) - {split.valid_target[user]})))
-                for user in split.eval_users
-            ]
-        )
+    chances = np.array(
+        [
+            min(1.0, k / (dataset.num_items - len(set(history[user].tolist()) - {split.valid_target[user]})))
+            for user in split.eval_users
+        ]
     )
-    hit_rate = metrics[metrics["result"]]["valid"][f"HR@{k}"]
-    assert hit_rate > margin * chance, f"validation HR@{k} {hit_rate:.3f}, chance {chance:.3f}"
+    hits = metrics[metrics["result"]]["valid"][f"HR@{k}"] * len(chances)
+    spread = float(np.sqrt((chances * (1 - chances)).sum()))
+    assert hits > chances.sum() + 3 * spread, (
+        f"validation HR@{k} {hits / len(chances):.3f}: within 3 SD of chance {chances.mean():.3f} "
+        f"(SD {spread / len(chances):.3f})"
+    )
 
 
 @pytest.fixture(scope="session")
 def assert_learned() -> Callable[..., None]:
-    """``assert_learned(run)``: the run's loss fell and its validation HR@10 is clearly above chance."""
+    """``assert_learned(run, beats_chance=True)``: the run's loss fell and its validation HR@10 is clearly
+    above chance."""
     return _assert_learned
 
 

@@ -130,7 +130,7 @@ def test_malformed_extra_column(tmp_path):
     assert_one_line_error(result, "movies.item", "line 1: column 'class' is not NAME:TYPE")
 
 
-def test_a_catalog_without_images_trains_on_text_with_every_training_window(tmp_path):
+def test_a_catalog_without_images_trains_on_text_with_every_training_window(tmp_path, assert_learned):
     data = text_only_dataset(tmp_path)
     out = tmp_path / "run"
     result = CliRunner().invoke(
@@ -145,5 +145,4 @@ def test_a_catalog_without_images_trains_on_text_with_every_training_window(tmp_
     config = json.loads((out / "config.json").read_text())
     assert (config["text"], config["image"], config["train_windows"]) == (True, False, "all")
     assert config["text_fields"] == "movie_title,class"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.0 <= metrics["perpeft"]["test"]["HR@30"] <= 1.0
+    assert_learned(out, beats_chance=False)  # 5 items: a random ranking's top 10 holds every target

@@ -37,13 +37,18 @@ def method_runs(small_demo: Path, small_config, tmp_path_factory: pytest.TempPat
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_trains_and_reports_its_result_stage(method_runs: dict[str, Path], name: str) -> None:
+def test_every_method_trains_and_reports_its_result_stage(
+    method_runs: dict[str, Path], name: str, assert_learned
+) -> None:
     method = METHODS[name]
     metrics = json.loads((method_runs[name] / "metrics.json").read_text())
     expected = "perpeft" if method.grouped_adapters else "grouped" if method.two_stage else "global"
     assert metrics["method"] == name and metrics["result"] == expected
     assert set(metrics) >= {"global", expected}
-    assert 0.0 <= metrics[expected]["test"]["NDCG@20"] <= 1.0
+    # After 1 + 1 epochs on the 34-item demo the ID-only and frozen-feature baselines (and Group-level 1)
+    # score within noise of a random ranking (validation HR@10 0.39-0.41 against chance 0.34, SD 0.048):
+    # their loss must fall; the methods the paper is about must also beat chance clearly.
+    assert_learned(method_runs[name], beats_chance=name in ("global-peft", "perpeft"))
     # Single-stage methods train E1 + E2 epochs; two-stage ones here keep the E1 + E2 Global PEFT baseline.
     assert metrics["global"]["epochs"] == 2
     assert (method_runs[name] / "grouping.safetensors").is_file() == method.two_stage

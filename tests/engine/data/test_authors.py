@@ -225,7 +225,7 @@ def test_named_dataset_loads_from_data_dir_or_perpeft_data(tmp_path: Path, monke
     assert "no such dataset directory" in error_of(load_dataset, str(tmp_path / "nowhere"))
 
 
-def test_authors_format_trains_end_to_end(tmp_path: Path, small_config) -> None:
+def test_authors_format_trains_end_to_end(tmp_path: Path, small_config, assert_learned) -> None:
     """The authors' release → prepare → train: the whole pipeline runs on a converted dataset."""
     keys = {k: f"B{k:03d}" for k in range(1, 31)}
     rng = np.random.default_rng(0)
@@ -241,4 +241,4 @@ def test_authors_format_trains_end_to_end(tmp_path: Path, small_config) -> None:
 
     _, metrics = train_new_run(small_config(tmp_path / "arts"), tmp_path / "run", False, lambda line: None, False)
     assert metrics["dataset"] == "arts"
-    assert 0.0 <= metrics["perpeft"]["test"]["HR@30"] <= 1.0
+    assert_learned(tmp_path / "run", beats_chance=False)  # random interactions: nothing to rank above chance

@@ -273,14 +273,14 @@ def test_fingerprint_of_a_checkpoint_is_hashed_once_per_file_version(tmp_path, m
     assert clip_fingerprint(model) != fingerprint and len(hashes) == 3
 
 
-def test_iisan_trains_end_to_end_without_running_clip(small_demo, tmp_path, monkeypatch):
+def test_iisan_trains_end_to_end_without_running_clip(small_demo, tmp_path, monkeypatch, assert_learned):
     config = RunConfig(
         data=str(small_demo),
         clip="tiny",
         peft="iisan",
         groups=2,
-        epochs_global=1,
-        epochs_perpeft=1,
+        epochs_global=2,
+        epochs_perpeft=2,
         lr=1e-3,
         weight_decay=1e-4,
     )
@@ -291,7 +291,6 @@ def test_iisan_trains_end_to_end_without_running_clip(small_demo, tmp_path, monk
 
     monkeypatch.setattr(modeling_clip.CLIPEncoder, "forward", refuse)
     run, metrics = train_new_run(config, tmp_path / "run", False, lambda line: None, progress=False)
-    assert metrics["peft"] == "iisan" and metrics["perpeft"]["epochs"] == 1
-    for stage in ("global", "perpeft"):
-        assert all(0.0 <= value <= 1.0 for value in metrics[stage]["test"].values())
+    assert metrics["peft"] == "iisan" and metrics["perpeft"]["epochs"] == 2
+    assert_learned(run.path)
     assert (run.path / "perpeft" / "best.safetensors").is_file()

@@ -24,7 +24,7 @@ def test_placeholder_replaces_only_the_missing_columns_of_each_group():
     assert sum(p.numel() for p in projector.placeholders.parameters()) == 2 * 8
 
 
-def test_training_on_a_catalog_with_missing_images_and_titles(tmp_path):
+def test_training_on_a_catalog_with_missing_images_and_titles(tmp_path, assert_learned):
     spec = DemoSpec(num_domains=2, num_users=96, items_per_domain=30, min_seq_len=5, max_seq_len=8)
     directory = generate_demo(tmp_path / "gaps", seed=4, spec=spec)
     item_file = directory / "gaps.item"
@@ -47,8 +47,8 @@ def test_training_on_a_catalog_with_missing_images_and_titles(tmp_path):
     config = RunConfig(
         data=str(directory), clip="tiny", groups=2, epochs_global=1, epochs_perpeft=1, lr=1e-3, weight_decay=1e-4
     )
-    run, metrics = train_new_run(config, tmp_path / "run", False, lambda line: None, progress=False)
-    assert 0.0 <= metrics["perpeft"]["test"]["NDCG@20"] <= 1.0
+    run, _ = train_new_run(config, tmp_path / "run", False, lambda line: None, progress=False)
+    assert_learned(run.path)
     weights, _ = load_tensors(run.path / "perpeft" / "best.safetensors")
     image_placeholder = weights["recommender.projector.placeholders.image"]
     title_placeholder = weights["recommender.projector.placeholders.title"]

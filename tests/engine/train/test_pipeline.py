@@ -4,14 +4,18 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from sklearn.metrics import adjusted_rand_score
 
 from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.data.formats import load_recbole
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.errors import InputError
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.model.run_inputs import load_run_inputs
+from perpeft.engine.runtime.tensors import load_tensors
 from perpeft.engine.train.pipeline import resume_run, train_new_run, trained_config
 
 METRIC_KEYS = {"HR@10", "HR@20", "HR@30", "NDCG@10", "NDCG@20", "NDCG@30"}
@@ -52,6 +56,15 @@ def test_run_directory_and_metrics_schema(small_demo, two_epoch_config, tmp_path
             assert set(metrics[stage][split]) == METRIC_KEYS
             assert all(0.0 <= value <= 1.0 for value in metrics[stage][split].values())
     assert_learned(run.path)
+    # The groups follow the demo's planted interest domains more than a random assignment of the same sizes
+    # does: adjusted Rand index above every one of 1,000 random permutations (p < 0.001).
+    planted = json.loads((small_demo / "planted.json").read_text())["users"]
+    dataset = load_recbole(small_demo)
+    domains = [planted[user] for user in dataset.user_ids[1:]]
+    groups = load_tensors(run.grouping)[0]["assignment"].numpy()[1:]
+    rng = np.random.default_rng(0)
+    chance = [adjusted_rand_score(domains, rng.permutation(groups)) for _ in range(1000)]
+    assert adjusted_rand_score(domains, groups) > max(chance)
     for name in (
         "config.json",
         "global/best.safetensors",
