@@ -44,7 +44,6 @@ from perpeft.engine.model.encoders import require_clip_adapters
 from perpeft.engine.model.run_inputs import RunInputs, clip_encoder_factory
 from perpeft.engine.runtime.atomic import atomic_write_bytes
 from perpeft.engine.runtime.device import resolve_device
-from perpeft.engine.runtime.tensors import load_tensors
 from perpeft.engine.serve.embed import load_model
 from perpeft.engine.serve.recommend import engine_indices
 
@@ -113,7 +112,7 @@ class AttentionProbe:
         self.encoder.clip.set_attn_implementation("eager")
         self.eos_token_id = self.encoder.clip.config.text_config.eos_token_id
         self.groups = config.groups
-        self.assignment = load_tensors(run.grouping)[0]["assignment"].numpy()
+        self.assignment = run.read_grouping()[0].numpy()
         self.group_sizes = np.bincount(self.assignment[1:], minlength=self.groups).tolist()
 
     def title_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

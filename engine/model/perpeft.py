@@ -80,6 +80,14 @@ class PerpeftModel(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: parameter for name, parameter in self.named_parameters() if parameter.requires_grad}
 
+    def trainable_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name → shape of every trainable parameter: what a checkpoint of this model holds (`load_tensors`)."""
+        return {name: tuple(parameter.shape) for name, parameter in self.trainable_state().items()}
+
+    def single_group_keys(self) -> dict[str, None]:
+        """The parameters `init_from_single_group` copies from a one-group model's weights (any shape)."""
+        return {name: None for name in self.trainable_state() if not name.startswith("recommender.personal.")}
+
     def load_trainable_state(self, tensors: dict[str, torch.Tensor]) -> None:
         state = self.trainable_state()
         missing = sorted(set(state) - set(tensors))

@@ -21,11 +21,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
 from perpeft.engine.runtime.atomic import atomic_write_bytes, atomic_write_json, read_json
 from perpeft.engine.runtime.run_lock import LOCK
 from perpeft.engine.runtime.run_state import RunState
+from perpeft.engine.runtime.tensors import load_tensors
 
 CONFIG = "config.json"
 STATE = "state.json"
@@ -157,6 +160,11 @@ class RunDirectory:
     def grouping(self) -> Path:
         """The user → group assignment and the centroids."""
         return self.path / GROUPING
+
+    def read_grouping(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The assignment ``[U+1]`` and centroids ``[C, d]``; InputError naming the file if it is damaged."""
+        tensors, _ = load_tensors(self.grouping, {"assignment": None, "centroids": None})
+        return tensors["assignment"], tensors["centroids"]
 
     @property
     def embeddings(self) -> Path:

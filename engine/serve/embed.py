@@ -63,7 +63,7 @@ def load_model(
     """
     make_encoder, inputs = (run_inputs.make_encoder, run_inputs.inputs) if run_inputs else (None, None)
     model = PerpeftModel(run.config, make_encoder, inputs, num_items, groups)
-    model.load_trainable_state(load_tensors(checkpoint)[0])
+    model.load_trainable_state(load_tensors(checkpoint, model.trainable_shapes())[0])
     return model.eval()
 
 
@@ -197,16 +197,16 @@ def _embed_run(path: Path, batch_size: int | None, overwrite: bool, device: str 
     chunks = world.main_first(lambda: PartialChunks(run.embedding_chunks, fingerprint))
     tables = grouped_item_tables(model, dataset.num_items, batch_size, chunks, progress)
 
-    grouping = load_tensors(run.grouping)[0]
+    assignment, centroids = run.read_grouping()
     windows = torch.from_numpy(last_window(leave_one_out(dataset.sequences).history("test"), config.maxlen))
     users = model.gathered_user_vectors(
-        windows.to(target), grouping["assignment"].to(target), tables.to(target), config.eval_batch_size
+        windows.to(target), assignment.to(target), tables.to(target), config.eval_batch_size
     ).cpu()
     users[0] = 0.0
     # The very table the grouping read at E1 (`user_space_vectors`: same function, same batches).
     snapshot = load_model(run, run.snapshot, 1, dataset.num_items, run_inputs).to(target)
     snapshot_table = snapshot.item_tables(dataset.num_items, config.encode_batch_size).float().cpu()
-    embeddings = Embeddings(tables, users, grouping["assignment"], grouping["centroids"], snapshot_table)
+    embeddings = Embeddings(tables, users, assignment, centroids, snapshot_table)
     if world.is_main:
         save_tensors(run.embedded_items, {"items": embeddings.items})
         save_tensors(
@@ -230,11 +230,11 @@ def load_embeddings(run: RunDirectory) -> Embeddings:
             f"{run.embeddings}: incomplete embeddings (no {', '.join(missing)}); recompute them with "
             f"`perpeft-engine embed --run {run.path} --overwrite`"
         )
-    users = load_tensors(run.embedded_users)[0]
+    users = load_tensors(run.embedded_users, {"users": None, "groups": None, "centroids": None})[0]
     return Embeddings(
-        load_tensors(run.embedded_items)[0]["items"],
+        load_tensors(run.embedded_items, {"items": None})[0]["items"],
         users["users"],
         users["groups"],
         users["centroids"],
-        load_tensors(run.embedded_snapshot)[0]["items"],
+        load_tensors(run.embedded_snapshot, {"items": None})[0]["items"],
     )

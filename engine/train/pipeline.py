@@ -118,7 +118,7 @@ def run_pipeline(
 
     if method.two_stage:
         if state.grouping is None:
-            global_stage.model.load_trainable_state(load_tensors(run.snapshot)[0])
+            global_stage.model.load_trainable_state(load_tensors(run.snapshot, global_stage.model.trainable_shapes())[0])
             assignment, centroids = fit_groups(global_stage.model, split, dataset.num_items, config)
             if world.is_main:
                 grouping = {"assignment": torch.from_numpy(assignment), "centroids": centroids}
@@ -129,7 +129,7 @@ def run_pipeline(
             world.barrier()
             report(f"grouping: {config.groups} groups of sizes {sizes}")
         global_stage = None  # release the Global PEFT model (and its CLIP copy) before the next stage builds its own
-        assignment = load_tensors(run.grouping)[0]["assignment"].numpy()
+        assignment = run.read_grouping()[0].numpy()
         if method.grouped_adapters:
             name = "perpeft"
             sampler = TrainSampler(
@@ -146,7 +146,7 @@ def run_pipeline(
             name = "grouped"
             second = stage(name, e2, 1, plain_sampler, no_groups, assignment)
         if not state.stage(name).completed_epochs:
-            second.model.init_from_single_group(load_tensors(run.snapshot)[0])
+            second.model.init_from_single_group(load_tensors(run.snapshot, second.model.single_group_keys())[0])
         second.train(e2, state.stage(name), save_state, logged(name, e1))
         stages[name] = e2
 

@@ -164,7 +164,7 @@ class StageRunner:
         completed = progress.completed_epochs
         if not completed or completed >= epochs:
             return
-        shapes = {name: tuple(parameter.shape) for name, parameter in self.model.trainable_state().items()}
+        shapes = self.model.trainable_shapes()
         damage: InputError | None = None
         for epoch in range(completed, max(completed - KEPT_CHECKPOINTS, 0), -1):
             try:

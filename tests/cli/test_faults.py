@@ -244,3 +244,22 @@ def test_a_full_disk_is_one_line_and_resume_goes_on_once_space_is_back(
     done = command("train", "--resume", str(run), "--quiet")
     assert done.returncode == 0, done.stderr
     assert json.loads((run / "metrics.json").read_text()) == uninterrupted
+
+
+@pytest.mark.parametrize(
+    ("damaged", "command"),
+    [
+        ("grouping.safetensors", ["embed", "--overwrite", "--quiet"]),
+        ("perpeft/best.safetensors", ["embed", "--overwrite", "--quiet"]),
+        ("embeddings/users.safetensors", ["recommend", "--history", "ITEM"]),
+    ],
+)
+def test_a_damaged_file_of_a_finished_run_is_refused_by_its_readers(
+    embedded_copy: Path, damaged: str, command: list[str]
+) -> None:
+    path = embedded_copy / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    item = json.loads((embedded_copy / "embeddings" / "ids.json").read_text())["items"][1]
+    result = CliRunner().invoke(cli, [command[0], "--run", str(embedded_copy), *(item if a == "ITEM" else a for a in command[1:])])
+    assert result.exit_code == 2, result.output
+    one_line(result.stderr, f"{path}: damaged or unreadable")
