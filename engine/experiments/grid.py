@@ -261,7 +261,7 @@ def run_grid(
         started = time.perf_counter()
         try:
             metrics[name, seed] = _train_cell(config, path)
-        except Exception as error:
+        except Exception as error:  # one run's failure, whatever it is, must not end the grid
             reasons[name, seed] = failure_reason(error).removeprefix(f"{path}: ")  # the row names the run
             report(f"[{index}/{len(jobs)}] {name} seed {seed}: FAILED: {reasons[name, seed]}")
             continue
@@ -310,7 +310,7 @@ def reseeded_runs(
         started = time.perf_counter()
         try:
             metrics = _train_cell(reseeded_config(source, seed), path, global_from=source)
-        except Exception as error:
+        except Exception as error:  # one run's failure, whatever it is, must not end the grid
             reason = failure_reason(error).removeprefix(f"{path}: ")
             failed.append(Failed(entry.cell, entry.seed, path, reason, entry.variant))
             report(f"reseeded {entry.run.parent.name} seed {entry.seed} → {seed}: FAILED: {failed[-1].reason}")
