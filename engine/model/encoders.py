@@ -23,6 +23,7 @@ LORA_TARGETS = ("q_proj", "v_proj")
 IA3_OUTPUT_TARGETS = ("k_proj", "v_proj")
 IA3_INPUT_TARGETS = ("fc1",)
 ADAPTED_LAYER = re.compile(r"^(text_model|vision_model)\.encoder\.layers\.\d+\.(self_attn|mlp)\.(\w+)$")
+TOWERS = {"image": "vision_model", "title": "text_model"}  # each modality's CLIP tower
 
 
 def inject_adapters(
@@ -33,15 +34,18 @@ def inject_adapters(
     lora_rank: int = 4,
     lora_alpha: float = 8.0,
     lora_dropout: float = 0.1,
+    towers: tuple[str, ...] = tuple(TOWERS.values()),
 ) -> None:
-    """Replace the paper's target ``nn.Linear`` layers of both towers by grouped adapters, in place."""
+    """Replace the paper's target ``nn.Linear`` layers of ``towers`` (both by default) by grouped adapters,
+    in place. A tower an encoder never runs gets none: under DistributedDataParallel every trainable
+    parameter must take part in every step's loss."""
     if peft not in (*ADAPTER_PEFTS, NO_ADAPTERS):
         raise ValueError(f"adapters inside CLIP are {', '.join(ADAPTER_PEFTS)} (or {NO_ADAPTERS}), not {peft}")
     if peft == NO_ADAPTERS:
         return
     for name, module in list(clip.named_modules()):
         match = ADAPTED_LAYER.match(name)
-        if match is None or not isinstance(module, nn.Linear):
+        if match is None or match.group(1) not in towers or not isinstance(module, nn.Linear):
             continue
         target = match.group(3)
         if peft == "lora" and target in LORA_TARGETS:
@@ -94,7 +98,8 @@ class GroupedClipEncoder(nn.Module):
         self.clip.requires_grad_(False)
         prepare_clip(self.clip)
         self.context = GroupContext()
-        inject_adapters(self.clip, peft, groups, self.context, **adapter_settings)
+        towers = tuple(TOWERS[name] for name in self.modalities)
+        inject_adapters(self.clip, peft, groups, self.context, towers=towers, **adapter_settings)
         self.register_buffer("image_mean", torch.tensor(bundle.image_mean), persistent=False)
         self.register_buffer("image_std", torch.tensor(bundle.image_std), persistent=False)
 

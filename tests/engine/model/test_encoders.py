@@ -105,3 +105,18 @@ def test_item_vectors_equal_stock_clip_features(inputs: ItemInputs, bundle: Clip
     parts = [getattr(part, "pooler_output", part) for part in (image, text)]
     expected = torch.cat([torch.nn.functional.normalize(part, dim=-1) for part in parts], dim=-1)
     torch.testing.assert_close(vectors, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("peft", ["lora", "ia3"])
+@pytest.mark.parametrize(("modalities", "unused"), [(("title",), "vision_model"), (("image",), "text_model")])
+def test_a_tower_the_encoder_never_runs_has_no_adapters(
+    bundle: ClipBundle, inputs: ItemInputs, peft: str, modalities: tuple[str, ...], unused: str
+) -> None:
+    """Every trainable parameter takes part in the loss: DistributedDataParallel (without its unused-parameter
+    search) fails on one that gets no gradient, as the adapters of a dropped tower did."""
+    encoder = GroupedClipEncoder(bundle, peft, GROUPS, modalities)
+    trainable = [name for name, parameter in encoder.named_parameters() if parameter.requires_grad]
+    assert trainable and not [name for name in trainable if f".{unused}." in f".{name}"]
+    items = torch.arange(1, 9)
+    encoder(*full_width(inputs, items), items % GROUPS).sum().backward()
+    assert all(parameter.grad is not None for parameter in encoder.parameters() if parameter.requires_grad)

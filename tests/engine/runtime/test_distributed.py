@@ -87,6 +87,19 @@ def test_sharded_embed_and_evaluate_equal_one_process(demo_run: Path, tmp_path: 
         assert printed[stage] == pytest.approx(expected_metrics[stage], rel=1e-12, abs=1e-15)
 
 
+def test_two_ranks_train_a_text_only_catalog(small_demo: Path, tmp_path: Path) -> None:
+    """The vision tower never runs on a catalog without images (ml-100k as RecBole ships it), or with
+    --no-image: its adapters must not exist, or DDP stops at the second step."""
+    catalog = tmp_path / "text"
+    catalog.mkdir()
+    for name in ("shop.inter", "shop.item"):
+        shutil.copy(small_demo / name, catalog / name.replace("shop", "text"))
+    settings = ["--clip", "tiny", "--groups", "2", "--epochs-global", "1", "--epochs-perpeft", "1", "--quiet"]
+    _run([*TORCHRUN, "-m", "perpeft.cli", "--", "train", "--data", str(catalog), *settings, "--out", str(tmp_path / "run")])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["text"], config["image"]) == (True, False)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
