@@ -33,6 +33,7 @@ def runs_distributed(device_option: str) -> Callable[[Callable[..., Any]], Calla
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             from torch.distributed import DistError
 
+            from perpeft.engine.errors import first_line
             from perpeft.engine.runtime.distributed import join_process_group, leave_process_group
 
             world = join_process_group(kwargs.get(device_option) or "auto")
@@ -44,7 +45,7 @@ def runs_distributed(device_option: str) -> Callable[[Callable[..., Any]], Calla
             except RuntimeError as error:
                 if not world.joined or not _process_group_failure(error, DistError):
                     raise
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                reason = first_line(error)
                 click.echo(
                     f"error: rank {world.rank}/{world.size}: the process group failed ({reason}); "
                     "another rank probably stopped: see its output",

@@ -13,3 +13,9 @@ class RunError(Exception):
     """A run that cannot go on through no fault of its input: training diverged, a write failed (a full
     disk). The message is one line naming where (stage, epoch and step; or the file) and what to do; what
     was written before stays intact, so ``--resume`` continues once the cause is gone."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name when the message is empty): what a one-line
+    report says of an error raised by another library."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -37,7 +37,7 @@ from perpeft.engine.config.choices import ADAPTER_PEFTS
 from perpeft.engine.config.methods import METHODS, method_of
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sources import run_dataset
-from perpeft.engine.errors import InputError, RunError
+from perpeft.engine.errors import InputError, RunError, first_line
 from perpeft.engine.eval.metrics import SELECTION_METRIC
 from perpeft.engine.eval.report import result_metrics
 from perpeft.engine.runtime.run_directory import RunDirectory
@@ -218,9 +218,8 @@ def _check_cell(config: RunConfig, path: Path) -> None:
 
 def _train_cell(config: RunConfig, path: Path, global_from: RunDirectory | None = None) -> dict[str, Any]:
     """Train, resume or skip the run at ``path`` (a new one from ``global_from``'s Global stage when given);
-    a directory holding another configuration is refused."""
+    the caller has checked that ``path`` holds no other configuration (`_check_cell`)."""
     if RunDirectory.holds_run(path):
-        _check_cell(config, path)
         run = RunDirectory.open(path)
         if run.finished:
             return run.read_metrics()
@@ -290,8 +289,10 @@ def run_grid(
 
 def failure_reason(error: Exception) -> str:
     """One line for a failed run: the engine's own errors say it all; others are named by their type."""
-    message = (str(error).strip().splitlines() or [""])[0]
-    return message if isinstance(error, InputError | RunError) else f"{type(error).__name__}: {message}".rstrip(": ")
+    if isinstance(error, InputError | RunError):
+        return first_line(error)
+    message = first_line(error)
+    return message if message == type(error).__name__ else f"{type(error).__name__}: {message}"
 
 
 def reseeded_runs(
@@ -307,9 +308,11 @@ def reseeded_runs(
         source = RunDirectory.open(entry.run)
         seed = entry.seed + RESEED_OFFSET
         path = RunDirectory(entry.run).reseed_path(seed)
+        config = reseeded_config(source, seed)
+        _check_cell(config, path)
         started = time.perf_counter()
         try:
-            metrics = _train_cell(reseeded_config(source, seed), path, global_from=source)
+            metrics = _train_cell(config, path, global_from=source)
         except Exception as error:  # one run's failure, whatever it is, must not end the grid
             reason = failure_reason(error).removeprefix(f"{path}: ")
             failed.append(Failed(entry.cell, entry.seed, path, reason, entry.variant))

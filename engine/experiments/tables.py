@@ -110,16 +110,16 @@ def results_csv(finished: list[Finished], out: Path, selected: list[Finished], f
             ]
         )
     for entry in failed:
-        config = dict(entry.cell.changes)
+        changes, tuned = dict(entry.cell.changes), dict(entry.variant)
         writer.writerow(
             [
                 entry.cell.section,
                 entry.cell.row,
                 entry.cell.peft or "",
-                config.get("method", ""),
+                changes.get("method", ""),
                 entry.seed,
                 entry.run.relative_to(out).as_posix(),
-                *("" if dict(entry.variant).get(name) is None else f"{dict(entry.variant)[name]:g}" for name in TUNED_SETTINGS),
+                *("" if tuned.get(name) is None else f"{tuned[name]:g}" for name in TUNED_SETTINGS),
                 0,
                 "",
                 *("" for _ in ("valid", "test") for _ in METRIC_NAMES),

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from perpeft.engine.errors import InputError
+from perpeft.engine.errors import InputError, first_line
 from perpeft.engine.runtime.atomic import atomic_write_bytes
 
 
@@ -33,7 +33,7 @@ def load_tensors(
             metadata = json.loads((handle.metadata() or {}).get("json", "{}"))
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as error:
-        raise InputError(f"{path}: damaged or unreadable ({_first_line(error)})") from None
+        raise InputError(f"{path}: damaged or unreadable ({first_line(error)})") from None
     for name, shape in (expected or {}).items():
         if name not in tensors:
             raise InputError(f"{path}: lacks {name!r}: not a file of this run, or damaged")
@@ -43,10 +43,6 @@ def load_tensors(
                 "not a file of this run"
             )
     return tensors, metadata
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:

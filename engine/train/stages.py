@@ -174,13 +174,14 @@ class StageRunner:
                 damage = damage or error
         else:
             raise InputError(f"{damage}; no earlier checkpoint of this stage is intact: start the run again with --overwrite")
+        kept = self._best_epoch(shapes)
         if epoch < completed:
             if self.world.is_main:
                 log.warning("warning: %s; %s resumes from epoch %d, whose checkpoint is intact", damage, self.name, epoch)
-            progress.best = _best_of(progress.history, self._best_epoch(shapes), epoch)
+            progress.best = _best_of(progress.history, kept, epoch)
             progress.history = progress.history[:epoch]
             progress.completed_epochs = epoch
-        self._restore_best(progress, epoch, tensors, shapes)
+        self._restore_best(progress, kept, epoch, tensors, shapes)
         self.model.load_trainable_state(tensors)
         restore_optimizer(self.optimizer, tensors, metadata["param_groups"])
 
@@ -208,12 +209,18 @@ class StageRunner:
             return None
 
     def _restore_best(
-        self, progress: StageProgress, epoch: int, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]
+        self,
+        progress: StageProgress,
+        kept: int | None,
+        epoch: int,
+        tensors: dict[str, torch.Tensor],
+        shapes: dict[str, tuple[int, ...]],
     ) -> None:
-        """Make ``best.safetensors`` hold the weights of ``progress.best`` again: rewritten from the resumed
-        checkpoint when that is the best epoch, else refused if it is damaged."""
+        """Make ``best.safetensors`` (now holding epoch ``kept``, None when damaged) hold the weights of
+        ``progress.best`` again: rewritten from the resumed checkpoint when that is the best epoch, else
+        refused."""
         best = progress.best
-        if best is None or self._best_epoch(shapes) == best["epoch"]:
+        if best is None or kept == best["epoch"]:
             return
         path = self.run.best(self.name)
         if best["epoch"] != epoch:
