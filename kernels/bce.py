@@ -5,6 +5,9 @@ With ``lp = h·pos``, ``ln = h·neg`` and ``w = mask / max(mask.sum(), 1)`` the 
 and ``dh = dlp * pos + dln * neg``, ``dpos = dlp * h``, ``dneg = dln * h``. The forward kernel writes
 those gradients next to the loss; the backward only scales them by ``grad_output``, in place (as
 Liger-Kernel's fused cross-entropy does), so the graph can be walked backward once.
+
+The row count ``N`` changes with the batch and is not specialised on (``do_not_specialize``), and the
+tile is sized from the width alone, so a batch of another size never compiles another binary.
 """
 
 import torch
@@ -20,7 +23,7 @@ def _softplus(x):
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
-@jit
+@jit(do_not_specialize=["N"])
 def _bce_kernel(
     h_ptr,
     pos_ptr,

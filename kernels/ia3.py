@@ -4,8 +4,13 @@ The forward reads each row's group id and scales it by that group's vector in a 
 row order. The backward walks rows in group-sorted order (:class:`~perpeft.kernels.segments.GroupSegments`):
 each program owns one group and one column block, keeps that group's scales in registers, writes
 ``dx = grad_out * scales[g]`` and accumulates ``dscales[g] = sum(x * grad_out)`` in fp32 from the same
-loads, so ``x`` and ``grad_out`` are read once for both gradients. The group and split counts are not
-specialised on (``do_not_specialize``), so their values never compile another binary.
+loads, so ``x`` and ``grad_out`` are read once for both gradients.
+
+Triton compiles a binary per value of the constexprs and per class of the other integers (equal to 1,
+divisible by 16, or neither). The row count ``N``, the rows per id ``T`` (titles are trimmed to each
+batch's longest, so ``T`` moves between batches) and the group and split counts are not specialised on
+(``do_not_specialize``) and the block sizes are fixed, so the binaries depend on the layer alone (width,
+dtype, whether ``dx`` is written) and no batch compiles one mid-run.
 """
 
 import torch
@@ -17,7 +22,7 @@ _BLOCK_M = 32
 _BLOCK_K = 128
 
 
-@jit
+@jit(do_not_specialize=["N"])
 def _scale_rows_kernel(x_ptr, scales_ptr, ids_ptr, out_ptr, N, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """``out[n, k] = x[n, k] * scales[ids[n], k]`` for one row block and one column block."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -30,7 +35,7 @@ def _scale_rows_kernel(x_ptr, scales_ptr, ids_ptr, out_ptr, N, K, BLOCK_M: tl.co
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@jit(do_not_specialize=["C", "num_splits"])
+@jit(do_not_specialize=["C", "rows_per_id", "num_splits"])
 def _backward_kernel(
     x_ptr,
     grad_ptr,

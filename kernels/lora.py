@@ -12,8 +12,14 @@ exact on the upcast values (10 mantissa bits hold 7 or 10), for fp32 inputs IEEE
 precision. At LoRA ranks the kernels are bandwidth bound, so the slower TF32 MMA costs nothing that
 matters, and it is the path Triton's interpreter computes correctly (it multiplies bf16 bit patterns).
 Ranks below 16 are padded to 16 inside the kernels by masked loads; stored weights are never padded.
-The group and split counts are not specialised on (``do_not_specialize``): a count of 1 or a multiple of
-16 would compile one more binary of the same kernel for nothing.
+Triton compiles a binary per value of the constexprs and per class of the other integers (equal to 1,
+divisible by 16, or neither). What varies from batch to batch is kept out of both, so the binaries depend
+on the layer alone (widths, rank, dtype, ``BLOCK_C`` from the group count) and no batch compiles one
+mid-run: the row count ``N``, the rows per id ``T`` (titles are trimmed to each batch's longest, so ``T``
+moves between batches) and the group and split counts are not specialised on (``do_not_specialize``), and
+the row tile ``BLOCK_M`` is fixed, not sized from rows per group (a tile's rows past its group's end are
+masked and load nothing). ``k_per_split`` stays specialised: always a multiple of ``BLOCK_K``, it falls in
+one class at every batch.
 """
 
 import torch
@@ -21,6 +27,7 @@ import torch
 from ._triton import dot_precision, jit, launch, target_programs, tl, triton
 from .segments import GroupSegments, segment_groups
 
+_BLOCK_M = 64  # rows per tile at every batch size: sized from the batch, it compiled a binary per size
 _BLOCK_K_SHRINK = 64
 _BLOCK_N_EXPAND = 64
 _BLOCK_WIDE = 128
@@ -53,7 +60,7 @@ def _sorted_rows(positions, end, order_ptr, rows_per_id):
     return ids * rows_per_id + positions % rows_per_id, valid
 
 
-@jit(do_not_specialize=["C"])
+@jit(do_not_specialize=["N", "C", "rows_per_id"])
 def _shrink_kernel(
     x_ptr,
     w_ptr,
@@ -92,7 +99,7 @@ def _shrink_kernel(
         tl.store(out, acc, mask=valid[:, None] & (rr[None, :] < R))
 
 
-@jit(do_not_specialize=["C"])
+@jit(do_not_specialize=["C", "rows_per_id"])
 def _expand_kernel(
     s_ptr,
     w_ptr,
@@ -127,7 +134,7 @@ def _expand_kernel(
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (ms[None, :] < M))
 
 
-@jit(do_not_specialize=["C", "num_splits"])
+@jit(do_not_specialize=["C", "rows_per_id", "num_splits"])
 def _segment_outer_kernel(
     p_ptr,
     q_ptr,
@@ -182,9 +189,7 @@ class _Launch:
         self.rank = rank
         self.block_r = max(16, triton.next_power_of_2(rank))
         self.block_c = max(16, triton.next_power_of_2(segments.num_groups))
-        per_group = triton.cdiv(num_rows, segments.num_groups)
-        self.block_m = min(64, max(16, triton.next_power_of_2(per_group)))
-        self.num_tiles = triton.cdiv(num_rows, self.block_m) + segments.num_groups
+        self.num_tiles = triton.cdiv(num_rows, _BLOCK_M) + segments.num_groups
         self.target = target_programs(device)
 
     def shrink(self, x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int]) -> torch.Tensor:
@@ -210,7 +215,7 @@ class _Launch:
             self.rows_per_id,
             *w_strides,
             k_per_split,
-            BLOCK_M=self.block_m,
+            BLOCK_M=_BLOCK_M,
             BLOCK_R=self.block_r,
             BLOCK_K=_BLOCK_K_SHRINK,
             BLOCK_C=self.block_c,
@@ -245,7 +250,7 @@ class _Launch:
             self.rows_per_id,
             scaling,
             *w_strides,
-            BLOCK_M=self.block_m,
+            BLOCK_M=_BLOCK_M,
             BLOCK_R=self.block_r,
             BLOCK_N=_BLOCK_N_EXPAND,
             BLOCK_C=self.block_c,
@@ -259,7 +264,7 @@ class _Launch:
         groups, width_p, width_q = self.segments.num_groups, p.shape[1], q.shape[1]
         block_p, block_q = _block_for(width_p), _block_for(width_q)
         tiles = triton.cdiv(width_p, block_p) * triton.cdiv(width_q, block_q)
-        row_blocks = triton.cdiv(self.num_rows, self.block_m)
+        row_blocks = triton.cdiv(self.num_rows, _BLOCK_M)
         splits = max(1, min(row_blocks, self.target // (groups * tiles)))
         out = p.new_empty((splits, groups, width_p, width_q), dtype=torch.float32)
         launch(
@@ -276,7 +281,7 @@ class _Launch:
             self.rows_per_id,
             scaling,
             splits,
-            BLOCK_M=self.block_m,
+            BLOCK_M=_BLOCK_M,
             BLOCK_P=block_p,
             BLOCK_Q=block_q,
             PRECISION=dot_precision(p, q),
