@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from click.testing import CliRunner
 
-from perpeft.engine.runtime.distributed import World
+from perpeft.cli.main import cli
+from perpeft.engine.errors import InputError
+from perpeft.engine.runtime.distributed import World, join_process_group, rank_gpu
 from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.runtime.tensors import load_tensors
 from perpeft.engine.serve.embed import embed_run
@@ -21,6 +25,7 @@ from perpeft.engine.serve.recommend import evaluate_run
 from perpeft.engine.train.stages import rank_batches
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+BUILD_WORKER = Path(__file__).with_name("build_worker.py")
 ROOT = Path(__file__).resolve().parents[3]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -95,7 +100,20 @@ def test_two_ranks_train_a_text_only_catalog(small_demo: Path, tmp_path: Path) -
     for name in ("shop.inter", "shop.item"):
         shutil.copy(small_demo / name, catalog / name.replace("shop", "text"))
     settings = ["--clip", "tiny", "--groups", "2", "--epochs-global", "1", "--epochs-perpeft", "1", "--quiet"]
-    _run([*TORCHRUN, "-m", "perpeft.cli", "--", "train", "--data", str(catalog), *settings, "--out", str(tmp_path / "run")])
+    _run(
+        [
+            *TORCHRUN,
+            "-m",
+            "perpeft.cli",
+            "--",
+            "train",
+            "--data",
+            str(catalog),
+            *settings,
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["text"], config["image"]) == (True, False)
 
@@ -141,3 +159,53 @@ def test_a_killed_rank_ends_the_other_with_an_error_not_a_hang(small_demo: Path,
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "rank 0/2: the process group failed" in lines[0], stderr[-2000:]
     assert waited < 60
+
+
+def test_ranks_wait_for_a_cache_build_longer_than_the_collective_timeout(tmp_path: Path) -> None:
+    """Rank 1 waits 6 s for rank 0's build under a 3 s collective timeout (NCCL's watchdog would abort it);
+    a failed build, or a failed read on rank 1, still ends the other rank with one line naming it."""
+    env = {**os.environ, "PERPEFT_DIST_TIMEOUT": "3"}
+    result = subprocess.run(
+        [*TORCHRUN, str(BUILD_WORKER), str(tmp_path), "6"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    assert [rank["result"] for rank in ranks] == ["built", "read"]
+    assert ranks[0]["sum"] == ranks[1]["sum"] == 3.0
+    assert ranks[0]["build error"] == "OSError: the image cache could not be written"
+    assert ranks[1]["build error"] == (
+        "InputError: rank 1: stopping because rank 0 failed (its error is in its output)"
+    )
+    assert ranks[0]["read error"] == ("InputError: rank 0: stopping because rank 1 failed (its error is in its output)")
+    assert ranks[1]["read error"] == "OSError: the image cache could not be read"
+
+
+FAKE_TORCHRUN = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank() -> None:
+    assert rank_gpu("cuda", {**FAKE_TORCHRUN, "LOCAL_RANK": "1"}) == 1
+    assert rank_gpu("auto", {**FAKE_TORCHRUN, "LOCAL_RANK": "1"}) == 1
+    # One rank per machine (e.g. two nodes of one GPU each): --device cuda:N names that machine's GPU.
+    assert rank_gpu("cuda:1", {**FAKE_TORCHRUN, "LOCAL_WORLD_SIZE": "1"}) == 1
+    assert rank_gpu("cuda:1", {**FAKE_TORCHRUN, "WORLD_SIZE": "1"}) == 1
+    for environ in (FAKE_TORCHRUN, {**FAKE_TORCHRUN, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}):
+        with pytest.raises(InputError, match=r"^--device cuda:1 under torchrun: .*pass --device cuda or auto"):
+            rank_gpu("cuda:1", environ)
+
+
+def test_an_explicit_gpu_under_torchrun_is_refused_before_joining(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    environ = {**FAKE_TORCHRUN, "MASTER_PORT": str(_free_port()), "PERPEFT_DIST_TIMEOUT": "5"}
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(InputError, match="--device cuda:0 under torchrun"):
+        join_process_group("cuda:0")
+    assert not dist.is_initialized()
+    result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path), "--device", "cuda:1", "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert lines[0].startswith("error: --device cuda:1 under torchrun: each of the 2 ranks"), lines[0]
+    assert not dist.is_initialized()
