@@ -26,6 +26,7 @@ from perpeft.engine.clip.loading import ClipBundle, architecture_config
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
 from perpeft.engine.model.encoders import GroupedClipEncoder
+from perpeft.engine.model.groups import RowGroups
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -37,7 +38,7 @@ CPU_ROUNDS = 3
 CUDA_ROUNDS, CUDA_WARMUP = 20, 3
 ARTS_ITEMS, ENCODE_CHUNK = 18_884, 1024
 
-Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, RowGroups]
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +57,16 @@ def cpu_threads() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _batch(bundle: ClipBundle, device: torch.device, items: int = ITEMS, mixed: bool = True) -> Inputs:
-    """Token ids (EOS last), full attention masks, uint8 pixels and group ids (shuffled, or all 0)."""
+def _batch(bundle: ClipBundle, device: torch.device, items: int = ITEMS, groups: int = GROUPS) -> Inputs:
+    """Token ids (EOS last), full attention masks, uint8 pixels and the items' groups (shuffled over ``groups``)."""
     generator = torch.Generator(device).manual_seed(0)
     text = bundle.model.config.text_config
     size = bundle.image_size
     input_ids = torch.randint(1, text.vocab_size - 1, (items, TEXT_TOKENS), generator=generator, device=device)
     input_ids[:, -1] = text.eos_token_id
     pixels = torch.randint(0, 256, (items, 3, size, size), generator=generator, device=device, dtype=torch.uint8)
-    if mixed:
-        group_ids = torch.randperm(items, generator=generator, device=device) % GROUPS
-    else:
-        group_ids = torch.zeros(items, dtype=torch.int64, device=device)
-    return input_ids, torch.ones_like(input_ids), pixels, group_ids
+    group_ids = torch.randperm(items, generator=torch.Generator().manual_seed(0)) % groups
+    return input_ids, torch.ones_like(input_ids), pixels, RowGroups.per_row(group_ids, groups, device)
 
 
 def _sync(device: torch.device) -> None:
@@ -171,7 +169,7 @@ def _forward_vs_frozen(benchmark, bundle: ClipBundle, peft: str, device: torch.d
 
 def _grouped_vs_global_training(benchmark, bundle: ClipBundle, device: torch.device, **run: int) -> None:
     grouped = _train_step(_adapted(bundle, "lora", GROUPS, device), _batch(bundle, device))
-    single = _train_step(_adapted(bundle, "lora", 1, device), _batch(bundle, device, mixed=False))
+    single = _train_step(_adapted(bundle, "lora", 1, device), _batch(bundle, device, groups=1))
     Paired(grouped, single, device).run(benchmark, goal=1.10, **run)
     benchmark.extra_info.update(items=ITEMS, groups=GROUPS, peft="lora", baseline="one global LoRA (groups=1)")
 
@@ -195,7 +193,7 @@ def test_peft_mixed_batch_forward_vs_frozen_cpu(benchmark, vit_b_32: ClipBundle,
     model.eval()
     input_ids, attention_mask, pixels, group_ids = inputs = _batch(vit_b_32, torch.device("cpu"))
     mean, std = torch.tensor(vit_b_32.image_mean), torch.tensor(vit_b_32.image_std)
-    names = [f"group{group}" for group in group_ids.tolist()]
+    names = [f"group{group}" for group in group_ids.host.tolist()]
 
     def mixed() -> None:
         with torch.inference_mode():
@@ -229,7 +227,7 @@ def _encode_all_groups(encoder: GroupedClipEncoder, inputs: Inputs, chunk: int) 
             for group in range(GROUPS):
                 for start in range(0, items, chunk):
                     part = slice(start, start + chunk)
-                    ids = torch.full((input_ids[part].shape[0],), group, device=device)
+                    ids = RowGroups.one(group, input_ids[part].shape[0], GROUPS, device)
                     tables[group, part] = encoder(input_ids[part], attention_mask[part], pixels[part], ids)
         _sync(device)
         return tables
@@ -243,7 +241,7 @@ def test_item_embeddings_all_groups_cuda(benchmark, vit_b_32: ClipBundle) -> Non
     device = torch.device("cuda")
     encoder = _adapted(vit_b_32, "lora", GROUPS, device)
     inputs = _batch(vit_b_32, device, items=ARTS_ITEMS)
-    _encode_all_groups(encoder, tuple(t[:ENCODE_CHUNK] for t in inputs), ENCODE_CHUNK)()  # Triton compiles
+    _encode_all_groups(encoder, (*(t[:ENCODE_CHUNK] for t in inputs[:3]), inputs[3]), ENCODE_CHUNK)()  # Triton compiles
     tables = benchmark.pedantic(_encode_all_groups(encoder, inputs, ENCODE_CHUNK), rounds=1, iterations=1)
     benchmark.extra_info.update(items=ARTS_ITEMS, groups=GROUPS, chunk=ENCODE_CHUNK, goal_s=10.0)
     if benchmark.stats is not None:  # None under --benchmark-disable

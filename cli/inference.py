@@ -19,7 +19,7 @@ run_option = click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     default=None,
-    help="(item, group) pairs per encoder pass, groups mixed. [the run's encode_batch_size]",
+    help="(item, group) pairs per pass: this many // C items, each encoded under every group. [the run's encode_batch_size]",
 )
 @click.option("--device", default=None, help="'cpu', 'cuda', 'cuda:1'… [the run's device]")
 @click.option(

@@ -41,6 +41,7 @@ from perpeft.engine.errors import InputError
 from perpeft.engine.features.hidden_states import eos_positions
 from perpeft.engine.features.inputs import load_item_inputs
 from perpeft.engine.model.encoders import require_clip_adapters
+from perpeft.engine.model.groups import RowGroups
 from perpeft.engine.model.run_inputs import RunInputs, clip_encoder_factory
 from perpeft.engine.runtime.atomic import atomic_write_bytes
 from perpeft.engine.runtime.device import resolve_device
@@ -132,8 +133,7 @@ class AttentionProbe:
         count, length = ids.shape
         # Each item repeated once per group, groups 0..C-1: one pass serves all of an item's groups.
         ids, mask = ids.repeat_interleave(self.groups, 0), mask.repeat_interleave(self.groups, 0)
-        group_ids = torch.arange(self.groups, device=self.device).repeat(count)
-        self.encoder.context.set(group_ids)
+        self.encoder.context.set(RowGroups.per_row(torch.arange(self.groups).repeat(count), self.groups, self.device))
         try:
             output = self.encoder.clip.text_model(input_ids=ids, attention_mask=mask, output_attentions=True)
         finally:

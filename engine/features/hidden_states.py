@@ -36,6 +36,7 @@ from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.features.inputs import ItemInputs
 from perpeft.engine.runtime.atomic import atomic_write_bytes, temporary_directory_beside
 from perpeft.engine.runtime.cache import cache_root, discard_damaged, publish_directory
+from perpeft.engine.runtime.device import to_device
 
 FORMAT = "iisan-hidden-v1"
 STATES_FILE = "hidden.safetensors"
@@ -86,10 +87,7 @@ class HiddenStates:
     def batch(self, items: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(text, image)`` states of ``items`` on ``device``: only these rows are read from disk."""
         index = items.cpu().numpy()
-        tensors = [torch.from_numpy(array[index]) for array in (self.text, self.image)]
-        if device.type == "cuda":
-            return tuple(tensor.pin_memory().to(device, non_blocking=True) for tensor in tensors)
-        return tuple(tensors)
+        return tuple(to_device(torch.from_numpy(array[index]), device) for array in (self.text, self.image))
 
 
 def clip_fingerprint(model: CLIPModel) -> str:

@@ -15,6 +15,7 @@ from perpeft.engine.errors import InputError
 from perpeft.engine.model.adapters.context import GroupContext
 from perpeft.engine.model.adapters.ia3 import GroupedIA3Linear
 from perpeft.engine.model.adapters.lora import GroupedLoRALinear
+from perpeft.engine.model.groups import RowGroups
 
 NO_ADAPTERS = "none"  # the encoder of Frozen MM: CLIP as it is
 
@@ -122,9 +123,9 @@ class GroupedClipEncoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         pixels: torch.Tensor,
-        group_ids: torch.Tensor,
+        groups: RowGroups,
     ) -> torch.Tensor:
-        self.context.set(group_ids)
+        self.context.set(groups)
         parts = []
         try:
             if "image" in self.modalities:
@@ -142,7 +143,7 @@ class GroupedClipEncoder(nn.Module):
 
 class FrozenFeatures(nn.Module):
     """Frozen MM's item encoder: CLIP without adapters never changes, so its output for every item is
-    computed once (``encode_frozen``) and looked up; ``forward(items, group_ids)`` returns those rows."""
+    computed once (``encode_frozen``) and looked up; ``forward(items, groups)`` returns those rows."""
 
     def __init__(self, features: torch.Tensor, modalities: tuple[str, ...], width: int) -> None:
         super().__init__()
@@ -158,5 +159,5 @@ class FrozenFeatures(nn.Module):
     def modality_columns(self) -> dict[str, slice]:
         return modality_columns(self.modalities, self.width)
 
-    def forward(self, items: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, items: torch.Tensor, groups: RowGroups) -> torch.Tensor:
         return self.features[items]

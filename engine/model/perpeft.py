@@ -14,6 +14,7 @@ from perpeft.engine.config.methods import METHODS
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sampler import Batch
 from perpeft.engine.features.inputs import ItemInputs
+from perpeft.engine.model.groups import RowGroups
 from perpeft.engine.model.recommender import Recommender
 from perpeft.engine.runtime.device import to_device, uses_bf16_autocast
 from perpeft.engine.runtime.distributed import current_world
@@ -34,7 +35,7 @@ EncoderFactory = Callable[[int], nn.Module]
 class PerpeftModel(nn.Module):
     """Item encoder with grouped PEFT (optional) + projector + ID embeddings + SASRec, for C groups.
 
-    ``C = 1`` is Global PEFT. The encoder is called as ``encoder(*inputs.batch(items), group_ids)`` and
+    ``C = 1`` is Global PEFT. The encoder is called as ``encoder(*inputs.batch(items), groups)`` (`RowGroups`) and
     exposes ``out_features``; only adapter, projector, embedding and SASRec parameters train.
     ``personal_index`` (int64 ``[U+1]``, user → row) gives SASRec the method's user or group embedding
     (User-level / Group-level); rows are users for User-level and the run's C groups for Group-level.
@@ -56,7 +57,9 @@ class PerpeftModel(nn.Module):
         # Learned placeholders stand in for missing images/titles, only when the catalog has such items.
         self.fills_missing = hasattr(self.encoder, "modality_columns") and bool(getattr(inputs, "has_missing", False))
         if self.fills_missing:
-            self.present_columns = [MODALITIES.index(name) for name in self.encoder.modalities]
+            columns = [MODALITIES.index(name) for name in self.encoder.modalities]
+            # A buffer on the model's device: indexing a device tensor with a Python list copies the list there.
+            self.register_buffer("present_columns", torch.tensor(columns), persistent=False)
         method = METHODS[config.method]
         personal_rows = 0
         if personal_index is not None:
@@ -120,30 +123,43 @@ class PerpeftModel(nn.Module):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
 
     def item_vectors(self, items: torch.Tensor, group: int | torch.Tensor, with_ids: bool = True) -> torch.Tensor:
-        """z for ``items`` (``[N]``, 0 allowed: padding gives zeros), each seen by ``group`` (one group for
-        all, or a per-row ``[N]`` tensor: the grouped encoder serves any mix of groups in one pass);
-        ``with_ids=False`` leaves the ID embedding out (`Recommender.item_vectors`).
-
-        Which rows are padding is decided on the host: with ``items`` on the CPU (as training and
-        evaluation pass them) a CUDA step never waits for the device to answer it."""
+        """z for ``items`` (``[N]`` on the host, 0 allowed: padding gives zeros), each seen by ``group`` (one
+        group for all, or per-row host ids ``[N]``: the grouped encoder serves any mix of groups in one
+        pass); ``with_ids=False`` leaves the ID embedding out (`Recommender.item_vectors`)."""
         device = self.recommender.item_embeddings.weight.device
-        host = items.cpu()
-        items = to_device(host, device)
-        if isinstance(group, torch.Tensor):
-            group_ids = to_device(group, device)
-        else:
-            group_ids = torch.full((items.shape[0],), group, dtype=torch.long, device=device)
+        return self._vectors(items, [RowGroups.of(group, items.shape[0], self.groups, device)], with_ids)[0]
+
+    def group_vectors(self, items: torch.Tensor, with_ids: bool = True) -> torch.Tensor:
+        """``[N, C, d]``: z for ``items`` (on the host) under every group, from one copy of their inputs on
+        the device; each group's pass takes the single-group path."""
+        device = self.recommender.item_embeddings.weight.device
+        every = [RowGroups.one(group, items.shape[0], self.groups, device) for group in range(self.groups)]
+        return torch.stack(self._vectors(items, every, with_ids), dim=1)
+
+    def _vectors(self, items: torch.Tensor, groupings: list[RowGroups], with_ids: bool) -> list[torch.Tensor]:
+        """z for ``items`` under each of ``groupings``. Which rows are padding is decided on the host, and
+        the items' inputs are copied to the device once for all groupings."""
+        device = self.recommender.item_embeddings.weight.device
+        if items.device.type != "cpu":
+            raise ValueError(f"item ids must be on the host, not {items.device}: reading them back would wait for it")
+        on_device = to_device(items, device)
         if self.encoder is None:
-            return self.recommender.item_vectors(items, None, group_ids, with_ids=with_ids)
-        real = (host != 0).nonzero().squeeze(1)
-        multimodal = torch.zeros(items.shape[0], self.encoder.out_features, device=device)
-        if real.numel():
-            rows = to_device(real, device)
-            with self._precision():
-                encoded = self.encoder(*self.inputs.batch(host[real], device), group_ids[rows])
-            multimodal = multimodal.index_put((rows,), encoded.float())
-        present = self.inputs.modalities(host, device)[:, self.present_columns] if self.fills_missing else None
-        return self.recommender.item_vectors(items, multimodal, group_ids, present, with_ids)
+            return [self.recommender.item_vectors(on_device, None, groups, with_ids=with_ids) for groups in groupings]
+        real = (items != 0).nonzero().squeeze(1)
+        rows = to_device(real, device)
+        inputs = self.inputs.batch(items[real], device) if real.numel() else ()
+        present = None
+        if self.fills_missing:
+            present = self.inputs.modalities(items, device).index_select(1, self.present_columns)
+        vectors = []
+        for groups in groupings:
+            multimodal = torch.zeros(items.shape[0], self.encoder.out_features, device=device)
+            if real.numel():
+                with self._precision():
+                    encoded = self.encoder(*inputs, groups.take(real))
+                multimodal = multimodal.index_put((rows,), encoded.float())
+            vectors.append(self.recommender.item_vectors(on_device, multimodal, groups, present, with_ids))
+        return vectors
 
     def personal_rows(self, users: torch.Tensor | None) -> torch.Tensor | None:
         """Rows of the personal embedding for ``users`` (None when the method has none)."""
@@ -187,7 +203,7 @@ class PerpeftModel(nn.Module):
             order = torch.arange(num_items + 1)
         parts = order.split(chunk)
         mine = [parts[index] for index in world.block(len(parts))]
-        rows = [torch.stack([self.item_vectors(part, group) for group in range(self.groups)], dim=1) for part in mine]
+        rows = [self.group_vectors(part) for part in mine]
         local = torch.cat(rows) if rows else torch.zeros(0, self.groups, self.recommender.hidden, device=device)
         ordered = world.gather_rows(local)
         tables = torch.empty_like(ordered)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perpeft.kernels.segments import shared_group
+from perpeft.engine.model.groups import RowGroups
 
 LAYER_NORM_EPS = 1e-8
 MULTIMODAL_WEIGHT = 0.5
@@ -56,27 +56,27 @@ class GroupedProjector(nn.Module):
     def groups(self) -> int:
         return self.w1.shape[0]
 
-    def fill_missing(self, x: torch.Tensor, group_ids: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def fill_missing(self, x: torch.Tensor, groups: RowGroups, present: torch.Tensor) -> torch.Tensor:
         """Replace each missing modality's columns by the group's placeholder; ``present`` is bool ``[N, M]``
         with one column per placeholder, in order."""
         x = x.clone()
-        shared = shared_group(group_ids, self.groups)
+        shared = groups.single
         for column, (name, columns) in enumerate(self.placeholder_columns.items()):
             vectors = self.placeholders[name]
             if shared is not None:
                 fill = vectors[shared].expand(x.shape[0], -1)
             else:  # a one-hot GEMM rather than a gather: see forward
-                fill = F.one_hot(group_ids, self.groups).to(vectors.dtype) @ vectors
+                fill = F.one_hot(groups.ids, self.groups).to(vectors.dtype) @ vectors
             missing = ~present[:, column : column + 1]
             x[:, columns] = torch.where(missing, fill.to(x.dtype), x[:, columns])
         return x
 
-    def forward(self, x: torch.Tensor, group_ids: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, groups: RowGroups, present: torch.Tensor | None = None) -> torch.Tensor:
         if present is not None and self.placeholder_columns:
-            x = self.fill_missing(x, group_ids, present)
+            x = self.fill_missing(x, groups, present)
         rows, hidden, out_features = x.shape[0], self.w1.shape[1], self.w2.shape[1]
-        shared = shared_group(group_ids, self.groups)
-        if shared is not None:  # a group-homogeneous batch (every PerPEFT training batch on the CPU)
+        shared = groups.single
+        if shared is not None:  # a group-homogeneous batch (every PerPEFT training batch)
             h = F.linear(x, self.w1[shared], self.b1[shared])
             h = F.layer_norm(h, (hidden,), self.ln1_weight[shared], self.ln1_bias[shared], LAYER_NORM_EPS)
             h = F.linear(F.relu(h), self.w2[shared], self.b2[shared])
@@ -85,7 +85,7 @@ class GroupedProjector(nn.Module):
         # mask, and per-group vectors picked by a one-hot GEMM. Gathering per-row weights instead would make
         # the backward a scatter-add (index_put_ with accumulate), which is nondeterministic on
         # multi-threaded CPUs; the projector is tiny next to CLIP, so C× its FLOPs cost nothing.
-        select = F.one_hot(group_ids, self.groups).to(x.dtype)
+        select = F.one_hot(groups.ids, self.groups).to(x.dtype)
 
         def own_slice(stacked: torch.Tensor) -> torch.Tensor:
             return (stacked.view(rows, self.groups, -1) * select.unsqueeze(-1)).sum(dim=1)
@@ -239,7 +239,7 @@ class Recommender(nn.Module):
         self,
         items: torch.Tensor,
         multimodal: torch.Tensor | None,
-        group_ids: torch.Tensor,
+        groups: RowGroups,
         present: torch.Tensor | None = None,
         with_ids: bool = True,
     ) -> torch.Tensor:
@@ -251,7 +251,7 @@ class Recommender(nn.Module):
             raise ValueError("an item without an ID embedding needs its multimodal features")
         if self.projector is None or multimodal is None:
             return self.item_embeddings(items)
-        z = MULTIMODAL_WEIGHT * self.projector(multimodal, group_ids, present)
+        z = MULTIMODAL_WEIGHT * self.projector(multimodal, groups, present)
         if with_ids:
             z = z + self.item_embeddings(items)
         return z * (items != 0).unsqueeze(-1).to(z.dtype)

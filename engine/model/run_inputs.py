@@ -15,8 +15,9 @@ from perpeft.engine.features.hidden_states import HiddenStates, load_hidden_stat
 from perpeft.engine.features.inputs import ItemInputs, load_item_inputs
 from perpeft.engine.model.adapters.iisan import GroupedIISAN
 from perpeft.engine.model.encoders import NO_ADAPTERS, FrozenFeatures, GroupedClipEncoder
+from perpeft.engine.model.groups import RowGroups
 from perpeft.engine.model.perpeft import EncoderFactory, ItemInputSource
-from perpeft.engine.runtime.device import resolve_device
+from perpeft.engine.runtime.device import resolve_device, to_device
 from perpeft.engine.runtime.distributed import current_world
 
 
@@ -58,7 +59,7 @@ class ItemIds:
         return self.inputs.modalities(items, device)
 
     def batch(self, items: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
-        return (items.to(device),)
+        return (to_device(items, device),)
 
 
 @torch.no_grad()
@@ -70,8 +71,7 @@ def encode_frozen(
     items = torch.arange(inputs.present.shape[0])
     parts = []
     for chunk in tqdm(items.split(config.encode_batch_size), desc="frozen CLIP", disable=not progress, leave=False):
-        zeros = torch.zeros(chunk.shape[0], dtype=torch.long, device=device)
-        parts.append(encoder(*inputs.batch(chunk, device), zeros).float().cpu())
+        parts.append(encoder(*inputs.batch(chunk, device), RowGroups.one(0, chunk.shape[0], 1, device)).float().cpu())
     features = torch.cat(parts)
     width = bundle.model.config.projection_dim
     return (lambda groups: FrozenFeatures(features, encoder.modalities, width)), ItemIds(inputs)

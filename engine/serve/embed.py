@@ -30,7 +30,7 @@ from perpeft.engine.data.split import last_window, leave_one_out
 from perpeft.engine.errors import InputError
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.runtime.atomic import atomic_write_json, read_json
-from perpeft.engine.runtime.device import resolve_device
+from perpeft.engine.runtime.device import HostCopy, resolve_device
 from perpeft.engine.runtime.distributed import current_world
 from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.runtime.run_lock import holding_run_lock
@@ -65,11 +65,6 @@ def load_model(
     model = PerpeftModel(run.config, make_encoder, inputs, num_items, groups)
     model.load_trainable_state(load_tensors(checkpoint, model.trainable_shapes())[0])
     return model.eval()
-
-
-def item_group_pairs(num_items: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Items ``1..I`` each paired with every group, item-major, so that every batch mixes the groups."""
-    return torch.arange(1, num_items + 1).repeat_interleave(groups), torch.arange(groups).repeat(num_items)
 
 
 class PartialChunks:
@@ -119,8 +114,9 @@ def grouped_item_tables(
     progress: bool = False,
     with_ids: bool = True,
 ) -> torch.Tensor:
-    """Every group's item table ``[C, I+1, d]`` (row 0 zeros, on the CPU), ``batch_size`` pairs per pass;
-    ``with_ids=False`` for items without ID embeddings (`PerpeftModel.item_vectors`).
+    """Every group's item table ``[C, I+1, d]`` (row 0 zeros, on the CPU), about ``batch_size`` (item, group)
+    pairs per pass: ``batch_size // C`` items, whose inputs are copied to the device once and encoded under
+    every group (`PerpeftModel.group_vectors`); ``with_ids=False`` for items without ID embeddings.
 
     With ``chunks``, each batch is a chunk: finished ones are read back, new ones are saved. Under a
     process group each rank encodes a contiguous block of the chunks (the very batches one process
@@ -128,18 +124,31 @@ def grouped_item_tables(
     """
     model.eval()
     world = current_world()
-    items, group_ids = item_group_pairs(num_items, model.groups)
-    batches = list(zip(items.split(batch_size), group_ids.split(batch_size), strict=True))
+    batches = torch.arange(1, num_items + 1).split(max(1, batch_size // model.groups))
     mine = world.block(len(batches))
     parts = [torch.zeros(0, model.recommender.hidden)]
     bar = tqdm(mine, desc="Embedding items", unit="chunk", disable=not progress, leave=False, dynamic_ncols=True)
+    # A chunk's copy back is awaited (and the chunk saved) only after the next chunk's work is queued.
+    copying: tuple[int, HostCopy] | None = None
+
+    def land() -> None:
+        if copying is not None:
+            index, copy = copying
+            parts.append(copy.result())
+            if chunks is not None:
+                chunks.save(index, parts[-1])
+
     for index in bar:
         part = chunks.load(index) if chunks is not None else None
-        if part is None:
-            part = model.item_vectors(*batches[index], with_ids).float().cpu()
-            if chunks is not None:
-                chunks.save(index, part)
-        parts.append(part)
+        if part is not None:
+            land()
+            copying = None
+            parts.append(part)
+            continue
+        encoded = HostCopy.start(model.group_vectors(batches[index], with_ids).flatten(0, 1).float())
+        land()
+        copying = index, encoded
+    land()
     tables = world.gather_rows(torch.cat(parts)).view(num_items, model.groups, -1).transpose(0, 1)
     return torch.cat([tables.new_zeros(model.groups, 1, tables.shape[-1]), tables], dim=1)
 
@@ -188,7 +197,7 @@ def _embed_run(path: Path, batch_size: int | None, overwrite: bool, device: str 
     batch_size = batch_size or config.encode_batch_size
     fingerprint = {
         "checkpoint": hashlib.sha256(checkpoint.read_bytes()).hexdigest(),
-        "batch_size": batch_size,
+        "items_per_pass": max(1, batch_size // config.groups),
         "groups": config.groups,
         "items": dataset.num_items,
         "device": target.type,

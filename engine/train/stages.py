@@ -68,6 +68,50 @@ class EpochResult:
     diverged_at: int | None
 
 
+class LossTally:
+    """An epoch's losses, summed on the device without a host sync per step.
+
+    The first non-finite loss is noted on the device too. The progress bar reads a host copy of the sum
+    that each step starts without waiting (pinned memory on CUDA) and that is read only once it has landed,
+    so the shown mean may trail by a step or two; `result` reads both at the end of the epoch.
+    """
+
+    def __init__(self, device: torch.device, steps: int) -> None:
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.never = steps + 1
+        self.first_bad = torch.full((), self.never, dtype=torch.int64, device=device)
+        self.steps = 0
+        cuda = device.type == "cuda"
+        self._copy = torch.zeros(1, dtype=torch.float64, pin_memory=cuda)
+        self._landed = torch.cuda.Event() if cuda else None
+        self._copied_steps = 0
+        self._shown: float | None = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.steps += 1
+        loss = loss.detach()
+        self.total += loss
+        self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(loss), self.never, self.steps))
+
+    def running_mean(self) -> float | None:
+        """The mean loss as of the last copy that has landed (None before the first), and a new copy started."""
+        if self._landed is None or self._landed.query():
+            if self._copied_steps:
+                # Read through NumPy: the host copy is final, and no tensor op is dispatched for it.
+                self._shown = float(self._copy.numpy()[0]) / self._copied_steps
+            self._copy.copy_(self.total.view(1), non_blocking=True)
+            if self._landed is not None:
+                self._landed.record()
+            self._copied_steps = self.steps
+        return self._shown
+
+    def result(self, world: World) -> EpochResult:
+        """The mean over every rank's steps and the first diverged step: one read of the device, at the end."""
+        sums = world.sum(torch.stack([self.total.cpu(), torch.tensor(float(self.steps), dtype=torch.float64)]))
+        first = int(world.gather_rows(self.first_bad.cpu().view(1)).min())
+        return EpochResult(float(sums[0] / sums[1].clamp(min=1)), first if first < self.never else None)
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -77,26 +121,21 @@ def train_epoch(
     progress: bool,
 ) -> EpochResult:
     """One pass over ``batches``; ``model`` is the PerpeftModel or its DistributedDataParallel wrapper
-    (whose call all-reduces the gradients). The first non-finite loss is noted on the device (no host sync
-    per step) and read with the loss at the end of the epoch."""
+    (whose call all-reduces the gradients). No step waits for the device (`LossTally`)."""
     model.train()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    never = len(batches) + 1
-    first_bad = torch.full((), never, dtype=torch.int64, device=device)
+    tally = LossTally(device, len(batches))
     bar = tqdm(batches, desc=description, unit="batch", disable=not progress, leave=False, dynamic_ncols=True)
-    for steps, batch in enumerate(bar, start=1):
+    for batch in bar:
         loss = model(batch, device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.detach()
-        first_bad = torch.minimum(first_bad, torch.where(torch.isfinite(loss.detach()), never, steps))
+        tally.add(loss)
         if progress:
-            bar.set_postfix(loss=f"{float(total) / steps:.4f}")
-    world = current_world()
-    sums = world.sum(torch.stack([total.cpu(), torch.tensor(float(len(batches)), dtype=torch.float64)]))
-    first = int(world.gather_rows(first_bad.cpu().view(1)).min())
-    return EpochResult(float(sums[0] / sums[1].clamp(min=1)), first if first < never else None)
+            mean = tally.running_mean()
+            if mean is not None:
+                bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
+    return tally.result(current_world())
 
 
 def parameter_groups(model: PerpeftModel, config: RunConfig) -> list[dict[str, Any]]:
@@ -173,11 +212,15 @@ class StageRunner:
             except InputError as error:
                 damage = damage or error
         else:
-            raise InputError(f"{damage}; no earlier checkpoint of this stage is intact: start the run again with --overwrite")
+            raise InputError(
+                f"{damage}; no earlier checkpoint of this stage is intact: start the run again with --overwrite"
+            )
         kept = self._best_epoch(shapes)
         if epoch < completed:
             if self.world.is_main:
-                log.warning("warning: %s; %s resumes from epoch %d, whose checkpoint is intact", damage, self.name, epoch)
+                log.warning(
+                    "warning: %s; %s resumes from epoch %d, whose checkpoint is intact", damage, self.name, epoch
+                )
             progress.best = _best_of(progress.history, kept, epoch)
             progress.history = progress.history[:epoch]
             progress.completed_epochs = epoch
@@ -194,7 +237,9 @@ class StageRunner:
             where = f"its last step ({steps}): the weights are not finite"
         else:
             return
-        rates = f"--lr {self.config.lr:g}" + (f", --id-lr {self.config.id_lr:g}" if self.config.id_lr is not None else "")
+        rates = f"--lr {self.config.lr:g}" + (
+            f", --id-lr {self.config.id_lr:g}" if self.config.id_lr is not None else ""
+        )
         kept = f"epoch {epoch - 1}'s checkpoint is kept" if epoch > 1 else "no epoch of it was saved"
         raise RunError(
             f"{self.run.path}: training diverged in {STAGE_TITLES[self.name]}, epoch {epoch}, at {where}; "

@@ -14,6 +14,7 @@ from perpeft.cli.main import cli
 from perpeft.engine.clip.loading import load_clip
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.data.sources import run_dataset
+from perpeft.engine.model.groups import RowGroups
 from perpeft.engine.model.run_inputs import load_run_inputs
 from perpeft.engine.runtime.run_directory import EMBEDDINGS, RunDirectory
 from perpeft.engine.serve.embed import load_model
@@ -118,7 +119,7 @@ def test_export_loads_in_peft_and_refuses_iisan(demo_run, tmp_path, assert_one_l
     input_ids, attention_mask, pixels = run_inputs.inputs.batch(torch.arange(1, 9), torch.device("cpu"))
     reference = PeftModel.from_pretrained(load_clip(run.config.clip).model, out)
     with torch.no_grad():
-        ours = model.encoder(input_ids, attention_mask, pixels, torch.ones(8, dtype=torch.long))
+        ours = model.encoder(input_ids, attention_mask, pixels, RowGroups.one(1, 8, 2, torch.device("cpu")))
         pixel_values = normalize_pixels(pixels, model.encoder.image_mean, model.encoder.image_std)
         theirs = reference.eval()(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
     torch.testing.assert_close(torch.cat([theirs.image_embeds, theirs.text_embeds], -1), ours)

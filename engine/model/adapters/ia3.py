@@ -24,11 +24,12 @@ class GroupedIA3Linear(nn.Module):
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
+        groups = self.ia3_l.shape[0]
         scaled = grouped_ia3(
             rows,
             self.ia3_l.to(rows.dtype),
-            self.context.row_groups(x),
-            segments=self.context.segments(self.ia3_l.shape[0]),
+            self.context.row_groups(x, groups),
+            segments=self.context.segments(groups),
         )
         return scaled.view(x.shape)
 

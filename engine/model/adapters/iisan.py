@@ -16,9 +16,13 @@ in the paper; they get zero gradient). This is the research code's reading of II
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from perpeft.engine.model.groups import RowGroups
+from perpeft.engine.runtime.device import to_device
 
 INIT_STD = 1e-4
 TEXT, IMAGE, INTER = 0, 1, 2
@@ -37,17 +41,19 @@ class _Packing:
     width: int
 
     @classmethod
-    def of(cls, group_ids: torch.Tensor) -> "_Packing":
-        present, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
-        if present.numel() == 1:
-            group = int(present[0])
-            return cls(slice(group, group + 1), None, group_ids.numel())
+    def of(cls, groups: RowGroups) -> "_Packing":
+        """The layout of ``groups``' rows, worked out on the host; only the row slots go to the device."""
+        if groups.single is not None:
+            return cls(slice(groups.single, groups.single + 1), None, groups.rows)
+        present, inverse, counts = np.unique(groups.host.numpy(), return_inverse=True, return_counts=True)
         width = int(counts.max())
-        order = torch.argsort(inverse, stable=True)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel(), device=order.device)
-        starts = torch.cumsum(counts, 0) - counts
-        return cls(present, inverse * width + rank - starts[inverse], width)
+        order = np.argsort(inverse, kind="stable")
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.size)
+        starts = np.cumsum(counts) - counts
+        device = groups.ids.device
+        slots = torch.from_numpy(inverse * width + rank - starts[inverse])
+        return cls(to_device(torch.from_numpy(present), device), to_device(slots, device), width)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         if self.slots is None:
@@ -96,7 +102,7 @@ def _bottleneck(
 
 
 class GroupedIISAN(nn.Module):
-    """The IISAN side network for C groups: ``forward(text [N, L, T], image [N, L, I], group_ids [N])``
+    """The IISAN side network for C groups: ``forward(text [N, L, T], image [N, L, I], groups)`` (`RowGroups`)
     → ``[N, T + I + T]``. Every group present in a batch is served by the same batched matmuls."""
 
     def __init__(self, groups: int, text_dim: int, image_dim: int, layers: int, bottleneck: int = 32) -> None:
@@ -118,8 +124,8 @@ class GroupedIISAN(nn.Module):
         """Width of concat(text, image, inter), the projector's input."""
         return 2 * self.text_dim + self.image_dim
 
-    def forward(self, text_hidden: torch.Tensor, image_hidden: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-        packing = _Packing.of(group_ids)
+    def forward(self, text_hidden: torch.Tensor, image_hidden: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+        packing = _Packing.of(groups)
         index = packing.index
         text, image = packing.pack(text_hidden), packing.pack(image_hidden)
         gates = torch.sigmoid(self.gates[index])[:, :, :, None, None]  # [P, 3, L, 1, 1]

@@ -77,7 +77,7 @@ class GroupedLoRALinear(nn.Module):
             rows,
             self.lora_A.to(rows.dtype),
             self.lora_B.to(rows.dtype),
-            self.context.row_groups(x),
+            self.context.row_groups(x, groups),
             scaling,
             segments=self.context.segments(groups),
         )

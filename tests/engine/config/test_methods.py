@@ -15,6 +15,7 @@ from perpeft.engine.data.sources import load_dataset, run_dataset
 from perpeft.engine.errors import InputError
 from perpeft.engine.features.inputs import load_item_inputs
 from perpeft.engine.model.encoders import FrozenFeatures, GroupedClipEncoder
+from perpeft.engine.model.groups import RowGroups
 from perpeft.engine.model.params import large_adapter_config, parameter_counts
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.model.recommender import Recommender
@@ -24,6 +25,7 @@ from perpeft.engine.runtime.tensors import load_tensors
 from perpeft.engine.train.pipeline import resume_run, train_new_run
 
 SILENT = dict(report=lambda line: None, progress=False)
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +83,11 @@ def test_frozen_features_are_clip_without_adapters(method_runs: dict[str, Path])
     run = RunDirectory.open(method_runs["frozen-mm"])
     run_inputs = load_run_inputs(run.config, run_dataset(run.config), progress=False)
     items = torch.arange(1, run_inputs.dataset.num_items + 1)
-    frozen = run_inputs.make_encoder(1)(*run_inputs.inputs.batch(items, torch.device("cpu")), items * 0)
+    groups = RowGroups.one(0, len(items), 1, CPU)
+    frozen = run_inputs.make_encoder(1)(*run_inputs.inputs.batch(items, CPU), groups)
     clip = GroupedClipEncoder(load_clip("tiny"), "none", 1).eval()
     with torch.no_grad():
-        direct = clip(*run_inputs.inputs.inputs.batch(items, torch.device("cpu")), items * 0)
+        direct = clip(*run_inputs.inputs.inputs.batch(items, CPU), groups)
     torch.testing.assert_close(frozen, direct)
 
 
@@ -93,8 +96,8 @@ def test_encoder_output_equals_clipmodel_and_drops_a_tower(small_demo: Path) -> 
     dataset = load_dataset(str(small_demo))
     inputs = load_item_inputs(dataset, bundle.tokenizer, bundle.tokenizer_id, bundle.image_size, False)
     items = torch.arange(1, 9)
-    ids, mask, pixels = inputs.batch(items, torch.device("cpu"))
-    groups = torch.zeros(8, dtype=torch.long)
+    ids, mask, pixels = inputs.batch(items, CPU)
+    groups = RowGroups.one(0, 8, 1, CPU)
     both = GroupedClipEncoder(bundle, "lora", 1).eval()
     with torch.no_grad():
         output = bundle.model(
@@ -135,7 +138,7 @@ def test_user_level_embeddings_cover_every_user_and_reach_only_the_appended_elem
     torch.manual_seed(0)
     recommender = Recommender(20, 1, None, personal_rows=5, personal_mode=1).eval()
     items = torch.randint(1, 21, (3, 10))
-    vectors = recommender.item_vectors(items, None, torch.zeros(3, dtype=torch.long))
+    vectors = recommender.item_vectors(items, None, RowGroups.one(0, 3, 1, CPU))
     first = recommender.sequence_output(items, vectors, torch.tensor([1, 2, 3]))
     second = recommender.sequence_output(items, vectors, torch.tensor([4, 2, 3]))
     assert first.shape == (3, 10, 32)
@@ -151,7 +154,7 @@ def test_concatenation_starts_as_the_plain_model() -> None:
     torch.manual_seed(0)
     personal = Recommender(20, 1, None, personal_rows=4, personal_mode=2).eval()
     items = torch.randint(0, 21, (3, 10))
-    vectors = plain.item_vectors(items, None, torch.zeros(3, dtype=torch.long))
+    vectors = plain.item_vectors(items, None, RowGroups.one(0, 3, 1, CPU))
     torch.testing.assert_close(
         personal.sequence_output(items, vectors, torch.tensor([0, 1, 3])), plain.sequence_output(items, vectors)
     )

@@ -8,6 +8,7 @@ from peft import IA3Config, LoraConfig, get_peft_model
 
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.model.encoders import GroupedClipEncoder
+from perpeft.engine.model.groups import RowGroups
 
 GROUPS = 3
 ITEMS = 7
@@ -17,8 +18,8 @@ def _inputs(bundle):
     generator = torch.Generator().manual_seed(1)
     input_ids, attention_mask = bundle.tokenizer([f"golf travel bag {k} red" for k in range(ITEMS)])
     pixels = torch.randint(0, 256, (ITEMS, 3, 16, 16), generator=generator, dtype=torch.uint8)
-    group_ids = torch.tensor([0, 2, 1, 2, 0, 1, 2])
-    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask), pixels, group_ids
+    groups = RowGroups.per_row(torch.tensor([0, 2, 1, 2, 0, 1, 2]), GROUPS, torch.device("cpu"))
+    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask), pixels, groups
 
 
 def _randomise(encoder: GroupedClipEncoder) -> None:
@@ -57,16 +58,16 @@ def test_grouped_adapter_matches_peft_per_group(small_bundle, peft):
     encoder = GroupedClipEncoder(copy.deepcopy(bundle), peft, GROUPS, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0)
     _randomise(encoder)
     encoder.eval()
-    input_ids, attention_mask, pixels, group_ids = _inputs(bundle)
+    input_ids, attention_mask, pixels, groups = _inputs(bundle)
     weights = torch.randn(ITEMS, 2 * bundle.model.config.projection_dim, generator=torch.Generator().manual_seed(3))
 
-    ours = encoder(input_ids, attention_mask, pixels, group_ids)
+    ours = encoder(input_ids, attention_mask, pixels, groups)
     (ours * weights).sum().backward()
     our_grads = {name: parameter.grad for name, parameter in encoder.adapter_state().items()}
 
     checked = 0
     for group in range(GROUPS):
-        rows = group_ids == group
+        rows = groups.host == group
         reference_model = _peft_model(bundle, peft, encoder, group)
         output = reference_model(
             input_ids=input_ids[rows],
@@ -90,9 +91,9 @@ def test_grouped_adapter_matches_peft_per_group(small_bundle, peft):
 
 def test_adapters_start_as_identity(small_bundle):
     """LoRA B = 0 and (IA)3 = 1 at init: the adapted CLIP equals the frozen one, as in peft."""
-    input_ids, attention_mask, pixels, group_ids = _inputs(small_bundle)
+    input_ids, attention_mask, pixels, groups = _inputs(small_bundle)
     frozen = GroupedClipEncoder(copy.deepcopy(small_bundle), "none", GROUPS).eval()
-    expected = frozen(input_ids, attention_mask, pixels, group_ids)
+    expected = frozen(input_ids, attention_mask, pixels, groups)
     for peft in ("lora", "ia3"):
         encoder = GroupedClipEncoder(copy.deepcopy(small_bundle), peft, GROUPS).eval()
-        torch.testing.assert_close(encoder(input_ids, attention_mask, pixels, group_ids), expected)
+        torch.testing.assert_close(encoder(input_ids, attention_mask, pixels, groups), expected)

@@ -13,8 +13,10 @@ from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
 from perpeft.engine.features.inputs import ItemInputs
 from perpeft.engine.model.encoders import GroupedClipEncoder
+from perpeft.engine.model.groups import RowGroups
 
 TOKENS, BOS, EOS, VOCAB, ITEMS, GROUPS = 77, 510, 511, 512, 40, 3
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +84,11 @@ def test_a_mask_with_gaps_is_kept(inputs: ItemInputs, tmp_path: Path) -> None:
 
 def test_cut_token_columns_give_the_untrimmed_item_vectors(inputs: ItemInputs, encoder: GroupedClipEncoder) -> None:
     items = torch.arange(ITEMS + 1)
-    groups = items % GROUPS
+    groups = RowGroups.per_row(items % GROUPS, GROUPS, CPU)
     with torch.no_grad():
         untrimmed = encoder(*full_width(inputs, items), groups)
-        trimmed = encoder(*inputs.batch(items, torch.device("cpu")), groups)
-        smaller_batch = encoder(*inputs.batch(items[:5], torch.device("cpu")), groups[:5])
+        trimmed = encoder(*inputs.batch(items, CPU), groups)
+        smaller_batch = encoder(*inputs.batch(items[:5], CPU), groups.take(torch.arange(5)))
     torch.testing.assert_close(trimmed, untrimmed, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(smaller_batch, untrimmed[:5], rtol=1e-5, atol=1e-6)
 
@@ -98,7 +100,7 @@ def test_item_vectors_equal_stock_clip_features(inputs: ItemInputs, bundle: Clip
     encoder = GroupedClipEncoder(bundle, "none", 1).eval()
     stock = bundle.model.eval()
     with torch.no_grad():
-        vectors = encoder(*inputs.batch(items, torch.device("cpu")), torch.zeros_like(items))
+        vectors = encoder(*inputs.batch(items, CPU), RowGroups.one(0, len(items), 1, CPU))
         pixel_values = normalize_pixels(pixels, encoder.image_mean, encoder.image_std)
         image = stock.get_image_features(pixel_values=pixel_values)
         text = stock.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
@@ -118,5 +120,5 @@ def test_a_tower_the_encoder_never_runs_has_no_adapters(
     trainable = [name for name, parameter in encoder.named_parameters() if parameter.requires_grad]
     assert trainable and not [name for name in trainable if f".{unused}." in f".{name}"]
     items = torch.arange(1, 9)
-    encoder(*full_width(inputs, items), items % GROUPS).sum().backward()
+    encoder(*full_width(inputs, items), RowGroups.per_row(items % GROUPS, GROUPS, CPU)).sum().backward()
     assert all(parameter.grad is not None for parameter in encoder.parameters() if parameter.requires_grad)

@@ -29,6 +29,7 @@ from perpeft.engine.features.hidden_states import (
 )
 from perpeft.engine.features.inputs import load_item_inputs
 from perpeft.engine.model.adapters.iisan import GroupedIISAN
+from perpeft.engine.model.groups import RowGroups
 from perpeft.engine.model.params import parameter_counts
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.model.run_inputs import iisan_encoder_factory, load_run_inputs
@@ -99,7 +100,8 @@ def count_builds(monkeypatch) -> list[int]:
 
 def test_shapes_and_parameter_count():
     side = GroupedIISAN(3, 12, 20, 4, bottleneck=5)
-    out = side(torch.randn(6, 4, 12), torch.randn(6, 4, 20), torch.tensor([0, 2, 1, 2, 0, 0]))
+    groups = RowGroups.per_row(torch.tensor([0, 2, 1, 2, 0, 0]), 3, CPU)
+    out = side(torch.randn(6, 4, 12), torch.randn(6, 4, 20), groups)
     assert out.shape == (6, side.out_features) == (6, 12 + 20 + 12)
     assert sum(p.numel() for p in side.parameters()) == 3 * per_group_parameters(12, 20, 4, bottleneck=5)
     with torch.device("meta"):
@@ -140,14 +142,14 @@ def test_mixed_group_batch_equals_each_group_alone():
     group_ids = torch.tensor([2, 0, 2, 1, 0, 2, 2, 1, 0])
     weights = torch.randn(9, side.out_features)
 
-    mixed = side(text, image, group_ids)
+    mixed = side(text, image, RowGroups.per_row(group_ids, 4, CPU))
     (mixed * weights).sum().backward()
     mixed_grads = [p.grad.clone() for p in side.parameters()]
     side.zero_grad()
     total = 0
     for group in range(3):
         rows = group_ids == group
-        alone = side(text[rows], image[rows], group_ids[rows])
+        alone = side(text[rows], image[rows], RowGroups.per_row(group_ids[rows], 4, CPU))
         torch.testing.assert_close(mixed[rows], alone)
         torch.testing.assert_close(alone, reference_iisan(side, group, text[rows], image[rows]))
         total = total + (alone * weights[rows]).sum()

@@ -6,6 +6,7 @@ import torch
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.demo import DemoSpec, generate_demo
 from perpeft.engine.data.formats import load_recbole
+from perpeft.engine.model.groups import RowGroups
 from perpeft.engine.model.recommender import GroupedProjector
 from perpeft.engine.runtime.tensors import load_tensors
 from perpeft.engine.train.pipeline import train_new_run
@@ -18,9 +19,12 @@ def test_placeholder_replaces_only_the_missing_columns_of_each_group():
         projector.placeholders["title"].copy_(torch.tensor([[3.0] * 4, [4.0] * 4]))
     x = torch.zeros(3, 8)
     present = torch.tensor([[False, True], [True, False], [True, True]])
-    filled = projector.fill_missing(x, torch.tensor([1, 0, 1]), present)
+    filled = projector.fill_missing(x, RowGroups.per_row(torch.tensor([1, 0, 1]), 2, torch.device("cpu")), present)
     expected = torch.tensor([[2.0] * 4 + [0.0] * 4, [0.0] * 4 + [3.0] * 4, [0.0] * 8])
     torch.testing.assert_close(filled, expected)
+    one_group = projector.fill_missing(x, RowGroups.one(1, 3, 2, torch.device("cpu")), present)
+    expected = torch.tensor([[2.0] * 4 + [0.0] * 4, [0.0] * 4 + [4.0] * 4, [0.0] * 8])
+    torch.testing.assert_close(one_group, expected)
     assert sum(p.numel() for p in projector.placeholders.parameters()) == 2 * 8
 
 

@@ -5,8 +5,12 @@ import math
 import pytest
 import torch
 
+from perpeft.engine.model import recommender as recommender_module
+from perpeft.engine.model.groups import RowGroups
 from perpeft.engine.model.params import parameter_counts
 from perpeft.engine.model.recommender import GroupedProjector, Recommender, SASRec
+
+CPU = torch.device("cpu")
 
 
 def test_sasrec_parameter_count_and_shapes():
@@ -30,7 +34,7 @@ def test_item_vector_is_half_multimodal_plus_id_and_padding_is_zero():
     recommender = Recommender(num_items=20, groups=2, multimodal_dim=16)
     items = torch.tensor([0, 3, 7])
     multimodal = torch.randn(3, 16)
-    groups = torch.tensor([1, 1, 0])
+    groups = RowGroups.per_row(torch.tensor([1, 1, 0]), 2, CPU)
     z = recommender.item_vectors(items, multimodal, groups)
     expected = 0.5 * recommender.projector(multimodal, groups) + recommender.item_embeddings(items)
     torch.testing.assert_close(z[1:], expected[1:])
@@ -61,11 +65,14 @@ def test_grouped_projector_rows_use_their_own_group():
     projector = GroupedProjector(groups=3, in_features=16, hidden=8, out_features=4)
     x = torch.randn(6, 16)
     groups = torch.tensor([2, 0, 1, 1, 2, 0])
-    mixed = projector(x, groups)
+    mixed = projector(x, RowGroups.per_row(groups, 3, CPU))
     for group in range(3):
         single = one_group_of(projector, group)
         rows = groups == group
-        torch.testing.assert_close(mixed[rows], single(x[rows], torch.zeros(int(rows.sum()), dtype=torch.long)))
+        alone = single(x[rows], RowGroups.one(0, int(rows.sum()), 1, CPU))
+        torch.testing.assert_close(mixed[rows], alone)
+        # The single-group path of the 3-group projector gives the same rows.
+        torch.testing.assert_close(projector(x[rows], RowGroups.one(group, int(rows.sum()), 3, CPU)), alone)
 
 
 def test_grouped_projector_gradients_equal_each_groups_own_and_repeat_bitwise():
@@ -77,26 +84,60 @@ def test_grouped_projector_gradients_equal_each_groups_own_and_repeat_bitwise():
     groups = torch.randint(0, 4, (4096,))
     weights = torch.randn(4096, 32)
 
-    def gradients(model: GroupedProjector, rows: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
+    def gradients(model: GroupedProjector, rows: torch.Tensor, ids: RowGroups) -> list[torch.Tensor]:
         model.zero_grad()
         (model(x[rows], ids) * weights[rows]).sum().backward()
         return [parameter.grad.clone() for parameter in model.parameters()]
 
     everyone = torch.ones(4096, dtype=torch.bool)
-    mixed = gradients(projector, everyone, groups)
+    mixed = gradients(projector, everyone, RowGroups.per_row(groups, 4, CPU))
     threads = torch.get_num_threads()
     torch.set_num_threads(max(2, threads))
     try:
         for _ in range(5):
-            again = gradients(projector, everyone, groups)
+            again = gradients(projector, everyone, RowGroups.per_row(groups, 4, CPU))
             assert all(torch.equal(a, b) for a, b in zip(mixed, again, strict=True))
     finally:
         torch.set_num_threads(threads)
     for group in range(4):
         rows = groups == group
-        own = gradients(one_group_of(projector, group), rows, torch.zeros(int(rows.sum()), dtype=torch.long))
+        own = gradients(one_group_of(projector, group), rows, RowGroups.one(0, int(rows.sum()), 1, CPU))
         for mixed_grad, own_grad in zip(mixed, own, strict=True):
             torch.testing.assert_close(mixed_grad[group : group + 1], own_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_projector_takes_the_single_group_path_off_the_cpu(monkeypatch):
+    """A homogeneous batch on a device other than the CPU (``meta`` here: no accelerator needed) skips the
+    one-hot GEMMs, placeholders included: its group is known on the host. A mixed batch there uses them."""
+    meta, groups, rows = torch.device("meta"), 3, 5
+    with meta:
+        projector = GroupedProjector(groups, 16, 8, 4, placeholders={"image": slice(0, 8), "title": slice(8, 16)})
+    x = torch.randn(rows, 16, device=meta)
+    present = torch.ones(rows, 2, dtype=torch.bool, device=meta)
+    one_hot = recommender_module.F.one_hot
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("one_hot on a group-homogeneous batch")
+
+    monkeypatch.setattr(recommender_module.F, "one_hot", refuse)
+    homogeneous = RowGroups.one(1, rows, groups, meta)
+    assert homogeneous.ids.device.type == "meta"
+    for out in (projector(x, homogeneous), projector(x, homogeneous, present)):
+        assert out.shape == (rows, 4) and out.device.type == "meta"
+
+    mixed = RowGroups.per_row(torch.tensor([0, 2, 1, 2, 0]), groups, meta)
+    with pytest.raises(AssertionError, match="one_hot"):
+        projector(x, mixed)
+    calls = []
+
+    def recording(ids, num_classes):
+        calls.append((ids, num_classes))
+        return one_hot(ids, num_classes)
+
+    monkeypatch.setattr(recommender_module.F, "one_hot", recording)
+    out = projector(x, mixed, present)
+    assert out.shape == (rows, 4) and out.device.type == "meta"
+    assert calls and all(ids is mixed.ids and num_classes == groups for ids, num_classes in calls)
 
 
 def test_parameter_counts_match_paper_table_8():

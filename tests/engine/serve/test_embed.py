@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.device_traffic import DEVICE, DeviceTraffic
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import last_window, leave_one_out
@@ -14,7 +15,7 @@ from perpeft.engine.model.run_inputs import load_run_inputs
 from perpeft.engine.runtime.run_directory import EMBEDDINGS, RunDirectory
 from perpeft.engine.runtime.tensors import load_tensors
 from perpeft.engine.serve import embed as embed_module
-from perpeft.engine.serve.embed import PartialChunks, embed_run, item_group_pairs, load_embeddings, load_model
+from perpeft.engine.serve.embed import PartialChunks, embed_run, grouped_item_tables, load_embeddings, load_model
 
 
 class Interrupt(Exception):
@@ -36,10 +37,22 @@ def reference(demo_run) -> dict:
     return {"dataset": dataset, "tables": tables, "users": users, **grouping}
 
 
-def test_pairs_are_item_major_so_every_batch_mixes_groups():
-    items, groups = item_group_pairs(3, 2)
-    assert items.tolist() == [1, 1, 2, 2, 3, 3]
-    assert groups.tolist() == [0, 1, 0, 1, 0, 1]
+def test_each_item_s_inputs_go_to_the_device_once_for_all_its_groups(demo_run, reference):
+    run = RunDirectory.open(demo_run)
+    config = run.config
+    run_inputs = load_run_inputs(config, run_dataset(config), progress=False)
+    inputs, items = run_inputs.inputs, run_inputs.dataset.num_items
+    model = load_model(run, run.best_checkpoint("perpeft"), config.groups, items, run_inputs).to(DEVICE)
+    with DeviceTraffic() as traffic:
+        grouped_item_tables(model, items, batch_size=10)
+    assert config.groups == 2 and not traffic.blocking_copies
+    # What comes back is each chunk's vectors, once (on CUDA without waiting: `HostCopy`, awaited a chunk later).
+    (copy_back,) = traffic.syncs
+    assert "device-to-host copy at engine/runtime/device.py" in copy_back
+    assert traffic.syncs[copy_back] == -(-items // (10 // config.groups))
+    pixels, tokens = inputs.pixels[0].nbytes, inputs.input_ids[0].nbytes + inputs.attention_mask[0].nbytes
+    # Per item: its pixels and at most its full token row once, plus a few int64 ids (item, row, presence).
+    assert items * pixels <= traffic.copied_bytes <= items * (pixels + tokens + 64)
 
 
 def test_tables_users_and_files(demo_run, reference):

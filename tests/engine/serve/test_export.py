@@ -13,6 +13,7 @@ from perpeft.engine.clip.loading import load_clip
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
+from perpeft.engine.model.groups import RowGroups
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.model.run_inputs import clip_encoder_factory
 from perpeft.engine.runtime.run_directory import RunDirectory
@@ -54,7 +55,9 @@ def test_exported_adapter_equals_engine_encoder(tmp_path, items, peft):
     input_ids, attention_mask, pixels = items
     pixel_values = normalize_pixels(pixels, model.encoder.image_mean, model.encoder.image_std)
     with torch.no_grad():
-        ours = model.encoder(input_ids, attention_mask, pixels, ITEM_GROUPS)
+        ours = model.encoder(
+            input_ids, attention_mask, pixels, RowGroups.per_row(ITEM_GROUPS, GROUPS, torch.device("cpu"))
+        )
         frozen = clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
     assert not torch.allclose(ours, torch.cat([frozen.image_embeds, frozen.text_embeds], -1), atol=1e-3)
 

@@ -5,24 +5,30 @@ import copy
 import pytest
 import torch
 
-from perpeft.engine.model.adapters import context as context_module
+from perpeft.engine.model import groups as groups_module
 from perpeft.engine.model.adapters import ia3 as ia3_module
 from perpeft.engine.model.adapters import lora as lora_module
 from perpeft.engine.model.adapters.context import GroupContext
 from perpeft.engine.model.encoders import GroupedClipEncoder
+from perpeft.engine.model.groups import RowGroups
 from perpeft.kernels.segments import GroupSegments
 
+CPU = torch.device("cpu")
 GROUPS = 3
 # Items per group: 0 -> 2, 1 -> 1, 2 -> 2; group 2 comes first, so the sort order is not the identity.
 ITEM_GROUPS = [2, 0, 1, 2, 0]
 ADAPTED_LAYERS = {"lora": 2 * 2 * 2, "ia3": 2 * 2 * 3}  # towers x layers x targets (small CLIP)
 
 
-def _inputs(bundle) -> tuple[torch.Tensor, ...]:
+def _groups(item_groups: list[int] = ITEM_GROUPS) -> RowGroups:
+    return RowGroups.per_row(torch.tensor(item_groups), GROUPS, CPU)
+
+
+def _inputs(bundle) -> tuple[torch.Tensor | RowGroups, ...]:
     input_ids, attention_mask = bundle.tokenizer([f"red golf bag {k}" for k in range(len(ITEM_GROUPS))])
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (len(ITEM_GROUPS), 3, 16, 16), generator=generator, dtype=torch.uint8)
-    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask), pixels, torch.tensor(ITEM_GROUPS)
+    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask), pixels, _groups()
 
 
 def _randomised(bundle, peft: str) -> GroupedClipEncoder:
@@ -34,21 +40,68 @@ def _randomised(bundle, peft: str) -> GroupedClipEncoder:
     return encoder.eval()
 
 
-def test_segments_are_item_level_cached_per_group_count_and_reset_per_batch() -> None:
+def test_segments_are_item_level_built_once_per_batch_and_reset_per_batch() -> None:
     context = GroupContext()
-    context.set(torch.tensor(ITEM_GROUPS))
+    groups = _groups()
+    context.set(groups)
     segments = context.segments(GROUPS)
+    assert segments is groups.segments
     assert segments is context.segments(GROUPS)
     assert segments.order.tolist() == [1, 4, 2, 0, 3]
     assert segments.counts.tolist() == [2, 1, 2]
     assert segments.offsets.tolist() == [0, 2, 3, 5]
     assert segments.rows_per_id(len(ITEM_GROUPS) * 7) == 7  # token rows of any tower
-    assert context.segments(GROUPS + 1).num_groups == GROUPS + 1
-    context.set(torch.tensor(ITEM_GROUPS))
+    assert segments.num_groups == GROUPS
+    with pytest.raises(ValueError, match=f"adapter of {GROUPS + 1} groups got a batch of {GROUPS} groups"):
+        context.segments(GROUPS + 1)
+    with pytest.raises(ValueError, match=f"adapter of {GROUPS + 1} groups"):
+        context.row_groups(torch.zeros(len(ITEM_GROUPS), 4, 2), GROUPS + 1)
+    context.set(_groups())
     assert context.segments(GROUPS) is not segments
     context.clear()
-    with pytest.raises(RuntimeError, match="no group ids set"):
-        context.segments(GROUPS)
+    for ask in (context.segments, context.shared_group):
+        with pytest.raises(RuntimeError, match="no groups set"):
+            ask(GROUPS)
+
+
+def test_row_groups_repeat_each_items_group_per_token_and_are_cached_per_length() -> None:
+    context = GroupContext()
+    context.set(_groups())
+    text = context.row_groups(torch.zeros(len(ITEM_GROUPS), 3, 8), GROUPS)
+    assert text.tolist() == [group for group in ITEM_GROUPS for _ in range(3)]
+    assert context.row_groups(torch.zeros(len(ITEM_GROUPS), 3, 2), GROUPS) is text
+    assert context.row_groups(torch.zeros(len(ITEM_GROUPS), 8), GROUPS).tolist() == ITEM_GROUPS
+    context.set(_groups())
+    assert context.row_groups(torch.zeros(len(ITEM_GROUPS), 3, 8), GROUPS) is not text
+
+
+def test_row_groups_know_the_single_group_on_the_host() -> None:
+    assert RowGroups.per_row(torch.tensor([1, 1, 1]), GROUPS, CPU).single == 1
+    assert RowGroups.per_row(torch.tensor(ITEM_GROUPS), GROUPS, CPU).single is None
+    assert RowGroups.per_row(torch.zeros(4, dtype=torch.long), 1, CPU).single == 0
+    one = RowGroups.one(2, 4, GROUPS, CPU)
+    assert (one.single, one.rows, one.host.tolist(), one.ids.tolist()) == (2, 4, [2] * 4, [2] * 4)
+    assert RowGroups.of(2, 4, GROUPS, CPU).single == 2
+    assert RowGroups.of(torch.tensor(ITEM_GROUPS), 5, GROUPS, CPU).host.tolist() == ITEM_GROUPS
+    mixed = _groups()
+    assert mixed.take(torch.tensor([0, 3])).single == 2  # a homogeneous subset knows its group
+    assert mixed.take(torch.tensor([1, 2])).host.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="host"):
+        RowGroups.per_row(torch.tensor(ITEM_GROUPS, device="meta"), GROUPS, CPU)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        RowGroups.per_row(torch.tensor([0, 3]), GROUPS, CPU)
+    with pytest.raises(ValueError, match="5 rows"):
+        RowGroups.of(torch.tensor([0, 1]), 5, GROUPS, CPU)
+
+
+def test_shared_group_is_the_batchs_single_group_known_on_the_host() -> None:
+    context = GroupContext()
+    context.set(_groups())
+    assert context.shared_group(GROUPS) is None
+    context.set(_groups([1, 1, 1]))
+    assert context.shared_group(GROUPS) == 1
+    context.set(RowGroups.one(2, 4, GROUPS, CPU))
+    assert context.shared_group(GROUPS) == 2
 
 
 @pytest.mark.parametrize("peft", ["lora", "ia3"])
@@ -58,13 +111,13 @@ def test_one_segmentation_per_forward_shared_by_every_adapted_layer(
     built: list[GroupSegments] = []
     seen: list[tuple[int, GroupSegments]] = []
 
-    segment_groups = context_module.segment_groups
+    segment_groups = groups_module.segment_groups
 
     def counting_segment_groups(group_ids: torch.Tensor, num_groups: int) -> GroupSegments:
         built.append(segment_groups(group_ids, num_groups))
         return built[-1]
 
-    monkeypatch.setattr(context_module, "segment_groups", counting_segment_groups)
+    monkeypatch.setattr(groups_module, "segment_groups", counting_segment_groups)
     module, name = (lora_module, "grouped_lora") if peft == "lora" else (ia3_module, "grouped_ia3")
     op = getattr(module, name)
 
@@ -83,8 +136,9 @@ def test_one_segmentation_per_forward_shared_by_every_adapted_layer(
     rows_per_item = {built[0].rows_per_id(rows) for rows, _ in seen}
     assert rows_per_item == {12, 5}  # text tokens, vision patches + CLS: both towers read the one object
 
-    encoder(*inputs)
+    encoder(*inputs[:3], _groups())  # the next batch: its own groups, segmented once
     assert len(built) == 2
+    assert len(seen) == 2 * ADAPTED_LAYERS[peft]
     assert all(segments is built[1] for _, segments in seen[ADAPTED_LAYERS[peft] :])
 
 

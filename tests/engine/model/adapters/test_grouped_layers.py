@@ -7,6 +7,9 @@ from torch import nn
 from perpeft.engine.model.adapters.context import GroupContext
 from perpeft.engine.model.adapters.ia3 import GroupedIA3Linear
 from perpeft.engine.model.adapters.lora import GroupedLoRALinear
+from perpeft.engine.model.groups import RowGroups
+
+CPU = torch.device("cpu")
 
 GROUPS, RANK, ALPHA, TOKENS, WIDTH_IN, WIDTH_OUT = 4, 2, 6.0, 3, 8, 5
 ITEM_GROUPS = {"mixed": [3, 0, 3, 1, 0], "one_group": [2, 2, 2, 2, 2]}
@@ -17,7 +20,7 @@ def _layer_inputs(case: str) -> tuple[nn.Linear, GroupContext, torch.Tensor, tor
     base = nn.Linear(WIDTH_IN, WIDTH_OUT).requires_grad_(False)
     context = GroupContext()
     items = torch.tensor(ITEM_GROUPS[case])
-    context.set(items)
+    context.set(RowGroups.per_row(items, GROUPS, CPU))
     x = torch.randn(len(items), TOKENS, WIDTH_IN, requires_grad=True)
     return base, context, x, items.repeat_interleave(TOKENS).view(len(items), TOKENS)
 
@@ -64,7 +67,7 @@ def test_lora_dropout_keeps_inputs_with_probability_1_minus_p_and_rescales_them(
     keep = 1 - p for p on the 2⁻¹⁶ grid of the mask draws (0.1 rounds up to 6,554 / 65,536)."""
     p, items, tokens, width = 0.1, 64, 16, 32
     context = GroupContext()
-    context.set(torch.arange(items) % GROUPS)
+    context.set(RowGroups.per_row(torch.arange(items) % GROUPS, GROUPS, CPU))
     base = nn.Linear(width, 1, bias=False).requires_grad_(False)
     nn.init.zeros_(base.weight)
     layer = GroupedLoRALinear(base, GROUPS, 1, 1.0, p, context)
