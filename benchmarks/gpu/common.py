@@ -6,9 +6,7 @@ RESULTS.md measures on its own. `synthetic_inputs` returns the engine's own `Ite
 take its pinned, non-blocking copy path) and `synthetic_dataset` its `Dataset`.
 """
 
-import argparse
 import dataclasses
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +25,9 @@ from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.dataset import Dataset
 from perpeft.engine.features.inputs import ItemInputs
 
-from . import SMOKE_NOTE
+from .figures import Figures as Figures  # re-exported: the steps take them from here
+from .figures import device_label
+from .figures import step_arguments as step_arguments
 
 # Distinct random images behind the catalog's pixels (repeated): content does not matter for timing.
 IMAGE_POOL = 2048
@@ -178,7 +178,7 @@ def check_device(smoke: bool) -> torch.device:
 
 def device_name(device: torch.device) -> str:
     """What every figure names: the GPU's name, or ``cpu (smoke)``."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
+    return device_label(device)
 
 
 def synchronize(device: torch.device) -> None:
@@ -195,65 +195,3 @@ def stopwatch() -> Iterator[dict[str, float]]:
         yield clock
     finally:
         clock["seconds"] = time.perf_counter() - started
-
-
-class Figures:
-    """One step's figures, each tagged with the device, saved as JSON for `report` after every change (a
-    step killed by its timeout keeps what it measured; ``complete`` is set only by `finish`)."""
-
-    def __init__(self, step: str, device: torch.device, smoke: bool, path: Path | None) -> None:
-        self.step = step
-        self.device = device_name(device)
-        self.smoke = smoke
-        self.path = path
-        self.figures: list[dict[str, Any]] = []
-        self.details: dict[str, Any] = {}
-        self.ok = True
-        self.complete = False
-
-    def add(self, name: str, value: Any, unit: str = "", note: str = "") -> None:
-        """Record a figure, print it as one line, save."""
-        if isinstance(value, float):
-            value = round(value, 6)
-        print(f"[{self.step}] {name}: {value} {unit}  ({self.device}){'  - ' + note if note else ''}", flush=True)
-        if self.smoke:
-            note = f"{note}; {SMOKE_NOTE}" if note else SMOKE_NOTE
-        self.figures.append({"name": name, "value": value, "unit": unit, "device": self.device, "note": note})
-        self.save()
-
-    def fail(self, reason: str) -> None:
-        """Mark the step failed (its module then exits 1), keeping the figures gathered so far."""
-        self.ok = False
-        self.details.setdefault("failures", []).append(reason)
-        print(f"[{self.step}] FAILED: {reason}", flush=True)
-        self.save()
-
-    def save(self) -> None:
-        """Write the JSON (when the step has a path)."""
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "step": self.step,
-            "device": self.device,
-            "smoke": self.smoke,
-            "ok": self.ok,
-            "complete": self.complete,
-            "figures": self.figures,
-            "details": self.details,
-        }
-        self.path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-    def finish(self) -> int:
-        """Save as complete and return the step's exit status."""
-        self.complete = True
-        self.save()
-        return 0 if self.ok else 1
-
-
-def step_arguments(description: str) -> argparse.ArgumentParser:
-    """The options every step takes: ``--out`` (its JSON) and ``--smoke``."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", type=Path, default=None, help="Write the step's figures to this JSON file.")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny random CLIP: prove the code path only.")
-    return parser

@@ -1,7 +1,8 @@
 """The GPU check's first step: is there a CUDA GPU, and what are the machine and the software.
 
 ``--cuda-only``: exit 2 with one line when torch is missing or sees no CUDA GPU (the script's gate,
-before anything expensive). Otherwise also record the device (name, capability, memory, driver, MIG mode
+before anything expensive); else print the number of CUDA devices (the script runs the 2-rank NCCL step
+when there are two or more) and exit 0. Otherwise also record the device (name, capability, memory, driver, MIG mode
 from nvidia-smi), CPU count and the versions of Python, torch, CUDA, cuDNN, NCCL, Triton, transformers,
 pytest and pytest-benchmark into ``env.json``; exit 1 when a package the check needs is missing.
 Imports nothing of the engine, so it runs before the project is installed.
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print(problem, file=sys.stderr)
         return 2
     if args.cuda_only:
+        import torch
+
+        print(torch.cuda.device_count())
         return 0
     return write(environment(), args.out)
 
@@ -111,7 +115,9 @@ def write(record: dict[str, Any], out: Path | None) -> int:
     print("versions: " + ", ".join(f"{name} {version}" for name, version in record["versions"].items()))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        temporary = out.with_name(f".{out.name}.tmp")
+        temporary.write_text(json.dumps(record, indent=2) + "\n")
+        temporary.replace(out)  # atomically: the report may read it at any moment
     if missing:
         print(f"missing packages: {', '.join(missing)}", file=sys.stderr)
         return 1
