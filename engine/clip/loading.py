@@ -62,6 +62,10 @@ def _load_directory(path: Path, source: str) -> ClipBundle:
         model = CLIPModel.from_pretrained(path, local_files_only=True)
     except Exception as error:
         raise InputError(f"{path}: cannot load a CLIPModel ({type(error).__name__}: {error})") from None
+    if getattr(model, "use_kernels", False):
+        # Transformers >= 5 turns on Hub kernels by default: layers swapped for kernels fetched from the
+        # Hub on first use, again at every train()/eval() switch. The engine runs torch's layers and its own.
+        model.use_kernels = False
     image_size = model.config.vision_config.image_size
     mean, std = CLIP_MEAN, CLIP_STD
     preprocessor = path / "preprocessor_config.json"
