@@ -49,7 +49,9 @@ def test_load_recbole_250k_interactions(benchmark, interactions: Path) -> None:
 def test_sampler_epoch_25k_users_group_negatives(benchmark) -> None:
     rng = np.random.default_rng(12)
     items = 15_000
-    train = [np.empty(0, dtype=np.int64)] + [rng.integers(1, items + 1, size=rng.integers(0, 21)) for _ in range(25_000)]
+    train = [np.empty(0, dtype=np.int64)] + [
+        rng.integers(1, items + 1, size=rng.integers(0, 21)) for _ in range(25_000)
+    ]
     groups = rng.integers(0, 8, size=len(train))
     sampler = TrainSampler(train, items, maxlen=10, batch_size=16, user_groups=groups, group_negatives=True)
     batches = benchmark(sampler.epoch, np.random.default_rng(13))

@@ -330,4 +330,3 @@ def generate_demo(out_dir: Path, seed: int, spec: DemoSpec = DemoSpec()) -> Path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-

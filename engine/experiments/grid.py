@@ -212,7 +212,10 @@ def select_by_validation(finished: list[Finished]) -> tuple[list[Finished], list
 
 def _check_cell(config: RunConfig, path: Path) -> None:
     """InputError when ``path`` holds a run of another configuration (the grid's --out is another grid's)."""
-    if RunDirectory.holds_run(path) and RunDirectory.open(path).config != trained_config(config, run_dataset(config))[0]:
+    if (
+        RunDirectory.holds_run(path)
+        and RunDirectory.open(path).config != trained_config(config, run_dataset(config))[0]
+    ):
         raise InputError(f"{path}: holds a run of another configuration; use another --out")
 
 

@@ -44,8 +44,14 @@ def holding_run_lock(directory: Path) -> Iterator[None]:
             ) from None
         left = _holder(handle)
         if left:
-            log.warning("warning: %s: took over the lock left by %s, which ended without releasing it", directory, _describe(left))
-        _write_holder(handle, {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "command": _command()})
+            log.warning(
+                "warning: %s: took over the lock left by %s, which ended without releasing it",
+                directory,
+                _describe(left),
+            )
+        _write_holder(
+            handle, {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "command": _command()}
+        )
         try:
             yield
         finally:

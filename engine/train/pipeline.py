@@ -118,7 +118,9 @@ def run_pipeline(
 
     if method.two_stage:
         if state.grouping is None:
-            global_stage.model.load_trainable_state(load_tensors(run.snapshot, global_stage.model.trainable_shapes())[0])
+            global_stage.model.load_trainable_state(
+                load_tensors(run.snapshot, global_stage.model.trainable_shapes())[0]
+            )
             assignment, centroids = fit_groups(global_stage.model, split, dataset.num_items, config)
             if world.is_main:
                 grouping = {"assignment": torch.from_numpy(assignment), "centroids": centroids}

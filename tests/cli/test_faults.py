@@ -260,6 +260,8 @@ def test_a_damaged_file_of_a_finished_run_is_refused_by_its_readers(
     path = embedded_copy / damaged
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     item = json.loads((embedded_copy / "embeddings" / "ids.json").read_text())["items"][1]
-    result = CliRunner().invoke(cli, [command[0], "--run", str(embedded_copy), *(item if a == "ITEM" else a for a in command[1:])])
+    result = CliRunner().invoke(
+        cli, [command[0], "--run", str(embedded_copy), *(item if a == "ITEM" else a for a in command[1:])]
+    )
     assert result.exit_code == 2, result.output
     one_line(result.stderr, f"{path}: damaged or unreadable")

@@ -230,5 +230,7 @@ def test_a_large_interaction_file_orders_each_users_items_by_time(tmp_path: Path
     assert sum(map(len, dataset.sequences)) == 25_000
     for user in np.unique(users)[:50]:
         own = np.flatnonzero(users == user)
-        expected = [dataset.item_ids.index(f"i{item}") for item in item_column[own][np.argsort(stamps[own], kind="stable")]]
+        expected = [
+            dataset.item_ids.index(f"i{item}") for item in item_column[own][np.argsort(stamps[own], kind="stable")]
+        ]
         assert dataset.sequences[dataset.user_ids.index(f"u{user}")].tolist() == expected

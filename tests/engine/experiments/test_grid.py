@@ -206,7 +206,9 @@ def test_the_id_rate_is_a_tuning_axis_and_an_unset_one_stays_blank(small_config,
     assert row["id_lr"] == "" and row["lr"] == "0.001" and row["selected"] == "1"
 
 
-def test_a_failed_run_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(small_config, small_demo: Path, tmp_path) -> None:
+def test_a_failed_run_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(
+    small_config, small_demo: Path, tmp_path
+) -> None:
     cells = build_grid(["lora"], ["global-peft"], False, [], [], False)
     base, lines = small_config(small_demo, baseline=False), []
     with pytest.raises(RunError, match=r"1 of 2 runs failed \(listed with their reasons in table.md and results.csv\)"):

@@ -14,6 +14,8 @@ def test_a_short_soak_with_a_catalog_update(embedded_run: Path, tmp_path: Path) 
     result = json.loads(out.read_text())
     assert [update["exit_status"] for update in result["updates"]] == [0]
     windows = result["windows"]
-    assert len(windows) == 3 and all(window["requests"] > 0 and window["requests"] == window["ok"] for window in windows)
+    assert len(windows) == 3 and all(
+        window["requests"] > 0 and window["requests"] == window["ok"] for window in windows
+    )
     assert result["verdicts"]["no_5xx"] and result["verdicts"]["five_xx"] == 0
     assert windows[0]["catalog_version"] == 0 and all(window["rss_mib"] > 0 for window in windows)
