@@ -10,6 +10,8 @@ The row count ``N`` changes with the batch and is not specialised on (``do_not_s
 tile is sized from the width alone, so a batch of another size never compiles another binary.
 """
 
+from typing import Any
+
 import torch
 
 from ._triton import jit, launch, tl, triton
@@ -83,7 +85,7 @@ def _bce_kernel(
 class _BCEWithNegatives(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,  # the autograd context (torch types it Any): carries what forward keeps for backward
         h: torch.Tensor,
         pos: torch.Tensor,
         neg: torch.Tensor,
@@ -121,7 +123,7 @@ class _BCEWithNegatives(torch.autograd.Function):
         return partial.sum().to(h.dtype)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # Scaling in place bumps the saved tensors' versions: a second backward through this node fails
         # in autograd's version check instead of returning gradients scaled twice.
         saved = iter(ctx.saved_tensors)

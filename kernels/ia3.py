@@ -13,6 +13,8 @@ batch's longest, so ``T`` moves between batches) and the group and split counts 
 dtype, whether ``dx`` is written) and no batch compiles one mid-run.
 """
 
+from typing import Any
+
 import torch
 
 from ._triton import jit, launch, target_programs, tl, triton
@@ -85,7 +87,7 @@ def _scale_rows(x: torch.Tensor, scales: torch.Tensor, group_ids: torch.Tensor, 
 class _GroupedIA3(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,  # the autograd context (torch types it Any): carries what forward keeps for backward
         x: torch.Tensor,
         scales: torch.Tensor,
         group_ids: torch.Tensor,
@@ -96,7 +98,7 @@ class _GroupedIA3(torch.autograd.Function):
         return _scale_rows(x, scales, group_ids, torch.promote_types(x.dtype, scales.dtype))
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, scales, group_ids = ctx.saved_tensors
         need_x, need_scales = ctx.needs_input_grad[:2]
         grad_out = grad_out.contiguous()

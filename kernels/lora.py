@@ -22,6 +22,8 @@ masked and load nothing). ``k_per_split`` stays specialised: always a multiple o
 one class at every batch.
 """
 
+from typing import Any
+
 import torch
 
 from ._triton import dot_precision, jit, launch, target_programs, tl, triton
@@ -293,7 +295,7 @@ class _Launch:
 class _GroupedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,  # the autograd context (torch types it Any): carries what forward keeps for backward
         x: torch.Tensor,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
@@ -310,7 +312,7 @@ class _GroupedLoRA(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, lora_a, lora_b, shrunk = ctx.saved_tensors
         launch, scaling = ctx.launch, ctx.scaling
         rank, width_in = lora_a.shape[1:]

@@ -273,15 +273,14 @@ def measure(targets: Iterable[str] = tuple(TARGETS)) -> list[Binary]:
         for name in targets:
             # Output to files, not pipes: a full pipe would stall a run until the runs before it end.
             out, err = (files.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
-            runs.append(
-                (subprocess.Popen([sys.executable, "-m", __name__, name], env=env, stdout=out, stderr=err), out, err)
-            )
-        for run, out, err in runs:
+            command = [sys.executable, "-m", __name__, name]
+            runs.append((command, subprocess.Popen(command, env=env, stdout=out, stderr=err), out, err))
+        for command, run, out, err in runs:
             run.wait()
             out.seek(0)
             err.seek(0)
             if run.returncode:
-                raise RuntimeError(f"{' '.join(run.args)} failed:\n{err.read()}")
+                raise RuntimeError(f"{' '.join(command)} failed:\n{err.read()}")
             binaries += [Binary(**{**row, "cases": tuple(row["cases"])}) for row in map(json.loads, out)]
     return binaries
 

@@ -38,9 +38,9 @@ from perpeft.engine.clip.loading import ClipBundle, load_clip
 from perpeft.engine.clip.tiny import HashWordTokenizer
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.errors import InputError
-from perpeft.engine.features.hidden_states import eos_positions
+from perpeft.engine.features.hidden_states import eos_positions, eos_token_id
 from perpeft.engine.features.inputs import load_item_inputs
-from perpeft.engine.model.encoders import require_clip_adapters
+from perpeft.engine.model.encoders import GroupedClipEncoder, require_clip_adapters
 from perpeft.engine.model.groups import RowGroups
 from perpeft.engine.model.run_inputs import RunInputs, clip_encoder_factory
 from perpeft.engine.runtime.atomic import atomic_write_bytes
@@ -102,16 +102,20 @@ class AttentionProbe:
             raise InputError(f"{run.path}: trained without titles (--no-text): its text adapters never trained")
         self.run = run
         self.dataset = run_dataset(config)
+        if config.clip is None:
+            raise InputError(f"{run.path}: its config names no CLIP (--clip)")
         bundle = load_clip(config.clip)
         self.special_ids, self.namer = token_namer(bundle)
         self.inputs = load_item_inputs(self.dataset, bundle.tokenizer, bundle.tokenizer_id, bundle.image_size, progress)
         run_inputs = RunInputs(self.dataset, clip_encoder_factory(config, bundle), self.inputs)
         model = load_model(run, run.best_checkpoint("perpeft"), config.groups, self.dataset.num_items, run_inputs)
         self.device = resolve_device(device or config.device)
+        if not isinstance(model.encoder, GroupedClipEncoder):
+            raise InputError(f"{run.path}: its model has no CLIP encoder ({type(model.encoder).__name__})")
         self.encoder = model.encoder.to(self.device)
         # Only HF's eager attention returns the weights (SDPA records none).
         self.encoder.clip.set_attn_implementation("eager")
-        self.eos_token_id = self.encoder.clip.config.text_config.eos_token_id
+        self.eos_token_id = eos_token_id(self.encoder.clip.config)
         self.groups = config.groups
         self.assignment = run.read_grouping()[0].numpy()
         self.group_sizes = np.bincount(self.assignment[1:], minlength=self.groups).tolist()

@@ -13,11 +13,13 @@
 Both change item vectors only by float rounding (``tests/engine/clip/test_layers.py``).
 """
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
+from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 
 ATTENTION = "perpeft"
 QUICK_GELU_SLOPE = 1.702
@@ -44,7 +46,7 @@ def attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
-    **kwargs: object,
+    **kwargs: Any,  # whatever else transformers passes, handed on to its SDPA
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HF attention interface: ``[B, H, L, D]`` queries, keys and values → ``[B, L, H, D]`` output, weights."""
     if query.device.type != "cpu":
@@ -85,17 +87,20 @@ def fold_quick_gelu(clip: nn.Module) -> int:
             continue
         if getattr(module.config, "hidden_act", None) != "quick_gelu":
             continue
+        fc1, fc2 = module.fc1, module.fc2
+        if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear):
+            raise TypeError(f"a QuickGELU MLP with a {type(fc1).__name__} and a {type(fc2).__name__}, not two Linears")
         with torch.no_grad():
-            module.fc1.weight.mul_(QUICK_GELU_SLOPE)
-            if module.fc1.bias is not None:
-                module.fc1.bias.mul_(QUICK_GELU_SLOPE)
-            module.fc2.weight.div_(QUICK_GELU_SLOPE)
+            fc1.weight.mul_(QUICK_GELU_SLOPE)
+            if fc1.bias is not None:
+                fc1.bias.mul_(QUICK_GELU_SLOPE)
+            fc2.weight.div_(QUICK_GELU_SLOPE)
         module.activation_fn = nn.SiLU()
         folded += 1
     return folded
 
 
-def prepare_clip(clip: nn.Module) -> None:
+def prepare_clip(clip: PreTrainedModel) -> None:
     """The engine's CLIP copy with both rewrites: this module's attention and QuickGELU folded into SiLU."""
     fold_quick_gelu(clip)
     clip.set_attn_implementation(ATTENTION)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from transformers.utils import logging as transformers_logging
 
 from perpeft.engine.clip.preprocess import Tokenizer
@@ -24,6 +24,17 @@ class ClipBundle:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     source: str
+
+
+def tower_configs(config: CLIPConfig) -> tuple[CLIPTextConfig, CLIPVisionConfig]:
+    """The text and vision configs of a CLIP config. `CLIPConfig` always builds both (from the dicts or the
+    defaults it is given), though its fields are typed as what it accepts: a dict, a config or None."""
+    text, vision = config.text_config, config.vision_config
+    if not isinstance(text, CLIPTextConfig) or not isinstance(vision, CLIPVisionConfig):
+        raise TypeError(
+            f"a CLIPConfig whose text and vision configs are a {type(text).__name__} and a {type(vision).__name__}"
+        )
+    return text, vision
 
 
 def architecture_config(name: str) -> CLIPConfig:
@@ -66,7 +77,10 @@ def _load_directory(path: Path, source: str) -> ClipBundle:
         # Transformers >= 5 turns on Hub kernels by default: layers swapped for kernels fetched from the
         # Hub on first use, again at every train()/eval() switch. The engine runs torch's layers and its own.
         model.use_kernels = False
-    image_size = model.config.vision_config.image_size
+    text_config, vision_config = tower_configs(model.config)
+    image_size = vision_config.image_size
+    if not isinstance(image_size, int):
+        raise InputError(f"{path}: image_size {image_size!r}: only square images (one int) are supported")
     mean, std = CLIP_MEAN, CLIP_STD
     preprocessor = path / "preprocessor_config.json"
     if preprocessor.is_file():
@@ -74,6 +88,7 @@ def _load_directory(path: Path, source: str) -> ClipBundle:
         mean = tuple(settings.get("image_mean", mean))
         std = tuple(settings.get("image_std", std))
     hashed = path / "perpeft_tokenizer.json"
+    tokenizer: Tokenizer
     if hashed.is_file():
         tokenizer_id = hashed.read_text()
         try:
@@ -81,7 +96,7 @@ def _load_directory(path: Path, source: str) -> ClipBundle:
         except ValueError as error:
             raise InputError(f"{hashed}: {error}") from None
     else:
-        tokenizer, tokenizer_id = _hf_tokenizer(path, model.config.text_config.max_position_embeddings)
+        tokenizer, tokenizer_id = _hf_tokenizer(path, text_config.max_position_embeddings)
     return ClipBundle(model, tokenizer, tokenizer_id, image_size, mean, std, source)
 
 

@@ -14,7 +14,8 @@ from perpeft.engine.errors import InputError
 class NamesAMethod(Protocol):
     """Anything with a ``method`` name (a RunConfig): `method_of` needs nothing else of it."""
 
-    method: str
+    @property
+    def method(self) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -216,6 +216,8 @@ def _sampled_reviews(
         if problem:
             lines.reject(number, problem)
             continue
+        # For the type checker: id_problem passes only strings, _timestamp_problem only whole numbers.
+        assert isinstance(user, str) and isinstance(item, str) and isinstance(stamp, int | float)
         position = user_index.get(user)
         if position is None:
             if not user_sampled(user, seed, user_fraction):
@@ -271,6 +273,7 @@ def _titles(lines: JsonLines, item_ids: list[str]) -> tuple[list[str | None], in
         if problem:
             lines.reject(number, problem)
             continue
+        assert isinstance(item, str)  # for the type checker: id_problem passes only strings
         k = position.get(item)
         if k is None:
             unused += 1

@@ -107,7 +107,7 @@ def prepare_authors(
     titles = [_title(texts_path, texts, index_to_key[index]) for index in used.tolist()]
     image_dir = src / f"{prefix}_images"
     # A release without an image directory is a catalog without images (it trains on text only).
-    sources = jpeg_sources(image_dir, item_ids) if image_dir.is_dir() else [None] * len(item_ids)
+    sources: list[Path | None] = jpeg_sources(image_dir, item_ids) if image_dir.is_dir() else [None] * len(item_ids)
     images, unreadable = verify_images(sources, skip_bad_images, progress)
 
     dataset = PreparedDataset(
@@ -172,8 +172,8 @@ def _read_interactions(
         numbers.append(number)
     if not users:
         raise InputError(f"{path}: no interactions")
-    columns = (np.array(column, dtype=np.int64) for column in (users, items, numbers))
-    return list(user_position), *columns
+    user_column, item_column, number_column = (np.array(column, dtype=np.int64) for column in (users, items, numbers))
+    return list(user_position), user_column, item_column, number_column
 
 
 def _check_distinct_keys(path: Path, indices: list[int], keys: list[str]) -> None:

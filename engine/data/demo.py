@@ -235,8 +235,8 @@ def _plant_items(spec: DemoSpec, rng: np.random.Generator) -> list[_Item]:
     total = spec.num_domains * spec.items_per_domain
     num_shared = round(spec.shared_fraction * total / (1 + spec.shared_fraction))
     pairs = spec.shareable_pairs()
-    pair_order = rng.permutation(len(pairs)) if pairs else []
-    memberships = [pairs[pair_order[k % len(pairs)]] for k in range(num_shared)]
+    pair_order: np.ndarray | list[int] = rng.permutation(len(pairs)) if pairs else []
+    memberships: list[tuple[int, ...]] = [pairs[pair_order[k % len(pairs)]] for k in range(num_shared)]
     per_domain = np.bincount(np.array(memberships, dtype=int).reshape(-1), minlength=spec.num_domains)
     if (per_domain > spec.items_per_domain).any():
         raise ValueError("items_per_domain is too small for this shared_fraction")

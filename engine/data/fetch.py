@@ -105,7 +105,9 @@ def fetch_images(
             problem = id_problem("parent_asin", item)
             if problem:
                 lines.reject(number, problem)
-            elif item in seen:
+                continue
+            assert isinstance(item, str)  # for the type checker: id_problem passes only strings
+            if item in seen:
                 duplicates += 1
             elif items is None or item in items:
                 seen.add(item)

@@ -74,8 +74,8 @@ class TrainSampler:
         back = np.arange(len(self._row_user)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
         stops = targets[self._row_user] - back * stride
         starts = np.maximum(stops - maxlen, 0)
-        rows = zip(self._row_user.tolist(), starts.tolist(), stops.tolist(), strict=True)
-        spans = [(user_sequences[user], start, stop) for user, start, stop in rows]
+        windows_at = zip(self._row_user.tolist(), starts.tolist(), stops.tolist(), strict=True)
+        spans = [(user_sequences[user], start, stop) for user, start, stop in windows_at]
         self._seq = last_window([sequence[start:stop] for sequence, start, stop in spans], maxlen)
         self._pos = last_window([sequence[start + 1 : stop + 1] for sequence, start, stop in spans], maxlen)
         if windows == "prefix":
@@ -98,6 +98,8 @@ class TrainSampler:
         )
         all_items = np.arange(1, num_items + 1, dtype=np.int64)
         if group_negatives:
+            if user_groups is None:  # refused above; checked again for the type checker
+                raise ValueError("group_negatives needs user_groups")
             group_pools, pool_offset, pool_size = self._group_pools(train_items, lengths, user_groups)
         else:
             group_pools = all_items
@@ -167,7 +169,7 @@ class TrainSampler:
         if self._groups is None:
             order = rng.permutation(self.num_rows)
             return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-        chunks = []
+        chunks: list[np.ndarray] = []
         for group in np.unique(self._groups):
             members = rng.permutation(np.flatnonzero(self._groups == group))
             chunks.extend(members[start : start + self.batch_size] for start in range(0, len(members), self.batch_size))

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from perpeft.engine.config.run_config import RunConfig
-from perpeft.engine.data.split import Split, last_window
+from perpeft.engine.data.split import Split, Stage, last_window
 from perpeft.engine.eval.metrics import HistoryIndex, full_ranking_metrics
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.runtime.distributed import current_world
@@ -24,8 +24,11 @@ class EvaluationData:
     @classmethod
     def build(cls, split: Split, maxlen: int, device: torch.device) -> "EvaluationData":
         users = split.eval_users
-        windows, targets, histories = {}, {}, {}
-        for stage, target in (("valid", split.valid_target), ("test", split.test_target)):
+        windows: dict[str, torch.Tensor] = {}
+        targets: dict[str, torch.Tensor] = {}
+        histories: dict[str, HistoryIndex] = {}
+        stages: tuple[tuple[Stage, np.ndarray], ...] = (("valid", split.valid_target), ("test", split.test_target))
+        for stage, target in stages:
             stage_history = split.history(stage)
             history = [stage_history[user] for user in users]
             windows[stage] = torch.from_numpy(last_window(history, maxlen)).to(device)

@@ -61,8 +61,11 @@ def divergence_table(finished: list[Finished], reseeded: dict[int, Path]) -> lis
         header += " Independent run: seed | its intra JSD | users in matched group |"
         rule += "---|---:|---:|"
     means = [statistics.mean(column) for column in zip(*values, strict=True)]
+    peft = entries[0].cell.peft
+    if peft is None:
+        raise ValueError("the divergence cell names no PEFT type (the analysis needs a PerPEFT run)")
     return [
-        f"### Table 7: attention divergence ({PEFT_TITLES[entries[0].cell.peft]}, JSD in nats of the last-layer "
+        f"### Table 7: attention divergence ({PEFT_TITLES[peft]}, JSD in nats of the last-layer "
         f"EOS→title attention, mean over {items:,} items)",
         "",
         header,
@@ -109,21 +112,21 @@ def results_csv(finished: list[Finished], out: Path, selected: list[Finished], f
                 "",
             ]
         )
-    for entry in failed:
-        changes, tuned = dict(entry.cell.changes), dict(entry.variant)
+    for failure in failed:
+        changes, tuned = dict(failure.cell.changes), dict(failure.variant)
         writer.writerow(
             [
-                entry.cell.section,
-                entry.cell.row,
-                entry.cell.peft or "",
+                failure.cell.section,
+                failure.cell.row,
+                failure.cell.peft or "",
                 changes.get("method", ""),
-                entry.seed,
-                entry.run.relative_to(out).as_posix(),
+                failure.seed,
+                failure.run.relative_to(out).as_posix(),
                 *("" if tuned.get(name) is None else f"{tuned[name]:g}" for name in TUNED_SETTINGS),
                 0,
                 "",
                 *("" for _ in ("valid", "test") for _ in METRIC_NAMES),
-                entry.reason,
+                failure.reason,
             ]
         )
     return buffer.getvalue()
@@ -189,7 +192,7 @@ def methods_table(finished: list[Finished], dataset: str) -> list[str]:
     for peft in dict.fromkeys(peft for peft, _ in keys):
         rows = [
             (
-                "" if position else PEFT_TITLES.get(peft, "N/A"),
+                "" if position else "N/A" if peft is None else PEFT_TITLES.get(peft, "N/A"),
                 METHODS[row].title,
                 {metric: _values(finished, "methods", row, peft, metric) for metric in TABLE_METRICS},
             )
@@ -210,7 +213,8 @@ def _simple_table(finished: list[Finished], section: str, title: str, mark: bool
         "| Variant | " + " | ".join(SHORT[m] for m in TABLE_METRICS) + " |",
         "|---|" + "---:|" * len(TABLE_METRICS),
     ]
-    return [title.format(peft=PEFT_TITLES.get(peft, peft)), "", *header, *_metric_table(rows, mark)]
+    named = peft if peft is None else PEFT_TITLES.get(peft, peft)
+    return [title.format(peft=named), "", *header, *_metric_table(rows, mark)]
 
 
 def paired_p_values(finished: list[Finished], section: str, rows: tuple[str, str]) -> dict[str, float]:
@@ -261,6 +265,8 @@ def scalability_table(finished: list[Finished]) -> list[str]:
                 max(record["train_peak_bytes"] for record in history) / 2**20,
             )
         num_items = run_dataset(config).num_items
+        if config.clip is None:
+            raise ValueError(f"{entry.run}: its config names no CLIP (--clip)")
         counts = parameter_counts(config.clip, config.peft, config.groups, num_items)
         (global_s, global_mib), (perpeft_s, perpeft_mib) = per_stage["global"], per_stage["perpeft"]
         lines.append(

@@ -24,14 +24,14 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel
 
-from perpeft.engine.clip.loading import ClipBundle
+from perpeft.engine.clip.loading import ClipBundle, tower_configs
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.features.inputs import ItemInputs
 from perpeft.engine.runtime.atomic import atomic_write_bytes, temporary_directory_beside
@@ -53,7 +53,16 @@ def hidden_layer_indices(num_layers: int, count: int) -> list[int]:
 
 def iisan_state_count(config: CLIPConfig) -> int:
     """Hidden states cached per tower: 7, or every state of the shallower tower when it has fewer."""
-    return min(MAX_STATES, config.text_config.num_hidden_layers + 1, config.vision_config.num_hidden_layers + 1)
+    text_config, vision_config = tower_configs(config)
+    return min(MAX_STATES, text_config.num_hidden_layers + 1, vision_config.num_hidden_layers + 1)
+
+
+def eos_token_id(config: CLIPConfig) -> int:
+    """The text tower's EOS token id (what `eos_positions` pools); an error for a config without one."""
+    token = tower_configs(config)[0].eos_token_id
+    if not isinstance(token, int):
+        raise ValueError(f"CLIP text config: eos_token_id {token!r}, expected one token id")
+    return token
 
 
 def eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -87,7 +96,8 @@ class HiddenStates:
     def batch(self, items: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(text, image)`` states of ``items`` on ``device``: only these rows are read from disk."""
         index = items.cpu().numpy()
-        return tuple(to_device(torch.from_numpy(array[index]), device) for array in (self.text, self.image))
+        text, image = (to_device(torch.from_numpy(array[index]), device) for array in (self.text, self.image))
+        return text, image
 
 
 def clip_fingerprint(model: CLIPModel) -> str:
@@ -143,13 +153,14 @@ def _build_hidden_states(
 ) -> None:
     model = bundle.model.eval()
     config = model.config
+    text_config, vision_config = tower_configs(config)
     count = iisan_state_count(config)
-    text_layers = hidden_layer_indices(config.text_config.num_hidden_layers, count)
-    vision_layers = hidden_layer_indices(config.vision_config.num_hidden_layers, count)
+    text_layers = hidden_layer_indices(text_config.num_hidden_layers, count)
+    vision_layers = hidden_layer_indices(vision_config.num_hidden_layers, count)
     rows = inputs.input_ids.shape[0]
     shapes = {
-        "text": (rows, count, config.text_config.hidden_size),
-        "image": (rows, count, config.vision_config.hidden_size),
+        "text": (rows, count, text_config.hidden_size),
+        "image": (rows, count, vision_config.hidden_size),
     }
     metadata = {"format": FORMAT, "text_layers": str(text_layers), "vision_layers": str(vision_layers)}
     mean = torch.tensor(bundle.image_mean, device=device)
@@ -195,7 +206,7 @@ def _encode(
     text = model.text_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     vision = model.vision_model(pixel_values=pixel_values, output_hidden_states=True)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    eos = eos_positions(input_ids, model.config.text_config.eos_token_id)
+    eos = eos_positions(input_ids, eos_token_id(model.config))
     return (
         torch.stack([text.hidden_states[layer][rows, eos] for layer in text_layers], dim=1),
         torch.stack([vision.hidden_states[layer][:, 0] for layer in vision_layers], dim=1),
@@ -203,8 +214,8 @@ def _encode(
 
 
 def _create_safetensors(
-    path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]
-) -> dict[str, np.ndarray]:
+    path: Path, shapes: dict[str, tuple[int, int, int]], metadata: dict[str, str]
+) -> dict[str, np.memmap]:
     """A zero-filled float32 safetensors file holding ``shapes``, its tensors mapped for writing."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
@@ -220,7 +231,7 @@ def _create_safetensors(
     return _map_safetensors(path, "r+")
 
 
-def _map_safetensors(path: Path, mode: str) -> dict[str, np.ndarray]:
+def _map_safetensors(path: Path, mode: Literal["r", "r+"]) -> dict[str, np.memmap]:
     """The float32 tensors of a safetensors file as numpy memory maps (nothing is read yet)."""
     with path.open("rb") as file:
         (length,) = struct.unpack("<Q", file.read(8))
@@ -266,7 +277,7 @@ def _hash_model(model: CLIPModel) -> str:
     digest = hashlib.sha256(_config_json(model).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(_tensor_bytes(tensor))
+        digest.update(_tensor_bytes(tensor).data)
     return digest.hexdigest()
 
 

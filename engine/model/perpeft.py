@@ -26,7 +26,7 @@ ID_NORM_WEIGHT = 1e-6
 class ItemInputSource(Protocol):
     """Where an item encoder's inputs come from: cached tokens/pixels, or cached CLIP hidden states."""
 
-    def batch(self, items: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]: ...
+    def batch(self, items: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, ...]: ...
 
 
 EncoderFactory = Callable[[int], nn.Module]

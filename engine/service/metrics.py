@@ -9,7 +9,7 @@ import asyncio
 import json
 import os
 import threading
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ class RequestMetrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], list[int]] = {}
-        self._sums: Counter[tuple[str, str]] = Counter()
+        self._sums: defaultdict[tuple[str, str], float] = defaultdict(float)
         self._statuses: Counter[tuple[str, str, int]] = Counter()
         self._assigned: Counter[str] = Counter()
 
