@@ -1,14 +1,46 @@
 """PerPEFT: personalized parameter-efficient fine-tuning of CLIP for multimodal sequential recommendation.
 
+The public API is ``perpeft.train``, ``perpeft.open_run``, ``perpeft.RunConfig`` and the rest of
+``perpeft.engine.api`` (its docstring shows the whole path); everything else is private and may change.
+
 The checkout's root is this package: its folders ``engine/``, ``kernels/`` and ``cli/`` are
-``perpeft.engine``, ``perpeft.kernels`` and ``perpeft.cli``. Importing ``perpeft`` loads nothing else.
+``perpeft.engine``, ``perpeft.kernels`` and ``perpeft.cli``. Importing ``perpeft`` loads nothing else: the
+API (and torch with it) is imported on first use of one of its names.
 """
 
+import importlib
 import importlib.util
 import os
 import sys
 
 __version__ = "0.1.0"
+_API = (
+    "DEMO_DEFAULTS",
+    "PAPER_DEFAULTS",
+    "Catalog",
+    "DemoSpec",
+    "Embeddings",
+    "Recommendations",
+    "Run",
+    "RunConfig",
+    "demo_dataset",
+    "experiment",
+    "open_run",
+    "reseed",
+    "resume",
+    "train",
+)
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        return getattr(importlib.import_module(f"{__name__}.engine.api"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})
 
 
 def _answer_only_as_subpackage(name: str, init_file: str) -> None:

@@ -50,10 +50,9 @@ def experiment(
     **options: object,
 ) -> None:
     """Run a grid of cells × seeds, skipping finished runs, and write results.csv and table.md."""
+    from perpeft.engine import api
     from perpeft.engine.config.methods import TABLE2_METHODS
-    from perpeft.engine.config.run_config import RunConfig
-    from perpeft.engine.experiments.grid import build_grid
-    from perpeft.engine.experiments.runner import RESULTS_CSV, TABLE_MD, run_experiment
+    from perpeft.engine.experiments.runner import RESULTS_CSV, TABLE_MD
 
     peft_list = _list(pefts)
     if not peft_list or any(peft not in PEFT.values for peft in peft_list):
@@ -65,10 +64,22 @@ def experiment(
     if any(count < 1 for count in group_list):
         raise click.BadParameter(f"{group_counts!r}: group counts must be positive", param_hint="--groups")
     method_list = list(TABLE2_METHODS) if methods == "all" else _list(methods)
-    cells = build_grid(peft_list, method_list, ablations, clustering_list, group_list, scalability, divergence)
     started = time.perf_counter()
     tuning = {setting: options.pop(setting) for _, setting, _, _ in SCHEDULE}
     tuning = {setting: values for setting, values in tuning.items() if values is not None}
-    run_experiment(RunConfig(baseline=False, **options), cells, _list(seeds, int), out, tqdm.write, tuning)
+    api.experiment(
+        api.RunConfig(baseline=False, **options),
+        out,
+        pefts=peft_list,
+        methods=method_list,
+        seeds=_list(seeds, int),
+        ablations=ablations,
+        clusterings=clustering_list,
+        group_counts=group_list,
+        scalability=scalability,
+        divergence=divergence,
+        tuning=tuning,
+        on_line=tqdm.write,
+    )
     click.echo((out / TABLE_MD).read_text())
     click.echo(f"results: {out / RESULTS_CSV}  ·  wall time of this invocation: {time.perf_counter() - started:.0f} s")

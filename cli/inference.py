@@ -7,6 +7,7 @@ import click
 
 from perpeft.cli.distributed import runs_distributed
 from perpeft.cli.errors import reports_input_errors
+from perpeft.engine.config.choices import DEFAULT_K
 
 run_option = click.option(
     "--run", "run", type=click.Path(path_type=Path), required=True, help="A finished run directory (of `train`)."
@@ -42,23 +43,21 @@ def embed(
     snapshot) and publish them as the catalog's next version: `recommend` and a running `serve` include
     them. An added item has no ID embedding, so its vector is the multimodal term alone.
     """
+    from perpeft.engine import api
     from perpeft.engine.errors import InputError
     from perpeft.engine.runtime.run_directory import RunDirectory
 
+    opened = api.open_run(run)
     if add_items is not None:
-        from perpeft.engine.serve.catalog import add_items as add_catalog_items
-
         if overwrite:
             raise InputError("give --add-items or --overwrite, not both")
-        catalog, added = add_catalog_items(run, add_items, batch_size, device, progress=not quiet)
+        catalog, added = opened.add_items(add_items, batch_size, device, progress=not quiet)
         click.echo(
             f"added {added:,} items (catalog version {catalog.version}, {len(catalog.items):,} added in all);"
             f" written to {RunDirectory(run).embedded_catalog}"
         )
         return
-    from perpeft.engine.serve.embed import embed_run
-
-    embeddings = embed_run(run, batch_size, overwrite, device, progress=not quiet)
+    embeddings = opened.embed(batch_size, overwrite, device, progress=not quiet)
     groups, rows, width = embeddings.items.shape
     click.echo(
         f"item tables: {groups} groups × {rows - 1:,} items × {width}; user vectors: {embeddings.users.shape[0] - 1:,};"
@@ -73,12 +72,12 @@ def embed(
 @runs_distributed("device")
 def evaluate(run: Path, as_json: bool) -> None:
     """Recompute PerPEFT's validation and test metrics from the embeddings and compare them with metrics.json."""
+    from perpeft.engine import api
     from perpeft.engine.eval.report import largest_difference
-    from perpeft.engine.runtime.run_directory import RunDirectory
-    from perpeft.engine.serve.recommend import evaluate_run
 
-    metrics = evaluate_run(run)
-    difference = largest_difference(metrics, RunDirectory.open(run).read_metrics()["perpeft"])
+    opened = api.open_run(run)
+    metrics = opened.evaluate()
+    difference = largest_difference(metrics, opened.metrics["perpeft"])
     if as_json:
         click.echo(json.dumps({**metrics, "max_abs_difference": difference}, indent=2))
         return
@@ -99,7 +98,7 @@ def id_list(text: str | None) -> list[str] | None:
 @click.option("--user", default=None, help="A known user's id: scored from everything the user bought.")
 @click.option("--history", default=None, help="A new user's item ids, oldest first, comma-separated.")
 @click.option("--exclude", default=None, help="Item ids never to recommend, comma-separated (beside the user's own).")
-@click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="How many items.")
+@click.option("--k", type=click.IntRange(min=1), default=DEFAULT_K, show_default=True, help="How many items.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @reports_input_errors
 def recommend(run: Path, user: str | None, history: str | None, exclude: str | None, k: int, as_json: bool) -> None:
@@ -109,12 +108,12 @@ def recommend(run: Path, user: str | None, history: str | None, exclude: str | N
     joins the group of the nearest K-Means centroid under the Global-PEFT snapshot (read through its cached
     item table) and is then scored the same way. `serve` answers the same requests over HTTP.
     """
+    from perpeft.engine import api
     from perpeft.engine.errors import InputError
-    from perpeft.engine.serve.recommend import recommend as recommend_items
 
     if (user is None) == (history is None):
         raise InputError("give exactly one of --user and --history")
-    result = recommend_items(run, k, user=user, history=id_list(history), exclude=id_list(exclude) or ())
+    result = api.open_run(run).recommend(user=user, history=id_list(history), k=k, exclude=id_list(exclude) or ())
     rows = list(zip(result.items, result.titles, result.scores, strict=True))
     if as_json:
         ranked = [
@@ -150,7 +149,8 @@ def recommend(run: Path, user: str | None, history: str | None, exclude: str | N
 @reports_input_errors
 def export(run: Path, group: int, out: Path, overwrite: bool) -> None:
     """Write one group's LoRA or (IA)3 adapter as a Hugging Face peft directory (`PeftModel.from_pretrained`)."""
-    from perpeft.engine.serve.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapter
+    from perpeft.engine import api
+    from perpeft.engine.serve.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-    settings = export_adapter(run, group, out, overwrite)
+    settings = api.open_run(run).export_adapter(group, out, overwrite)
     click.echo(f"{settings['peft_type']} adapter of group {group}: {out / ADAPTER_CONFIG}, {out / ADAPTER_WEIGHTS}")

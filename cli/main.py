@@ -25,7 +25,6 @@ from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
 from perpeft.engine.eval.metrics import METRIC_NAMES, SELECTION_METRIC
 from perpeft.engine.eval.report import relative_change, result_rows, still_improving
-from perpeft.engine.runtime.run_directory import RunDirectory
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -111,7 +110,12 @@ def metrics_table(metrics: dict[str, Any]) -> str:
 @choice_option(CLUSTERING)
 @click.option("--no-baseline", is_flag=True, help="Stop Global PEFT at E1 instead of training the E1+E2 baseline.")
 @click.option("--seed", type=int, default=config_default("seed"), show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory. [runs/DATA-PEFT-seedN]")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run directory. [runs/DATA-[METHOD-]PEFT-seedN, METHOD unless perpeft]",
+)
 @click.option(
     "--resume", type=click.Path(path_type=Path), default=None, help="Continue the interrupted run in this directory."
 )
@@ -151,26 +155,22 @@ def train(
     **options: Any,
 ) -> None:
     """Train a method end to end (default PerPEFT, with its Global PEFT baseline) and print test metrics."""
+    from perpeft.engine import api
     from perpeft.engine.runtime.distributed import launched_by_torchrun
-    from perpeft.engine.train.pipeline import resume_run, train_new_run
 
     if nproc is not None and not launched_by_torchrun():
         relaunch_with_torchrun(nproc)
-    report = (lambda line: None) if quiet else tqdm.write
+    shown = {"progress": not quiet, "on_line": None if quiet else tqdm.write, "log_dir": log_dir}
     if resume is not None:
         if global_from is not None:
             raise InputError("--resume and --global-from: a resumed run already has its Global stage")
-        run, metrics = resume_run(resume, report, progress=not quiet, log_dir=log_dir)
+        run = api.resume(resume, **shown)
     elif global_from is not None:
-        run, metrics = train_reseeded(global_from, out, overwrite, report, quiet, options, log_dir)
+        run = train_reseeded(global_from, out, overwrite, options, shown)
     else:
-        config = RunConfig(
-            baseline=not no_baseline,
-            group_negatives=not no_group_negatives,
-            **options,
-        )
-        out = out or RunDirectory.default_path(config)
-        run, metrics = train_new_run(config, out, overwrite, report, progress=not quiet, log_dir=log_dir)
+        config = RunConfig(baseline=not no_baseline, group_negatives=not no_group_negatives, **options)
+        run = api.train(config, out, overwrite=overwrite, **shown)
+    metrics = run.metrics
     click.echo(metrics_table(metrics))
     for warning in still_improving(metrics):
         click.echo(f"warning: {warning}", err=True)
@@ -178,18 +178,11 @@ def train(
 
 
 def train_reseeded(
-    source_path: Path,
-    out: Path | None,
-    overwrite: bool,
-    report: Any,
-    quiet: bool,
-    options: dict[str, Any],
-    log_dir: Path | None,
-) -> tuple[Any, dict[str, Any]]:
+    source_path: Path, out: Path | None, overwrite: bool, options: dict[str, Any], shown: dict[str, Any]
+) -> Any:
     """``train --global-from RUN --seed N``: RUN's settings, Global stage and groups; second stage with seed N."""
-    from perpeft.engine.runtime.run_directory import RunDirectory
-    from perpeft.engine.train.pipeline import train_new_run
-    from perpeft.engine.train.reseed import RESEED_MACHINE_SETTINGS, check_reseed_settings, reseeded_config
+    from perpeft.engine import api
+    from perpeft.engine.train.reseed import RESEED_MACHINE_SETTINGS, check_reseed_settings
 
     context = click.get_current_context()
     given = [
@@ -200,11 +193,8 @@ def train_reseeded(
     given += [name for name in ("no_baseline", "no_group_negatives") if context.params[name]]
     given = [f"no_{name}" if name in ("text", "image") and options[name] is False else name for name in given]
     check_reseed_settings(source_path, given)
-    source = RunDirectory.open(source_path)
     machine = {name: options[name] for name in RESEED_MACHINE_SETTINGS if name in given}
-    config = reseeded_config(source, options["seed"], **machine)
-    out = out or source.reseed_path(config.seed)
-    return train_new_run(config, out, overwrite, report, progress=not quiet, global_from=source, log_dir=log_dir)
+    return api.reseed(api.open_run(source_path), options["seed"], out, overwrite=overwrite, **shown, **machine)
 
 
 @cli.command()

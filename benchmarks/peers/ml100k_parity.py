@@ -5,8 +5,8 @@ excluded, HR/NDCG at 10/20/30, best epoch by validation HR@30), one thread each.
 
     python benchmarks/peers/ml100k_parity.py --data ML100K_DIR --work /tmp/parity --out /tmp/parity.json
 
-``ML100K_DIR`` is ``recbole/dataset_example/ml-100k`` of the recbole wheel (see the README's "Your own
-data"); ``--recbole-python`` is the interpreter of the environment `recbole_sasrec.py` documents
+``ML100K_DIR`` is ``recbole/dataset_example/ml-100k`` of the recbole wheel (see the manual's "Your data",
+docs/data.md); ``--recbole-python`` is the interpreter of the environment `recbole_sasrec.py` documents
 (default ``/work/peers/recbole-venv/bin/python``; ``--skip-recbole FILE`` reuses a result JSON it wrote).
 Prints, and writes to ``--out``, both sides' test metrics and wall seconds, the engine's mean over
 ``--seeds``, and the two ratios the parity goal is stated in: engine mean NDCG@10 / RecBole's, and

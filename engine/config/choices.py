@@ -64,3 +64,6 @@ SEARCH_INDEX = Choice(
     "exact: score every item of the group's table; hnsw: approximate search (faiss HNSW graphs, the "
     "`ann` extra), for large catalogs.",
 )
+
+# Items per answer when a request names no k: the CLI, the Python API and the HTTP service alike.
+DEFAULT_K = 10

@@ -14,10 +14,12 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final, Literal
 
 import numpy as np
 import torch
 
+from perpeft.engine.config.choices import DEFAULT_K
 from perpeft.engine.data.dataset import Dataset
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import last_window, leave_one_out
@@ -63,8 +65,9 @@ def evaluate_run(path: Path) -> dict[str, dict[str, float]]:
     }
 
 
-KNOWN_USER = "known_user"
-NEAREST_CENTROID = "nearest_centroid"
+KNOWN_USER: Final = "known_user"
+NEAREST_CENTROID: Final = "nearest_centroid"
+AssignedBy = Literal["known_user", "nearest_centroid"]  # how a query's group was chosen
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ class Query:
 
     user: str | None = None
     history: Sequence[str] | None = None
-    k: int = 20
+    k: int = DEFAULT_K
     exclude: Sequence[str] = ()
 
 
@@ -84,11 +87,19 @@ class Recommendations:
 
     user: str | None
     group: int
-    assigned_by: str
+    assigned_by: AssignedBy
     history: list[str]
     items: list[str]
     titles: list[str]
     scores: list[float]
+
+
+def _item_id(dataset: Dataset, item: int) -> str:
+    """The original id of engine item ``item`` (≥ 1: the padding index 0 has none)."""
+    name = dataset.item_ids[item]
+    if name is None:
+        raise ValueError(f"engine item {item} has no id: 0 is padding")
+    return name
 
 
 def printable(value: str) -> str:
@@ -265,14 +276,14 @@ class ServingRun:
             groups[new] = nearest_centroid(placed, self.embeddings.centroids)
             vectors[new] = self.model.user_vectors(windows, groups[new], self.embeddings.items, len(rows))
         hits = self.index.search(vectors, groups, [entry.query.k for entry in prepared], [e.exclude for e in prepared])
-        ids, titles = self.dataset.item_ids, self.dataset.titles
+        titles = self.dataset.titles
         return [
             Recommendations(
                 entry.query.user,
                 int(group),
                 NEAREST_CENTROID if entry.group is None else KNOWN_USER,
-                [ids[item] for item in entry.history],
-                [ids[item] for item in hit.items],
+                [_item_id(self.dataset, item) for item in entry.history],
+                [_item_id(self.dataset, item) for item in hit.items],
                 [titles[item] for item in hit.items],
                 hit.scores,
             )

@@ -11,7 +11,7 @@ import contextlib
 import gc
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,10 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 from perpeft.engine.analysis.case import CaseStudies, case_study_html
+from perpeft.engine.config.choices import DEFAULT_K
 from perpeft.engine.errors import InputError
 from perpeft.engine.serve.recommend import (
     KNOWN_USER,
     NEAREST_CENTROID,
+    Prepared,
     Recommendations,
     ServingRun,
     printable,
@@ -54,7 +56,7 @@ class RecommendRequest(BaseModel):
 
     user: str | None = Field(None, description="A known user's original id.")
     history: list[str] | None = Field(None, max_length=MAX_IDS, description="A new user's item ids, oldest first.")
-    k: int = Field(10, ge=1, le=MAX_K, description="How many items.")
+    k: int = Field(DEFAULT_K, ge=1, le=MAX_K, description="How many items.")
     exclude: list[str] = Field(default_factory=list, max_length=MAX_IDS, description="Item ids never to return.")
 
     @model_validator(mode="after")
@@ -104,7 +106,7 @@ class ErrorBody(BaseModel):
     error: str
 
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 404, 413, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody} for status in (400, 404, 413, 422)}
 
 
 def one_line(error: RequestValidationError) -> tuple[int, str]:
@@ -139,7 +141,7 @@ class MetricsMiddleware:
         started = time.perf_counter()
         status = 500
 
-        async def record_status(message: dict[str, Any]) -> None:
+        async def record_status(message: MutableMapping[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -204,7 +206,7 @@ def create_app(
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
 
-    batcher = MicroBatcher(lambda prepared: live.serving.answer(prepared), MAX_BATCH)
+    batcher = MicroBatcher[Prepared, Recommendations](lambda prepared: live.serving.answer(prepared), MAX_BATCH)
 
     async def answer(requests: list[RecommendRequest]) -> list[RecommendResponse]:
         # Checked here, so a bad request is refused alone; the valid ones join the next batch.

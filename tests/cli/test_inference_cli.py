@@ -79,7 +79,7 @@ def test_recommend_new_user_json(demo_run):
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
     assert answer["user"] is None and answer["history"] == ["i0001", "i0002", "i0003"]
-    assert answer["group"] in (0, 1) and len(answer["recommendations"]) == 20
+    assert answer["group"] in (0, 1) and len(answer["recommendations"]) == 10
     assert answer["assigned_by"] == "nearest_centroid"
     scores = [entry["score"] for entry in answer["recommendations"]]
     assert scores == sorted(scores, reverse=True)
