@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,11 @@ DEMO_DEFAULTS = {"epochs_global": 6, "epochs_perpeft": 12, "lr": 1e-3, "weight_d
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Every hyperparameter, path and switch of a training run; ``None`` fields take the dataset's preset."""
+    """Every hyperparameter, path and switch of a training run; ``None`` fields take the dataset's preset.
+
+    Refused at construction (`InputError`, one line naming the setting): a value of the wrong type, a
+    choice no setting allows, a count below its minimum, a combination the method cannot honour.
+    """
 
     data: str = "demo"
     method: str = "perpeft"
@@ -53,6 +58,11 @@ class RunConfig:
     eval_batch_size: int = 1024
     encode_batch_size: int = 256
 
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check_type(field.name, getattr(self, field.name), field.type)
+        self.check()
+
     def resolved(self) -> "RunConfig":
         """Fill every ``None`` from the demo preset (``--data demo``) or the paper's settings (item-ID methods
         need no CLIP)."""
@@ -73,10 +83,16 @@ class RunConfig:
         prefix = f"{where}: " if where else ""
         if self.id_lr is not None and self.id_lr <= 0:
             raise InputError(f"{prefix}--id-lr {self.id_lr}: must be positive")
-        for name in ("groups", "epochs_global", "batch_size"):
+        positive = ("groups", "epochs_global", "batch_size", "maxlen", "hidden", "lora_rank", "lr")
+        for name in (*positive, "eval_batch_size", "encode_batch_size"):
             value = getattr(self, name)
-            if value is not None and value < 1:
+            if value is not None and value <= 0:
                 raise InputError(f"{prefix}--{name.replace('_', '-')} {value}: must be positive")
+        for name in ("dropout", "lora_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise InputError(f"{prefix}--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1)")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise InputError(f"{prefix}--weight-decay {self.weight_decay}: must be ≥ 0")
         if self.epochs_perpeft is not None and self.epochs_perpeft < 0:
             raise InputError(f"{prefix}--epochs-perpeft {self.epochs_perpeft}: must be ≥ 0")
 
@@ -99,23 +115,20 @@ class RunConfig:
             raise InputError(f"{where}: the catalog has no item text: drop --text")
         if not (has_text or has_images):
             raise InputError(f"{where}: the catalog has neither item text nor images: use --method wo-mm")
-        config = dataclasses.replace(
-            self,
-            text=has_text if self.text is None else self.text,
-            image=has_images if self.image is None else self.image,
-        )
+        text = has_text if self.text is None else self.text
+        image = has_images if self.image is None else self.image
         lacking = "no images" if not has_images else "no item text"
-        if not (config.text or config.image):
+        if not (text or image):
             raise InputError(
                 f"{where}: the catalog has {lacking} and --no-{'image' if has_images else 'text'} drops"
                 " the other modality: nothing to encode"
             )
-        if config.peft == "iisan" and method_of(config).uses_peft and not (config.text and config.image):
+        if self.peft == "iisan" and method_of(self).uses_peft and not (text and image):
             raise InputError(
                 f"{where}: the catalog has {lacking}: IISAN's inter-modal chain needs both modalities"
                 " (use --peft lora or ia3)"
             )
-        return config
+        return dataclasses.replace(self, text=text, image=image)
 
     def stage_seed(self, stage: str) -> int:
         """The seed of ``stage`` ("global", "grouping", "perpeft" or "grouped"): ``global_seed`` drives the
@@ -138,9 +151,29 @@ class RunConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"{path}: unknown configuration keys {unknown}")
-        config = cls(**values)
-        config.check(str(path))
-        return config
+        try:
+            return cls(**values)
+        except InputError as error:
+            raise InputError(f"{path}: {error}") from None
+
+
+def _check_type(name: str, value: object, annotation: object) -> None:
+    """InputError unless ``value`` is of the field's declared type (``int`` where a count is, never a bool;
+    an int where a float is; ``None`` only where the field admits it)."""
+    allowed = typing.get_args(annotation) or (annotation,)
+    if value is None and type(None) in allowed:
+        return
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return
+        if kind is str and isinstance(value, str):
+            return
+    names = " or ".join("None" if kind is type(None) else getattr(kind, "__name__", str(kind)) for kind in allowed)
+    raise InputError(f"--{name.replace('_', '-')} {value!r}: expected {names}")
 
 
 def check_method(config: RunConfig, where: str = "") -> None:

@@ -102,3 +102,31 @@ def test_a_modality_the_catalog_cannot_give_is_refused(
 ) -> None:
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         catalog(RunConfig(data="demo", **changes), has_text, has_images)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"peft": "x"}, "--peft x: expected one of lora, ia3, iisan"),
+        ({"groups": "8"}, "--groups '8': expected int"),
+        ({"groups": True}, "--groups True: expected int"),
+        ({"lr": "1e-3"}, "--lr '1e-3': expected float or None"),
+        ({"baseline": 1}, "--baseline 1: expected bool"),
+        ({"clip": 3}, "--clip 3: expected str or None"),
+        ({"hidden": 0}, "--hidden 0: must be positive"),
+        ({"lr": 0.0}, "--lr 0.0: must be positive"),
+        ({"dropout": 1.0}, r"--dropout 1.0: must be in \[0, 1\)"),
+        ({"weight_decay": -1e-4}, "--weight-decay -0.0001: must be ≥ 0"),
+    ],
+)
+def test_a_bad_value_is_refused_at_construction(changes: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        RunConfig(**changes)
+
+
+def test_a_config_json_with_a_bad_value_names_the_file(tmp_path: Path) -> None:
+    values = {**json.loads(RunConfig(seed=5).resolved().to_json()), "groups": "4"}
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(InputError, match=r"config.json: --groups '4': expected int"):
+        RunConfig.from_json_file(tmp_path / "config.json")
+    assert RunConfig(lr=1, lora_alpha=8).lr == 1  # an int where a float goes
