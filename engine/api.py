@@ -95,9 +95,8 @@ class Run:
         return RunDirectory.open(self.path).read_metrics()
 
     def grouping(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The user → group assignment (int64 ``[U+1]``, entry 0 unused) and the K-Means centroids ``[C, d]``."""
-        assignment, centroids = RunDirectory.open(self.path).read_grouping()
-        return assignment, centroids
+        """The user → group assignment (int64 ``[U+1]``, entry 0 unused) and the groups' centroids ``[C, d]``."""
+        return RunDirectory.open(self.path).read_grouping()
 
     def embed(
         self, batch_size: int | None = None, overwrite: bool = False, device: str | None = None, progress: bool = False
