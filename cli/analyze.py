@@ -3,25 +3,18 @@ a finished PerPEFT run (paper §4.4, §4.5, App. C.5.1)."""
 
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 
 import click
 
 from perpeft.cli.errors import reports_input_errors
-from perpeft.engine.runtime.run_directory import RunDirectory
 
 run_option = click.option(
     "--run", "run", type=click.Path(path_type=Path), required=True, help="A finished PerPEFT run directory."
 )
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
-
-
-def output_name(value: str) -> str:
-    """``value`` made safe inside a file name: characters other than letters, digits and ``.-_`` become ``_``."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", value)
 
 
 @click.group()
@@ -37,12 +30,9 @@ def analyze() -> None:
 @reports_input_errors
 def curves(run: Path, png: Path | None, overwrite: bool) -> None:
     """Per-epoch training curves of both stages: loss, and HR@K and NDCG@K on validation and test."""
-    from perpeft.engine.analysis.curves import write_curves
+    from perpeft.engine import api
 
-    directory = RunDirectory.open(run)
-    png = png or directory.curves
-    write_curves(directory, png, overwrite)
-    click.echo(f"curves: {png}")
+    click.echo(f"curves: {api.learning_curves(run, png, overwrite=overwrite)}")
 
 
 @analyze.command()
@@ -60,13 +50,9 @@ def attention(run: Path, item: str, png: Path | None, no_png: bool, overwrite: b
     Averaged over heads and renormalised over the title tokens (BOS, EOS and padding excluded), so each
     group's weights sum to 1; the highest is marked with *. LoRA and (IA)3 runs only.
     """
-    from perpeft.engine.analysis import refuse_existing
-    from perpeft.engine.analysis.attention import title_attention, write_attention_heatmap
+    from perpeft.engine import api
 
-    png = None if no_png else png or RunDirectory(run).analysis_file("attention", output_name(item), ".png")
-    if png is not None:
-        refuse_existing(png, overwrite)
-    (result,) = title_attention(run, [item])
+    result, written = api.attention_map(run, item, png, write=not no_png, overwrite=overwrite)
     click.echo(f"item {result.item}: {result.title}")
     for group, (weights, size) in enumerate(zip(result.weights, result.group_sizes, strict=True)):
         strongest = int(weights.argmax())
@@ -75,9 +61,8 @@ def attention(run: Path, item: str, png: Path | None, no_png: bool, overwrite: b
             for index, (token, weight) in enumerate(zip(result.tokens, weights, strict=True))
         ]
         click.echo(f"group {group} ({size} users)  " + "  ".join(pairs))
-    if png is not None:
-        write_attention_heatmap(result, png, overwrite)
-        click.echo(f"heat map: {png}")
+    if written is not None:
+        click.echo(f"heat map: {written}")
 
 
 @analyze.command()
@@ -104,9 +89,9 @@ def divergence(run: Path, run2: Path | None, items: int | None, as_json: bool, q
     (all users then stay in their matched group); a RUN2 trained end to end with another seed groups the
     users differently, and the line "users in the matched group" says by how much.
     """
-    from perpeft.engine.analysis.attention import divergence as mean_divergence
+    from perpeft.engine import api
 
-    result = mean_divergence(run, run2, items, progress=not quiet)
+    result = api.divergence(run, run2, items=items, progress=not quiet)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -117,8 +102,9 @@ def divergence(run: Path, run2: Path | None, items: int | None, as_json: bool, q
     intra = "n/a (give --run2)" if result["intra"] is None else f"{result['intra']:.4g}"
     click.echo(f"{'Intra-clus.':<13}{intra}")
     click.echo(f"{'Inter-clus.':<13}{result['inter']:.4g}")
-    if result["matching"] is not None:
-        pairs = ", ".join(f"{a}→{b}" for a, b in enumerate(result["matching"]))
+    matching = result["matching"]
+    if isinstance(matching, list):
+        pairs = ", ".join(f"{a}→{b}" for a, b in enumerate(matching))
         click.echo(f"groups of --run matched to --run2: {pairs}")
         click.echo(f"users in the matched group: {result['matched_users']:.1%}")
 
@@ -159,12 +145,11 @@ def case(
     Evaluation's test step: history = train + validation item, excluded from every list; the user's test
     item is marked * (Purchased on the page). Reads RUN/embeddings: run `embed` first.
     """
-    from perpeft.engine.analysis import refuse_existing
-    from perpeft.engine.analysis.case import case_study, write_case_study_html
+    from perpeft.engine import api
 
-    page = page or RunDirectory(run).analysis_file("case", output_name(user), ".html")
-    refuse_existing(page, overwrite)
-    study = case_study(run, user, k, other_group, progress=not quiet)
+    study, written = api.case_study(
+        run, user, page, k=k, other_group=other_group, overwrite=overwrite, progress=not quiet
+    )
     test = f"test item {study.test_item}" if study.test_item is not None else "no test item"
     click.echo(f"user {study.user} · group {study.group} · contrasted with group {study.other_group} · {test}")
     headings = ["history (oldest first)", *(heading for heading, _ in study.columns)]
@@ -175,5 +160,4 @@ def case(
     ]
     for line in _columns(headings, cells):
         click.echo(line)
-    write_case_study_html(study, page, overwrite)
-    click.echo(f"page: {page}")
+    click.echo(f"page: {written}")

@@ -2,13 +2,23 @@
 
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from tqdm.auto import tqdm
 
 from perpeft.cli.errors import reports_input_errors
-from perpeft.cli.options import SCHEDULE, tunable_run_options
+from perpeft.cli.options import SCHEDULE, config_default, tunable_run_options
 from perpeft.engine.config.choices import CLUSTERING, PEFT
+
+
+class OneGroupCount(click.IntRange):
+    """``--groups``: one C for every cell, as ``train --groups``; a list names the Figure 7(b) option."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and "," in value:
+            self.fail(f"{value!r}: one C for every cell; Figure 7(b)'s cells over C are --group-counts {value}")
+        return super().convert(value, param, ctx)
 
 
 def _list(value: str, convert: type = str) -> list:
@@ -27,7 +37,14 @@ def _list(value: str, convert: type = str) -> list:
 )
 @click.option("--ablations", is_flag=True, help="Table 3 with the first PEFT type.")
 @click.option("--clustering", "clusterings", default="", help="Table 6: e.g. kmeans,gmm (paired t-test for two).")
-@click.option("--groups", "group_counts", default="", help="Figure 7(b): e.g. 4,8,16.")
+@click.option(
+    "--groups",
+    type=OneGroupCount(min=1),
+    default=config_default("groups"),
+    show_default=True,
+    help="Number of user groups C of every cell.",
+)
+@click.option("--group-counts", default="", help="Figure 7(b): PerPEFT cells at each C, e.g. 4,8,16.")
 @click.option("--scalability", is_flag=True, help="Per-epoch time, peak memory and parameters per PEFT type.")
 @click.option(
     "--divergence",
@@ -42,12 +59,13 @@ def experiment(
     methods: str,
     ablations: bool,
     clusterings: str,
+    groups: int,
     group_counts: str,
     scalability: bool,
     divergence: bool,
     seeds: str,
     out: Path,
-    **options: object,
+    **options: Any,
 ) -> None:
     """Run a grid of cells × seeds, skipping finished runs, and write results.csv and table.md."""
     from perpeft.engine import api
@@ -62,13 +80,13 @@ def experiment(
         raise click.BadParameter(f"{clusterings!r}: expected {', '.join(CLUSTERING.values)}", param_hint="--clustering")
     group_list = _list(group_counts, int)
     if any(count < 1 for count in group_list):
-        raise click.BadParameter(f"{group_counts!r}: group counts must be positive", param_hint="--groups")
+        raise click.BadParameter(f"{group_counts!r}: group counts must be positive", param_hint="--group-counts")
     method_list = list(TABLE2_METHODS) if methods == "all" else _list(methods)
     started = time.perf_counter()
-    tuning = {setting: options.pop(setting) for _, setting, _, _ in SCHEDULE}
-    tuning = {setting: values for setting, values in tuning.items() if values is not None}
+    given = {setting: options.pop(setting) for _, setting, _, _ in SCHEDULE}
+    tuning: dict[str, list[Any]] = {setting: values for setting, values in given.items() if values is not None}
     api.experiment(
-        api.RunConfig(baseline=False, **options),
+        api.RunConfig(baseline=False, groups=groups, **options),
         out,
         pefts=peft_list,
         methods=method_list,

@@ -69,11 +69,10 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     lines += [f"{label:<22}" + "".join(f"{values[name]:>10.4f}" for name in METRIC_NAMES) for label, values in rows]
     if len(rows) == 2:
         change = relative_change(rows[0][1], rows[1][1])
+        cells = [change[name] for name in METRIC_NAMES]
         lines.append(
             f"{'change':<22}"
-            + "".join(
-                f"{change[name] * 100:>+9.1f}%" if change[name] is not None else f"{'n/a':>10}" for name in METRIC_NAMES
-            )
+            + "".join(f"{cell * 100:>+9.1f}%" if cell is not None else f"{'n/a':>10}" for cell in cells)
         )
     return "\n".join(lines)
 
@@ -160,7 +159,7 @@ def train(
 
     if nproc is not None and not launched_by_torchrun():
         relaunch_with_torchrun(nproc)
-    shown = {"progress": not quiet, "on_line": None if quiet else tqdm.write, "log_dir": log_dir}
+    shown: dict[str, Any] = {"progress": not quiet, "on_line": None if quiet else tqdm.write, "log_dir": log_dir}
     if resume is not None:
         if global_from is not None:
             raise InputError("--resume and --global-from: a resumed run already has its Global stage")
@@ -214,9 +213,9 @@ def train_reseeded(
 @reports_input_errors
 def params(clip: str, peft: str, groups: int, items: int, missing_modalities: bool, as_json: bool) -> None:
     """Parameter count of each component, without loading weights (paper Table 8)."""
-    from perpeft.engine.model.params import parameter_counts
+    from perpeft.engine import api
 
-    counts = parameter_counts(clip, peft, groups, items, missing_modalities=missing_modalities)
+    counts = api.parameter_counts(items, clip=clip, peft=peft, groups=groups, missing_modalities=missing_modalities)
     if as_json:
         click.echo(json.dumps(counts, indent=2))
         return

@@ -1,30 +1,33 @@
-"""``perpeft-engine prepare authors|amazon2023`` and ``perpeft-engine fetch-images``: real data in."""
+"""``perpeft-engine prepare authors|amazon2023`` and ``perpeft-engine fetch-images``: real data in, through the
+API's preparers."""
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from perpeft.cli.errors import reports_input_errors
-from perpeft.engine.data.formats import MISSING_IMAGES
-from perpeft.engine.data.sources import NAMED_DATASETS, default_data_dir
+
+if TYPE_CHECKING:
+    from perpeft.engine.api import Prepared
 
 
-def stats_summary(stats: dict[str, Any], out: Path) -> str:
+def stats_summary(prepared: "Prepared") -> str:
     """The paper's Table 1 columns, missing modalities and every drop, for the terminal."""
+    stats = prepared.stats
     rows = [
         f"{'# Users':>10}{'# Items':>10}{'Avg. Seq. Len.':>16}{'Density':>10}",
         f"{stats['users']:>10,}{stats['items']:>10,}{stats['avg_seq_len']:>16.4f}{stats['density']:>10.4f}",
         f"items without title: {stats['items_without_title']:,}; without image: {stats['items_without_image']:,}"
         f" (unreadable: {stats['images_unreadable']:,})",
         "dropped: " + ", ".join(f"{reason} {count:,}" for reason, count in stats["dropped"].items()),
-        f"written: {out} (statistics in {out / 'stats.json'})",
+        f"written: {prepared.path} (statistics in {prepared.report})",
     ]
     if stats["items_without_image"] == stats["items"]:
         rows.append("note: no item has an image: a catalog without images, which trains on text only")
     elif stats["items_without_image"]:
         rows.append(
-            f"note: items without image are listed in {out / MISSING_IMAGES} and train with a learned placeholder"
+            f"note: items without image are listed in {prepared.missing_images} and train with a learned placeholder"
             " image (fetch them with `perpeft-engine fetch-images --items` and prepare again with --overwrite)"
         )
     return "\n".join(rows)
@@ -45,7 +48,7 @@ def prepare() -> None:
 @click.option(
     "--name",
     default=None,
-    help=f"Dataset ({', '.join(NAMED_DATASETS)}) or any file prefix. [the one release in --src]",
+    help="Dataset (arts, sports, toys, beauty) or any file prefix. [the one release in --src]",
 )
 @click.option(
     "--out", type=click.Path(path_type=Path), default=None, help="Output directory. [DATA_DIR/NAME, or DATA_DIR/PREFIX]"
@@ -56,12 +59,12 @@ def prepare() -> None:
 @reports_input_errors
 def authors(src: Path, name: str | None, out: Path | None, skip_bad_images: bool, overwrite: bool, quiet: bool) -> None:
     """The authors' released files → a dataset directory (timestamps: line numbers, which keep the order)."""
-    from perpeft.engine.data.authors import default_output_name, prepare_authors, release_prefix
+    from perpeft.engine import api
 
-    if out is None:
-        out = default_data_dir() / default_output_name(release_prefix(src, name))
-    stats = prepare_authors(src, name, out, skip_bad_images, overwrite, progress=not quiet)
-    click.echo(stats_summary(stats, out))
+    prepared = api.prepare_authors(
+        src, name=name, out=out, skip_bad_images=skip_bad_images, overwrite=overwrite, progress=not quiet
+    )
+    click.echo(stats_summary(prepared))
 
 
 @prepare.command()
@@ -86,10 +89,9 @@ def authors(src: Path, name: str | None, out: Path | None, skip_bad_images: bool
 @reports_input_errors
 def amazon2023(out: Path, quiet: bool, **options: Any) -> None:
     """Raw Amazon Reviews 2023 → a dataset directory: user subsample, dedupe, 5-core, time order (App. B.2)."""
-    from perpeft.engine.data.amazon import prepare_amazon2023
+    from perpeft.engine import api
 
-    stats = prepare_amazon2023(out=out, progress=not quiet, **options)
-    click.echo(stats_summary(stats, out))
+    click.echo(stats_summary(api.prepare_amazon2023(out=out, progress=not quiet, **options)))
 
 
 @click.command("fetch-images")
@@ -99,7 +101,7 @@ def amazon2023(out: Path, quiet: bool, **options: Any) -> None:
     "--items",
     type=click.Path(path_type=Path),
     default=None,
-    help=f"Only these item ids (one a line), e.g. a prepared dataset's {MISSING_IMAGES}.",
+    help="Only these item ids (one a line), e.g. a prepared dataset's missing_images.txt.",
 )
 @click.option("--workers", type=click.IntRange(1, 64), default=8, show_default=True, help="Concurrent downloads.")
 @click.option("--timeout", type=click.FloatRange(0.0, min_open=True), default=10.0, show_default=True, help="Seconds.")
@@ -120,14 +122,22 @@ def fetch_images(
     quiet: bool,
 ) -> None:
     """Download each item's MAIN image (verified, resumable); failures go to OUT/fetch_report.json."""
-    from perpeft.engine.data.fetch import REPORT, FetchSettings, read_item_list
-    from perpeft.engine.data.fetch import fetch_images as fetch
+    from perpeft.engine import api
 
-    wanted = read_item_list(items) if items is not None else None
-    settings = FetchSettings(workers, timeout, retries, backoff)
-    report = fetch(meta, out, settings, wanted, skip_bad_lines, progress=not quiet)
+    fetched = api.fetch_images(
+        meta,
+        out,
+        items=items,
+        workers=workers,
+        timeout=timeout,
+        retries=retries,
+        backoff=backoff,
+        skip_bad_lines=skip_bad_lines,
+        progress=not quiet,
+    )
+    report = fetched.stats
     click.echo(
         f"downloaded {report['downloaded']:,}, already present {report['present']:,}, failed {report['failed']:,},"
         f" without MAIN image URL {report['without_url']:,}, not in meta {report['not_in_meta']:,};"
-        f" report: {out / REPORT}"
+        f" report: {fetched.report}"
     )

@@ -1,8 +1,5 @@
 """``perpeft-engine serve``: the HTTP recommendation service over a run's cached tables."""
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import click
@@ -48,51 +45,15 @@ def serve(run: Path, host: str, port: int, index: str, workers: int, reload_seco
     that `embed --add-items` adds later are taken in within --reload-seconds of being published, each
     worker swapping its whole tables at once. Needs the optional extra `serve`: pip install -e ".[serve]".
     """
-    from perpeft.engine.errors import InputError
+    from perpeft.engine import api
 
-    try:
-        import uvicorn
-
-        from perpeft.engine.service.app import (
-            INDEX_VARIABLE,
-            METRICS_VARIABLE,
-            RELOAD_VARIABLE,
-            RUN_VARIABLE,
-            create_app,
-        )
-    except ModuleNotFoundError as error:
-        raise InputError(
-            f"serve needs the optional extra 'serve' ({error.name} is not installed): pip install -e \".[serve]\""
-        ) from None
-    from perpeft.engine.serve.recommend import ServingRun
-
-    serving = ServingRun.open(run, index)
-    dataset = serving.dataset
-    click.echo(
-        f"serving {run}: {serving.groups} groups × {dataset.num_items:,} items, {dataset.num_users:,} users "
-        f"({index} search) on http://{host}:{port}",
-        err=True,
+    api.serve(
+        run,
+        host=host,
+        port=port,
+        index=index,
+        workers=workers,
+        reload_seconds=reload_seconds,
+        log_level=log_level,
+        on_line=lambda line: click.echo(line, err=True),
     )
-    if workers == 1:
-        uvicorn.run(create_app(serving, reload_seconds or None), host=host, port=port, log_level=log_level)
-        return
-    # Checked above, once; each worker process opens the run again through the app factory.
-    del serving
-    import torch
-
-    threads = str(torch.get_num_threads())  # spawned workers read torch's thread count from the environment
-    metrics = tempfile.mkdtemp(prefix="perpeft-serve-metrics-")  # where the workers add up their figures
-    os.environ.update(
-        {
-            RUN_VARIABLE: str(run.resolve()),
-            INDEX_VARIABLE: index,
-            RELOAD_VARIABLE: str(reload_seconds),
-            METRICS_VARIABLE: metrics,
-            "OMP_NUM_THREADS": threads,
-        }
-    )
-    factory = "perpeft.engine.service.app:app_from_environment"
-    try:
-        uvicorn.run(factory, factory=True, workers=workers, host=host, port=port, log_level=log_level)
-    finally:
-        shutil.rmtree(metrics, ignore_errors=True)

@@ -26,7 +26,7 @@ def _assert_learned(run: Path, beats_chance: bool = True, k: int = 10) -> None:
     is a hit with probability k / (the catalog less u's other history items), computed here from the data."""
     directory = RunDirectory.open(run)
     metrics, state = directory.read_metrics(), directory.read_state()
-    losses = [record["loss"] for stage in state.stages.values() for record in stage.history]
+    losses = [record.loss for stage in state.stages.values() for record in stage.history]
     assert losses[0] > losses[-1], f"the training loss did not fall: {losses}"
     if not beats_chance:
         return

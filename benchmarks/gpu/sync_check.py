@@ -61,6 +61,7 @@ from perpeft.engine.features.hidden_states import HiddenStates, iisan_state_coun
 from perpeft.engine.features.inputs import ItemInputs
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.model.run_inputs import clip_encoder_factory, encode_frozen, iisan_encoder_factory
+from perpeft.engine.train.progress import TqdmBars
 from perpeft.engine.train.stages import parameter_groups, train_epoch
 
 from .common import (
@@ -93,6 +94,15 @@ def loop_lines(function: Callable[..., Any]) -> tuple[str, list[range]]:
 
 
 EPOCH_FILE, STEP_LINES = loop_lines(train_epoch)
+
+
+def train_with_bars(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[Any], device: torch.device, name: str
+) -> None:
+    """`train_epoch` over ``batches`` as a stage runs it with its progress bars on (the loss read each step)."""
+    bars = TqdmBars()
+    bars.epoch_started(name, 1, 1, len(batches))
+    train_epoch(model, optimizer, batches, device, bars)
 
 
 def phase_of(frames: list[traceback.FrameSummary]) -> str:
@@ -320,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         epoch = batches(grouped, config)
 
         def step() -> None:
-            train_epoch(model, optimizer, epoch, device, f"sync check: {name}", True)
+            train_with_bars(model, optimizer, epoch, device, f"sync check: {name}")
 
         if around is None:
             check_case(figures, name, step, must_be_clean, cuda, len(epoch))

@@ -20,19 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sampler import Batch, TrainSampler
-from perpeft.engine.data.split import Split, leave_one_out
-from perpeft.engine.eval.evaluation import EvaluationData
+from perpeft.engine.data.split import leave_one_out
 from perpeft.engine.model.perpeft import PerpeftModel
-from perpeft.engine.model.run_inputs import clip_encoder_factory
+from perpeft.engine.model.run_inputs import RunInputs, clip_encoder_factory
 from perpeft.engine.runtime.memory import PeakMemory
 from perpeft.engine.runtime.run_directory import RunDirectory
+from perpeft.engine.train.context import TrainingContext
 from perpeft.engine.train.grouping import fit_groups
 from perpeft.engine.train.pipeline import silent
-from perpeft.engine.train.stages import STAGE_INDEX, StageRunner, seed_torch, train_epoch
+from perpeft.engine.train.progress import Progress
+from perpeft.engine.train.stages import STAGE_INDEX, Stage, StageRunner, seed_torch, train_epoch
 
 from .common import (
     ARTS,
@@ -60,18 +59,18 @@ def distinct_items(batches: list[Batch]) -> float:
 
 def timed_epoch(runner: StageRunner, batches: list[Batch], warmup: int, budget_s: float) -> dict[str, Any]:
     """Warm-up steps, then chunks of steps until ``budget_s`` or the epoch ends; timings and the loss."""
-    device = runner.device
+    device = runner.context.device
     warmup = min(warmup, len(batches))
     with PeakMemory(device) as peak:
         with stopwatch() as warm:
-            losses = [train_epoch(runner.trainer, runner.optimizer, batches[:warmup], device, "warm-up", False).loss]
+            losses = [train_epoch(runner.trainer, runner.optimizer, batches[:warmup], device, Progress()).loss]
             synchronize(device)
         done = warmup
         started = time.perf_counter()
         with stopwatch() as steady:
             while done < len(batches) and time.perf_counter() - started < budget_s:
                 chunk = batches[done : done + CHUNK_STEPS]
-                losses.append(train_epoch(runner.trainer, runner.optimizer, chunk, device, "timed", False).loss)
+                losses.append(train_epoch(runner.trainer, runner.optimizer, chunk, device, Progress()).loss)
                 done += len(chunk)
             synchronize(device)
     timed_steps = done - warmup
@@ -120,19 +119,12 @@ def report_stage(figures: Figures, title: str, result: dict[str, Any], inputs: T
 
 
 def build_runner(
-    name: str,
-    run: RunDirectory,
-    config: RunConfig,
-    model: PerpeftModel,
-    sampler: TrainSampler,
-    split: Split,
-    user_groups: np.ndarray,
-    num_items: int,
-    device: torch.device,
+    context: TrainingContext, name: str, model: PerpeftModel, sampler: TrainSampler, user_groups: np.ndarray
 ) -> StageRunner:
-    """The engine's stage runner (optimizer, DDP-or-not trainer); its evaluation data is built but unused."""
-    evaluation = EvaluationData.build(split, config.maxlen, device)
-    return StageRunner(name, run, config, model, sampler, evaluation, user_groups, num_items, device, silent, False)
+    """The engine's stage runner (optimizer, DDP-or-not trainer) of ``model``; the context's evaluation data
+    is built but unused."""
+    stage = Stage(name, 1, model.groups, sampler, user_groups)
+    return StageRunner(context=context, stage=stage, model=model)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         make_encoder = clip_encoder_factory(config, bundle)
         work = Path(tempfile.mkdtemp(prefix="perpeft-train-check-"))
         run = RunDirectory.create(work / "run", config, overwrite=True)
+        context = TrainingContext.build(run, RunInputs(dataset, make_encoder, inputs), silent, Progress(), None)
     figures.details.update(
         users=scale.users, items=scale.items, groups=args.groups, batch_size=args.batch_size, setup_s=setup["seconds"]
     )
@@ -162,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_torch([config.seed, STAGE_INDEX["global"], 0])
     model = PerpeftModel(config, make_encoder, inputs, scale.items, 1).to(device)
     sampler = TrainSampler(split.train, scale.items, config.maxlen, config.batch_size)
-    runner = build_runner("global", run, config, model, sampler, split, no_groups, scale.items, device)
+    runner = build_runner(context, "global", model, sampler, no_groups)
     seed = [config.seed, STAGE_INDEX["global"], 1]
     seed_torch(seed)
     inputs.reset()
@@ -181,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     model = PerpeftModel(config, make_encoder, inputs, scale.items, args.groups).to(device)
     model.init_from_single_group(snapshot)
     sampler = TrainSampler(split.train, scale.items, config.maxlen, config.batch_size, assignment, True)
-    runner = build_runner("perpeft", run, config, model, sampler, split, assignment, scale.items, device)
+    runner = build_runner(context, "perpeft", model, sampler, assignment)
     seed = [config.seed, STAGE_INDEX["perpeft"], 1]
     seed_torch(seed)
     inputs.reset()

@@ -8,21 +8,21 @@ from perpeft.engine.analysis import refuse_existing
 from perpeft.engine.errors import InputError
 from perpeft.engine.eval.metrics import KS, SELECTION_METRIC
 from perpeft.engine.runtime.atomic import atomic_write_bytes
+from perpeft.engine.runtime.records import STAGE_TITLES, EpochRecord
 from perpeft.engine.runtime.run_directory import RunDirectory
-from perpeft.engine.runtime.run_state import STAGE_TITLES
 
 
-def stage_curves(run: RunDirectory) -> dict[str, tuple[list[int], list[dict]]]:
+def stage_curves(run: RunDirectory) -> dict[str, tuple[list[int], list[EpochRecord]]]:
     """Each trained stage's (epochs on the run's axis, per-epoch records): a second stage starts from the
     Global stage's epoch-E1 snapshot, so its epoch e is drawn at E1 + e."""
     state = run.read_state()
     config = run.config
-    curves = {}
+    curves: dict[str, tuple[list[int], list[EpochRecord]]] = {}
     for name in STAGE_TITLES:
         history = state.stage(name).history if name in state.stages else []
         if history:
             offset = 0 if name == "global" else config.epochs_global
-            curves[name] = ([offset + record["epoch"] for record in history], history)
+            curves[name] = ([offset + record.epoch for record in history], history)
     if not curves:
         raise InputError(f"{run.path}: no epoch finished yet; nothing to draw")
     return curves
@@ -42,19 +42,21 @@ def curves_png(run: RunDirectory) -> bytes:
     colours = dict(zip(KS, ("tab:blue", "tab:orange", "tab:green"), strict=True))
     for index, (name, (epochs, history)) in enumerate(curves.items()):
         marker = "os^"[index]
-        loss_axes.plot(epochs, [record["loss"] for record in history], marker=marker, ms=3, label=STAGE_TITLES[name])
-        best = max(range(len(history)), key=lambda position: history[position]["valid"][SELECTION_METRIC])
+        loss_axes.plot(epochs, [record.loss for record in history], marker=marker, ms=3, label=STAGE_TITLES[name])
+        best = max(range(len(history)), key=lambda position: history[position].valid[SELECTION_METRIC])
+        scores = {"valid": [record.valid for record in history], "test": [record.test for record in history]}
         for axes, metric in zip(metric_axes, ("HR", "NDCG"), strict=True):
             for k in KS:
                 for split, style in (("valid", "-"), ("test", "--")):
-                    values = [record[split][f"{metric}@{k}"] for record in history]
+                    values = [epoch[f"{metric}@{k}"] for epoch in scores[split]]
                     label = f"{split} {metric}@{k}" if index == 0 else None  # stages: the loss panel's legend
                     axes.plot(epochs, values, style, color=colours[k], marker=marker, ms=2, label=label)
             axes.axvline(epochs[best], color="grey", lw=0.8, ls=":")
-        if all("norms" in record for record in history):  # runs trained before the norms were recorded lack them
+        norms = [record.norms for record in history if record.norms is not None]
+        if len(norms) == len(history):  # runs trained before the norms were recorded lack them
             for term, colour in (("multimodal", "tab:purple"), ("id", "tab:brown")):
                 label = {"multimodal": "‖0.5·MLP(m)‖", "id": "‖h‖"}[term] if index == 0 else None
-                values = [record["norms"][term] for record in history]
+                values = [epoch[term] for epoch in norms]
                 norm_axes.plot(epochs, values, color=colour, marker=marker, ms=3, label=label)
     loss_axes.set(title="training loss", xlabel="epoch")
     loss_axes.legend(fontsize=7)

@@ -37,6 +37,14 @@ def tower_configs(config: CLIPConfig) -> tuple[CLIPTextConfig, CLIPVisionConfig]
     return text, vision
 
 
+def projection_width(config: CLIPConfig) -> int:
+    """The width of each tower's projected embedding (CLIPConfig types it as optional; it always has one)."""
+    width = config.projection_dim
+    if not isinstance(width, int):
+        raise TypeError(f"a CLIPConfig whose projection_dim is {width!r}")
+    return width
+
+
 def architecture_config(name: str) -> CLIPConfig:
     """Built-in architecture aliases (no weights): ``vit-b-32`` is ``openai/clip-vit-base-patch32``."""
     if name == "vit-b-32":

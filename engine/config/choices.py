@@ -2,8 +2,18 @@
 options (choices, defaults, help) from them. Methods have their own table (`methods.METHODS`)."""
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from perpeft.engine.errors import InputError
+
+# Each setting's values as a type (RunConfig's fields are annotated with these; a type checker refuses a
+# typo) and, through `Choice`, as the CLI's choices: one list per setting.
+PeftType = Literal["lora", "ia3", "iisan"]
+GroupingKind = Literal["interest", "random"]
+ClusteringKind = Literal["kmeans", "gmm"]
+Precision = Literal["auto", "fp32", "bf16"]
+CompileMode = Literal["auto", "on", "off"]
+TrainWindows = Literal["last", "all", "prefix"]
 
 
 @dataclass(frozen=True)
@@ -15,6 +25,10 @@ class Choice:
     default: str
     help: str
 
+    def __post_init__(self) -> None:
+        if self.default not in self.values:
+            raise ValueError(f"{self.option}: default {self.default!r} is not one of {self.values}")
+
     def check(self, value: str, where: str = "") -> None:
         """InputError naming the option, the value and every allowed one, prefixed by ``where`` (a file)."""
         if value not in self.values:
@@ -24,7 +38,7 @@ class Choice:
 
 PEFT = Choice(
     "--peft",
-    ("lora", "ia3", "iisan"),
+    get_args(PeftType),
     "lora",
     "PEFT type: LoRA and (IA)3 inside both CLIP towers, or the IISAN side network over cached hidden states.",
 )
@@ -32,16 +46,16 @@ PEFT = Choice(
 ADAPTER_PEFTS = ("lora", "ia3")
 GROUPING = Choice(
     "--grouping",
-    ("interest", "random"),
+    get_args(GroupingKind),
     "interest",
     "interest: cluster Global-PEFT user vectors; random: the Table 3 ablation.",
 )
-CLUSTERING = Choice("--clustering", ("kmeans", "gmm"), "kmeans", "Clustering of the user vectors (App. C.4.3).")
-PRECISION = Choice("--precision", ("auto", "fp32", "bf16"), "auto", "auto: bf16 autocast on CUDA, fp32 on CPU.")
-COMPILE = Choice("--compile", ("auto", "on", "off"), "auto", "torch.compile SASRec; auto: on CUDA only.")
+CLUSTERING = Choice("--clustering", get_args(ClusteringKind), "kmeans", "Clustering of the user vectors (App. C.4.3).")
+PRECISION = Choice("--precision", get_args(Precision), "auto", "auto: bf16 autocast on CUDA, fp32 on CPU.")
+COMPILE = Choice("--compile", get_args(CompileMode), "auto", "torch.compile SASRec; auto: on CUDA only.")
 TRAIN_WINDOWS = Choice(
     "--train-windows",
-    ("last", "all", "prefix"),
+    get_args(TrainWindows),
     "last",
     "last: each user's most recent window (the paper); all: every training target once per epoch, in"
     " non-overlapping windows (long histories); prefix: one sample per training target with its full"

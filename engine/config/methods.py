@@ -6,9 +6,22 @@ a second stage trains per-group adapters (PerPEFT) or a group embedding (Group-l
 """
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from perpeft.engine.errors import InputError
+
+# The method names, as a type for RunConfig's ``method`` field; `METHODS` defines each, in this order.
+MethodName = Literal[
+    "wo-mm",
+    "frozen-mm",
+    "global-peft",
+    "user-level-1",
+    "user-level-2",
+    "group-level-1",
+    "group-level-2",
+    "perpeft",
+    "large-global-peft",
+]
 
 
 class NamesAMethod(Protocol):
@@ -22,7 +35,7 @@ class NamesAMethod(Protocol):
 class Method:
     """How one method configures the training loop."""
 
-    name: str
+    name: MethodName
     title: str
     encoder: str  # "none": ID embeddings only; "frozen": CLIP without adapters; "adapted": CLIP + PEFT
     personal: str | None = None  # "user" or "group": a learned embedding fed to SASRec (Types 4 and 5)
@@ -41,7 +54,7 @@ class Method:
         return self.encoder == "adapted"
 
 
-METHODS = {
+METHODS: dict[str, Method] = {
     method.name: method
     for method in (
         Method("wo-mm", "w/o MM", "none"),

@@ -3,32 +3,73 @@
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, Self
 
-from perpeft.engine.config.choices import RUN_CHOICES
-from perpeft.engine.config.methods import method_of
+from perpeft.engine.config.choices import (
+    ClusteringKind,
+    CompileMode,
+    GroupingKind,
+    PeftType,
+    Precision,
+    TrainWindows,
+)
+from perpeft.engine.config.methods import MethodName, method_of
 from perpeft.engine.errors import InputError
 
 # The paper's settings (App. C.2) apply to real data; the demo is ~20× smaller, so it takes fewer,
 # larger-step epochs to converge inside the three-minute budget.
-PAPER_DEFAULTS = {"epochs_global": 10, "epochs_perpeft": 20, "lr": 1e-4, "weight_decay": 1e-4, "clip": None}
-DEMO_DEFAULTS = {"epochs_global": 6, "epochs_perpeft": 12, "lr": 1e-3, "weight_decay": 1e-4, "clip": "tiny"}
+PAPER_DEFAULTS: dict[str, Any] = {
+    "epochs_global": 10,
+    "epochs_perpeft": 20,
+    "lr": 1e-4,
+    "weight_decay": 1e-4,
+    "clip": None,
+}
+DEMO_DEFAULTS: dict[str, Any] = {
+    "epochs_global": 6,
+    "epochs_perpeft": 12,
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "clip": "tiny",
+}
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA's shape: rank r, scale numerator alpha (the update is scaled by alpha / r) and input dropout."""
+
+    rank: int = 4
+    alpha: float = 8.0
+    dropout: float = 0.1
+
+
+PAPER_LORA = LoraSettings()  # the paper's r = 4, alpha = 8, dropout 0.1 (App. C.2)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Every hyperparameter, path and switch of a training run; ``None`` fields take the dataset's preset.
+    """Every hyperparameter, path and switch of a training run; ``None`` fields take the dataset's preset
+    (`resolved`).
+
+    The fields, by what they set — data: ``data``, ``data_dir``, ``text_fields``, ``text``, ``image``;
+    method: ``method``, ``peft``, ``groups``, ``grouping``, ``clustering``, ``baseline``,
+    ``group_negatives``; model: ``clip``, ``maxlen``, ``hidden``, ``dropout``; adapters: ``lora_rank``,
+    ``lora_alpha``, ``lora_dropout`` (`lora`); schedule: ``epochs_global``, ``epochs_perpeft``,
+    ``batch_size``, ``lr``, ``id_lr``, ``weight_decay``, ``train_windows``, ``seed``, ``global_seed``;
+    runtime: ``device``, ``precision``, ``compile``, ``eval_batch_size``, ``encode_batch_size``. The CLI's
+    options have the same names (``--epochs-global`` for ``epochs_global``).
 
     Refused at construction (`InputError`, one line naming the setting): a value of the wrong type, a
     choice no setting allows, a count below its minimum, a combination the method cannot honour.
     """
 
     data: str = "demo"
-    method: str = "perpeft"
+    method: MethodName = "perpeft"
     data_dir: str | None = None
     clip: str | None = None
-    peft: str = "lora"
+    peft: PeftType = "lora"
     groups: int = 8
     epochs_global: int | None = None
     epochs_perpeft: int | None = None
@@ -40,8 +81,8 @@ class RunConfig:
     seed: int = 0
     global_seed: int | None = None
     device: str = "auto"
-    precision: str = "auto"
-    compile: str = "auto"
+    precision: Precision = "auto"
+    compile: CompileMode = "auto"
     maxlen: int = 10
     hidden: int = 32
     dropout: float = 0.3
@@ -52,49 +93,57 @@ class RunConfig:
     text: bool | None = None  # None: encode the modality when the catalog has it
     image: bool | None = None
     text_fields: str | None = None  # item-file columns joined into an item's text, comma-separated
-    train_windows: str = "last"
-    grouping: str = "interest"
-    clustering: str = "kmeans"
+    train_windows: TrainWindows = "last"
+    grouping: GroupingKind = "interest"
+    clustering: ClusteringKind = "kmeans"
     eval_batch_size: int = 1024
     encode_batch_size: int = 256
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            _check_type(field.name, getattr(self, field.name), field.type)
-        self.check()
+        for setting in dataclasses.fields(self):
+            _check_type(setting.name, getattr(self, setting.name), setting.type)
+        self._check_ranges()
+        _check_method(self)
 
-    def resolved(self) -> "RunConfig":
+    def resolved(self) -> "ResolvedConfig":
         """Fill every ``None`` from the demo preset (``--data demo``) or the paper's settings (item-ID methods
         need no CLIP)."""
         preset = DEMO_DEFAULTS if self.data == "demo" else PAPER_DEFAULTS
-        filled = {key: value for key, value in preset.items() if getattr(self, key) is None}
-        config = dataclasses.replace(self, **filled)
-        if config.clip is None and method_of(config).encoder != "none":
-            raise InputError("--clip is required for real data: a local HF CLIP directory or a cached model id")
-        config.check()
-        return config
+        values = dataclasses.asdict(self)
+        values.update({key: value for key, value in preset.items() if values[key] is None})
+        resolved = ResolvedConfig(**values)
+        if method_of(resolved).encoder != "none":
+            resolved.clip_model  # noqa: B018 -- refuses a missing --clip now, not when the model loads
+        return resolved
 
-    def check(self, where: str = "") -> None:
-        """InputError (prefixed by ``where``, a file) for a value no setting allows or a combination the
-        method cannot honour."""
-        for name, choice in RUN_CHOICES.items():
-            choice.check(getattr(self, name), where)
-        check_method(self, where)
-        prefix = f"{where}: " if where else ""
+    def _check_ranges(self) -> None:
+        """InputError for a count or rate out of its range."""
         if self.id_lr is not None and self.id_lr <= 0:
-            raise InputError(f"{prefix}--id-lr {self.id_lr}: must be positive")
+            raise InputError(f"--id-lr {self.id_lr}: must be positive")
         positive = ("groups", "epochs_global", "batch_size", "maxlen", "hidden", "lora_rank", "lr")
         for name in (*positive, "eval_batch_size", "encode_batch_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise InputError(f"{prefix}--{name.replace('_', '-')} {value}: must be positive")
+                raise InputError(f"--{name.replace('_', '-')} {value}: must be positive")
         for name in ("dropout", "lora_dropout"):
             if not 0 <= getattr(self, name) < 1:
-                raise InputError(f"{prefix}--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1)")
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1)")
         if self.weight_decay is not None and self.weight_decay < 0:
-            raise InputError(f"{prefix}--weight-decay {self.weight_decay}: must be ≥ 0")
+            raise InputError(f"--weight-decay {self.weight_decay}: must be ≥ 0")
         if self.epochs_perpeft is not None and self.epochs_perpeft < 0:
-            raise InputError(f"{prefix}--epochs-perpeft {self.epochs_perpeft}: must be ≥ 0")
+            raise InputError(f"--epochs-perpeft {self.epochs_perpeft}: must be ≥ 0")
+
+    @property
+    def clip_model(self) -> str:
+        """``clip``, which every method with a CLIP encoder needs: InputError when it is unset."""
+        if self.clip is None:
+            raise InputError("--clip is required for real data: a local HF CLIP directory or a cached model id")
+        return self.clip
+
+    @property
+    def lora(self) -> LoraSettings:
+        """The adapters' LoRA settings as one value."""
+        return LoraSettings(self.lora_rank, self.lora_alpha, self.lora_dropout)
 
     @property
     def text_field_names(self) -> tuple[str, ...] | None:
@@ -103,7 +152,7 @@ class RunConfig:
             return None
         return tuple(field.strip() for field in self.text_fields.split(","))
 
-    def for_catalog(self, has_text: bool, has_images: bool, where: str) -> "RunConfig":
+    def for_catalog(self, has_text: bool, has_images: bool, where: str) -> Self:
         """The modalities this run encodes on a catalog (``where``, its directory): an unset one is encoded
         when the catalog has it; asking for one the catalog lacks, or leaving nothing to encode, is an
         InputError. Item-ID methods use no modality and record both as not dropped."""
@@ -139,15 +188,17 @@ class RunConfig:
         return self.seed
 
     def to_json(self) -> str:
+        """The ``config.json`` text: every field, keys sorted."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json_file(cls, path: Path) -> "RunConfig":
+    def from_json_file(cls, path: Path) -> Self:
+        """The configuration a ``config.json`` holds; InputError naming the file for anything else."""
         try:
             values = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise InputError(f"{path}: cannot read the run configuration ({error})") from None
-        known = {field.name for field in dataclasses.fields(cls)}
+        known = {setting.name for setting in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"{path}: unknown configuration keys {unknown}")
@@ -157,9 +208,26 @@ class RunConfig:
             raise InputError(f"{path}: {error}") from None
 
 
+@dataclass(frozen=True, kw_only=True)
+class ResolvedConfig(RunConfig):
+    """A RunConfig with its presets filled (`RunConfig.resolved`): what a run trains with and writes to its
+    ``config.json``. The schedule is never ``None`` here."""
+
+    # field(): no default (a bare annotation would inherit RunConfig's None).
+    epochs_global: int = field()
+    epochs_perpeft: int = field()
+    lr: float = field()
+    weight_decay: float = field()
+
+
 def _check_type(name: str, value: object, annotation: object) -> None:
     """InputError unless ``value`` is of the field's declared type (``int`` where a count is, never a bool;
-    an int where a float is; ``None`` only where the field admits it)."""
+    an int where a float is; one of a Literal's values; ``None`` only where the field admits it)."""
+    option = f"--{name.replace('_', '-')}"
+    if typing.get_origin(annotation) is Literal:
+        if value not in typing.get_args(annotation):
+            raise InputError(f"{option} {value}: expected one of {', '.join(typing.get_args(annotation))}")
+        return
     allowed = typing.get_args(annotation) or (annotation,)
     if value is None and type(None) in allowed:
         return
@@ -173,18 +241,11 @@ def _check_type(name: str, value: object, annotation: object) -> None:
         if kind is str and isinstance(value, str):
             return
     names = " or ".join("None" if kind is type(None) else getattr(kind, "__name__", str(kind)) for kind in allowed)
-    raise InputError(f"--{name.replace('_', '-')} {value!r}: expected {names}")
-
-
-def check_method(config: RunConfig, where: str = "") -> None:
-    """Refuse settings a method cannot honour, with one line saying why."""
-    try:
-        _check_method(config)
-    except InputError as error:
-        raise InputError(f"{where}: {error}" if where else str(error)) from None
+    raise InputError(f"{option} {value!r}: expected {names}")
 
 
 def _check_method(config: RunConfig) -> None:
+    """Refuse settings a method cannot honour, with one line saying why."""
     method = method_of(config)
     dropped = config.text is False or config.image is False
     if config.text is False and config.image is False:
@@ -193,7 +254,8 @@ def _check_method(config: RunConfig) -> None:
         raise InputError("--no-text / --no-image: --method wo-mm uses no modality to drop")
     if dropped and method.uses_peft and config.peft == "iisan":
         raise InputError("--no-text / --no-image: IISAN's inter-modal chain needs both modalities (use lora or ia3)")
-    if config.text_fields is not None and not all(config.text_field_names):
+    names = config.text_field_names
+    if names is not None and not all(names):
         raise InputError(f"--text-fields {config.text_fields!r}: expected comma-separated column names")
     if config.global_seed is not None and not method.two_stage:
         raise InputError(

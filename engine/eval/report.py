@@ -5,7 +5,7 @@ from typing import Any
 
 from perpeft.engine.config.methods import METHODS
 from perpeft.engine.eval.metrics import SELECTION_METRIC
-from perpeft.engine.runtime.run_state import STAGE_TITLES
+from perpeft.engine.runtime.records import STAGE_TITLES
 
 
 def result_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

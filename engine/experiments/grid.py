@@ -49,7 +49,7 @@ TUNED_NAMES = {"lr": "lr", "weight_decay": "wd", "id_lr": "idlr", "epochs_global
 TUNED_SETTINGS = tuple(TUNED_NAMES)
 Variant = tuple[tuple[str, Any], ...]  # one combination of tuned values, in TUNED_SETTINGS order
 RESEED_OFFSET = 1  # Table 7's reseeded run of seed s trains its second stage with seed s + RESEED_OFFSET
-ABLATIONS = (
+ABLATIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("w/o textual modality", "perpeft", {"text": False}),
     ("w/o visual modality", "perpeft", {"image": False}),
     ("w/o group-specific negatives", "perpeft", {"group_negatives": False}),
@@ -124,7 +124,7 @@ def build_grid(
         cells.append(_cell("divergence", "PerPEFT", first, "perpeft"))
     if not cells:
         raise InputError(
-            "nothing to run: pass --methods, --ablations, --clustering, --groups, --scalability or --divergence"
+            "nothing to run: pass --methods, --ablations, --clustering, --group-counts, --scalability or --divergence"
         )
     return cells
 

@@ -54,8 +54,9 @@ def run_experiment(
         table = tables_markdown(selected, base, seeds, reseeded, tuned, failed, out)
         atomic_write_bytes(out / TABLE_MD, table.encode())
     if failed:
+        failed_runs = {entry.run for entry in failed}
         raise RunError(
-            f"{out}: {len({entry.run for entry in failed})} of {len({entry.run for entry in [*finished, *failed]})} "
+            f"{out}: {len(failed_runs)} of {len(failed_runs | {entry.run for entry in finished})} "
             f"runs failed (listed with their reasons in "
             f"{TABLE_MD} and {RESULTS_CSV}); run the same command again to retry them"
         )

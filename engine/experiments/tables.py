@@ -261,8 +261,8 @@ def scalability_table(finished: list[Finished]) -> list[str]:
         for stage in ("global", "perpeft"):
             history = state.stage(stage).history
             per_stage[stage] = (
-                statistics.mean(record["train_seconds"] for record in history),
-                max(record["train_peak_bytes"] for record in history) / 2**20,
+                statistics.mean(record.train_seconds for record in history),
+                max(record.train_peak_bytes for record in history) / 2**20,
             )
         num_items = run_dataset(config).num_items
         if config.clip is None:

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from perpeft.engine.clip.layers import prepare_clip
-from perpeft.engine.clip.loading import ClipBundle
+from perpeft.engine.clip.loading import ClipBundle, projection_width
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.config.choices import ADAPTER_PEFTS, MODALITIES
+from perpeft.engine.config.run_config import PAPER_LORA, LoraSettings
 from perpeft.engine.errors import InputError
 from perpeft.engine.model.adapters.context import GroupContext
 from perpeft.engine.model.adapters.ia3 import GroupedIA3Linear
@@ -32,9 +33,7 @@ def inject_adapters(
     peft: str,
     groups: int,
     context: GroupContext,
-    lora_rank: int = 4,
-    lora_alpha: float = 8.0,
-    lora_dropout: float = 0.1,
+    lora: LoraSettings = PAPER_LORA,
     towers: tuple[str, ...] = tuple(TOWERS.values()),
 ) -> None:
     """Replace the paper's target ``nn.Linear`` layers of ``towers`` (both by default) by grouped adapters,
@@ -49,8 +48,9 @@ def inject_adapters(
         if match is None or match.group(1) not in towers or not isinstance(module, nn.Linear):
             continue
         target = match.group(3)
+        wrapped: nn.Module
         if peft == "lora" and target in LORA_TARGETS:
-            wrapped = GroupedLoRALinear(module, groups, lora_rank, lora_alpha, lora_dropout, context)
+            wrapped = GroupedLoRALinear(module, groups, lora.rank, lora.alpha, lora.dropout, context)
         elif peft == "ia3" and target in IA3_OUTPUT_TARGETS + IA3_INPUT_TARGETS:
             wrapped = GroupedIA3Linear(module, groups, target in IA3_INPUT_TARGETS, context)
         else:
@@ -80,13 +80,16 @@ class GroupedClipEncoder(nn.Module):
     input; ``modalities`` drops a tower (the paper's w/o-text and w/o-image ablations) without running it.
     """
 
+    image_mean: torch.Tensor
+    image_std: torch.Tensor
+
     def __init__(
         self,
         bundle: ClipBundle,
         peft: str,
         groups: int,
         modalities: tuple[str, ...] = MODALITIES,
-        **adapter_settings: float,
+        lora: LoraSettings = PAPER_LORA,
     ) -> None:
         super().__init__()
         unknown = set(modalities) - set(MODALITIES)
@@ -100,19 +103,19 @@ class GroupedClipEncoder(nn.Module):
         prepare_clip(self.clip)
         self.context = GroupContext()
         towers = tuple(TOWERS[name] for name in self.modalities)
-        inject_adapters(self.clip, peft, groups, self.context, towers=towers, **adapter_settings)
+        inject_adapters(self.clip, peft, groups, self.context, lora, towers)
         self.register_buffer("image_mean", torch.tensor(bundle.image_mean), persistent=False)
         self.register_buffer("image_std", torch.tensor(bundle.image_std), persistent=False)
 
     @property
     def out_features(self) -> int:
         """Width of concat(image_embeds, text_embeds) (or of the one kept), the projector's input."""
-        return len(self.modalities) * self.clip.config.projection_dim
+        return len(self.modalities) * projection_width(self.clip.config)
 
     @property
     def modality_columns(self) -> dict[str, slice]:
         """Which output columns come from the image and which from the title, in ``present`` order."""
-        return modality_columns(self.modalities, self.clip.config.projection_dim)
+        return modality_columns(self.modalities, projection_width(self.clip.config))
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Only the adapter parameters (what training changes), keyed by module path."""
@@ -144,6 +147,8 @@ class GroupedClipEncoder(nn.Module):
 class FrozenFeatures(nn.Module):
     """Frozen MM's item encoder: CLIP without adapters never changes, so its output for every item is
     computed once (``encode_frozen``) and looked up; ``forward(items, groups)`` returns those rows."""
+
+    features: torch.Tensor
 
     def __init__(self, features: torch.Tensor, modalities: tuple[str, ...], width: int) -> None:
         super().__init__()

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from perpeft.engine.clip.loading import architecture_config
-from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.clip.loading import architecture_config, projection_width, tower_configs
+from perpeft.engine.config.run_config import LoraSettings, ResolvedConfig
 from perpeft.engine.errors import InputError
 from perpeft.engine.features.hidden_states import iisan_state_count
 from perpeft.engine.model.adapters.context import GroupContext
@@ -50,22 +50,21 @@ def parameter_counts(
         model = CLIPModel(config)
         frozen = _count(model)
         if peft == "iisan":
-            side = GroupedIISAN(
-                1, config.text_config.hidden_size, config.vision_config.hidden_size, iisan_state_count(config)
-            )
+            text, vision = tower_configs(config)
+            side = GroupedIISAN(1, text.hidden_size, vision.hidden_size, iisan_state_count(config))
             peft_per_group, multimodal_dim = _count(side), side.out_features
         else:
             model.requires_grad_(False)
-            inject_adapters(model, peft, 1, GroupContext(), lora_rank=lora_rank)
-            peft_per_group, multimodal_dim = _count(model, trainable_only=True), 2 * config.projection_dim
-        width = config.projection_dim
+            inject_adapters(model, peft, 1, GroupContext(), LoraSettings(rank=lora_rank))
+            peft_per_group, multimodal_dim = _count(model, trainable_only=True), 2 * projection_width(config)
+        width = projection_width(config)
         placeholders = (
             {"image": slice(0, width), "title": slice(width, 2 * width)}
             if missing_modalities and peft != "iisan"
             else None
         )
         recommender = Recommender(items, 1, multimodal_dim, hidden=hidden, maxlen=maxlen, placeholders=placeholders)
-    projector = _count(recommender.projector)
+    projector = _count(recommender.projector) if recommender.projector is not None else 0
     sasrec = _count(recommender.sasrec)
     transductive = _count(recommender.item_embeddings) + _count(recommender.position_embeddings)
     return {
@@ -82,7 +81,7 @@ def parameter_counts(
 LARGE_TOLERANCE = 1_000  # paper §4.6.1: Large Global PEFT matches PerPEFT's count within ±10^3
 
 
-def large_adapter_config(config: RunConfig) -> tuple[RunConfig, dict[str, int]]:
+def large_adapter_config(config: ResolvedConfig) -> tuple[ResolvedConfig, dict[str, int]]:
     """Large Global PEFT's settings and both adapter counts.
 
     LoRA's count is linear in the rank, so one adapter of rank C·r has exactly the count of PerPEFT's C
@@ -91,8 +90,8 @@ def large_adapter_config(config: RunConfig) -> tuple[RunConfig, dict[str, int]]:
     large = dataclasses.replace(
         config, lora_rank=config.groups * config.lora_rank, lora_alpha=config.groups * config.lora_alpha
     )
-    per_group = parameter_counts(config.clip, "lora", 1, 1, lora_rank=config.lora_rank)["peft_per_group"]
-    single = parameter_counts(config.clip, "lora", 1, 1, lora_rank=large.lora_rank)["peft_per_group"]
+    per_group = parameter_counts(config.clip_model, "lora", 1, 1, lora_rank=config.lora_rank)["peft_per_group"]
+    single = parameter_counts(config.clip_model, "lora", 1, 1, lora_rank=large.lora_rank)["peft_per_group"]
     counts = {"large_global_peft_adapter": single, "perpeft_adapters_total": config.groups * per_group}
     if abs(counts["large_global_peft_adapter"] - counts["perpeft_adapters_total"]) > LARGE_TOLERANCE:
         raise InputError(

@@ -3,7 +3,7 @@ per-group projector, ID embeddings and SASRec, for C groups."""
 
 import contextlib
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -29,7 +29,36 @@ class ItemInputSource(Protocol):
     def batch(self, items: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, ...]: ...
 
 
-EncoderFactory = Callable[[int], nn.Module]
+@runtime_checkable
+class MarksMissing(Protocol):
+    """An input source that knows which items lack an image or a title."""
+
+    @property
+    def has_missing(self) -> bool: ...
+
+    def modalities(self, items: torch.Tensor, device: torch.device) -> torch.Tensor: ...
+
+
+class ItemEncoder(Protocol):
+    """An item encoder module: ``encoder(*inputs, groups)`` → ``[N, out_features]``."""
+
+    @property
+    def out_features(self) -> int: ...
+
+    def __call__(self, *inputs: Any) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ModalityEncoder(ItemEncoder, Protocol):
+    """An item encoder whose output is one block of columns per modality (CLIP's towers, frozen or adapted)."""
+
+    modalities: tuple[str, ...]
+
+    @property
+    def modality_columns(self) -> dict[str, slice]: ...
+
+
+EncoderFactory = Callable[[int], ItemEncoder]
 
 
 class PerpeftModel(nn.Module):
@@ -40,6 +69,8 @@ class PerpeftModel(nn.Module):
     ``personal_index`` (int64 ``[U+1]``, user → row) gives SASRec the method's user or group embedding
     (User-level / Group-level); rows are users for User-level and the run's C groups for Group-level.
     """
+
+    present_columns: torch.Tensor
 
     def __init__(
         self,
@@ -53,13 +84,16 @@ class PerpeftModel(nn.Module):
         super().__init__()
         self.groups = groups
         self.inputs = inputs
-        self.encoder = make_encoder(groups) if make_encoder is not None else None
+        encoder = make_encoder(groups) if make_encoder is not None else None
+        self.encoder = encoder
         # Learned placeholders stand in for missing images/titles, only when the catalog has such items.
-        self.fills_missing = hasattr(self.encoder, "modality_columns") and bool(getattr(inputs, "has_missing", False))
-        if self.fills_missing:
-            columns = [MODALITIES.index(name) for name in self.encoder.modalities]
+        placeholders = None
+        if isinstance(encoder, ModalityEncoder) and isinstance(inputs, MarksMissing) and inputs.has_missing:
+            placeholders = encoder.modality_columns
+            columns = [MODALITIES.index(name) for name in encoder.modalities]
             # A buffer on the model's device: indexing a device tensor with a Python list copies the list there.
             self.register_buffer("present_columns", torch.tensor(columns), persistent=False)
+        self.fills_missing = placeholders is not None
         method = METHODS[config.method]
         personal_rows = 0
         if personal_index is not None:
@@ -70,11 +104,11 @@ class PerpeftModel(nn.Module):
         self.recommender = Recommender(
             num_items,
             groups,
-            self.encoder.out_features if self.encoder is not None else None,
+            encoder.out_features if encoder is not None else None,
             hidden=config.hidden,
             maxlen=config.maxlen,
             dropout=config.dropout,
-            placeholders=self.encoder.modality_columns if self.fills_missing else None,
+            placeholders=placeholders,
             personal_rows=personal_rows,
             personal_mode=method.personal_mode,
         )
@@ -143,20 +177,23 @@ class PerpeftModel(nn.Module):
         if items.device.type != "cpu":
             raise ValueError(f"item ids must be on the host, not {items.device}: reading them back would wait for it")
         on_device = to_device(items, device)
-        if self.encoder is None:
+        encoder, source = self.encoder, self.inputs
+        if encoder is None:
             return [self.recommender.item_vectors(on_device, None, groups, with_ids=with_ids) for groups in groupings]
+        if source is None:
+            raise ValueError("this model's item encoder has no input source: build it with the run's inputs")
         real = (items != 0).nonzero().squeeze(1)
         rows = to_device(real, device)
-        inputs = self.inputs.batch(items[real], device) if real.numel() else ()
+        inputs = source.batch(items[real], device) if real.numel() else ()
         present = None
-        if self.fills_missing:
-            present = self.inputs.modalities(items, device).index_select(1, self.present_columns)
+        if self.fills_missing and isinstance(source, MarksMissing):
+            present = source.modalities(items, device).index_select(1, self.present_columns)
         vectors = []
         for groups in groupings:
-            multimodal = torch.zeros(items.shape[0], self.encoder.out_features, device=device)
+            multimodal = torch.zeros(items.shape[0], encoder.out_features, device=device)
             if real.numel():
                 with self._precision():
-                    encoded = self.encoder(*inputs, groups.take(real))
+                    encoded = encoder(*inputs, groups.take(real))
                 multimodal = multimodal.index_put((rows,), encoded.float())
             vectors.append(self.recommender.item_vectors(on_device, multimodal, groups, present, with_ids))
         return vectors
@@ -176,8 +213,8 @@ class PerpeftModel(nn.Module):
     def training_loss(self, batch: Batch, device: torch.device) -> torch.Tensor:
         # Distinct items on the host (np.unique: sorted, like torch.unique), so no step waits for the device.
         positions = np.stack([batch.seq, batch.pos, batch.neg])
-        unique, inverse = np.unique(positions, return_inverse=True)
-        inverse = to_device(torch.from_numpy(inverse.reshape(positions.shape)), device)
+        unique, where = np.unique(positions, return_inverse=True)
+        inverse = to_device(torch.from_numpy(where.reshape(positions.shape)), device)
         vectors = self.item_vectors(torch.from_numpy(unique), max(batch.group, 0))[inverse]
         seq, pos = (to_device(torch.from_numpy(array), device) for array in (batch.seq, batch.pos))
         output = self.recommender.sequence_output(seq, vectors[0], self.personal_rows(torch.from_numpy(batch.users)))

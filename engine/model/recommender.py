@@ -1,6 +1,7 @@
 """Projector(s), transductive ID and position embeddings, SASRec, and the item table z = 0.5·m + h."""
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +137,7 @@ class SASRec(nn.Module):
             self.attention_norms, self.attentions, self.forward_norms, self.feed_forwards, strict=True
         ):
             query = norm(x)
-            x = forward_norm(query + causal_attention(attention, query, x, causal))
+            x = forward_norm(query + causal_attention(cast(nn.MultiheadAttention, attention), query, x, causal))
             x = feed_forward(x)
         return self.last_norm(x)
 
@@ -266,17 +267,18 @@ class Recommender(nn.Module):
 
         With personal embeddings, ``personal_rows`` ``[B]`` picks each sequence's user or group embedding.
         """
-        if self.personal is not None and personal_rows is None:
+        personal = self.personal
+        if personal is not None and personal_rows is None:
             raise ValueError("this model has personal embeddings: pass personal_rows")
         length = sequence_items.shape[1]
         real = sequence_items != 0
-        if self.personal is not None and self.personal.mode == 2:
-            sequence_vectors = self.personal.concatenated(sequence_vectors, personal_rows) * real.unsqueeze(-1)
+        if personal is not None and personal_rows is not None and personal.mode == 2:
+            sequence_vectors = personal.concatenated(sequence_vectors, personal_rows) * real.unsqueeze(-1)
         positions = torch.arange(1, length + 1, device=sequence_items.device).expand_as(sequence_items)
         x = sequence_vectors * math.sqrt(self.hidden) + self.position_embeddings(positions * real)
-        if self.personal is None or self.personal.mode == 2:
+        if personal is None or personal_rows is None or personal.mode == 2:
             return self.sasrec(self.embedding_dropout(x))
-        element = self.personal.element(personal_rows, math.sqrt(self.hidden))
+        element = personal.element(personal_rows, math.sqrt(self.hidden))
         output = self.sasrec(self.embedding_dropout(torch.cat([x, element.unsqueeze(1)], dim=1)))
         # The appended element's output (the only one that sees it, under causal attention) predicts
         # what the last item's output would have: the next item.

@@ -3,10 +3,9 @@
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from perpeft.engine.clip.loading import ClipBundle, load_clip
+from perpeft.engine.clip.loading import ClipBundle, load_clip, projection_width
 from perpeft.engine.config.choices import MODALITIES
 from perpeft.engine.config.methods import method_of
 from perpeft.engine.config.run_config import RunConfig
@@ -31,15 +30,13 @@ def kept_modalities(config: RunConfig) -> tuple[str, ...]:
 def clip_encoder_factory(config: RunConfig, bundle: ClipBundle) -> EncoderFactory:
     """Builds the grouped-adapter CLIP encoder for a given number of groups."""
 
-    def build(groups: int) -> nn.Module:
+    def build(groups: int) -> GroupedClipEncoder:
         return GroupedClipEncoder(
             bundle,
             config.peft,
             groups,
             kept_modalities(config),
-            lora_rank=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
+            config.lora,
         )
 
     return build
@@ -73,14 +70,14 @@ def encode_frozen(
     for chunk in tqdm(items.split(config.encode_batch_size), desc="frozen CLIP", disable=not progress, leave=False):
         parts.append(encoder(*inputs.batch(chunk, device), RowGroups.one(0, chunk.shape[0], 1, device)).float().cpu())
     features = torch.cat(parts)
-    width = bundle.model.config.projection_dim
+    width = projection_width(bundle.model.config)
     return (lambda groups: FrozenFeatures(features, encoder.modalities, width)), ItemIds(inputs)
 
 
 def iisan_encoder_factory(states: HiddenStates) -> EncoderFactory:
     """Builds the grouped IISAN side network over ``states``' cached hidden states for a number of groups."""
 
-    def build(groups: int) -> nn.Module:
+    def build(groups: int) -> GroupedIISAN:
         return GroupedIISAN(groups, states.text_dim, states.image_dim, states.layers)
 
     return build
@@ -111,7 +108,7 @@ def _load_run_inputs(config: RunConfig, dataset: Dataset, progress: bool) -> Run
     method = method_of(config)
     if method.encoder == "none":
         return RunInputs(dataset, None, None)  # w/o MM: ID embeddings only, CLIP never loads
-    bundle = load_clip(config.clip)
+    bundle = load_clip(config.clip_model)
     inputs = load_item_inputs(dataset, bundle.tokenizer, bundle.tokenizer_id, bundle.image_size, progress)
     device = resolve_device(config.device)
     if method.encoder == "frozen":

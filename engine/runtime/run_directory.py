@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.config.run_config import ResolvedConfig, RunConfig
 from perpeft.engine.errors import InputError
 from perpeft.engine.runtime.atomic import atomic_write_bytes, atomic_write_json, read_json
+from perpeft.engine.runtime.records import RunMetrics
 from perpeft.engine.runtime.run_lock import LOCK
 from perpeft.engine.runtime.run_state import RunState
 from perpeft.engine.runtime.tensors import load_tensors
@@ -36,7 +37,6 @@ METRICS = "metrics.json"
 SNAPSHOT = "global/snapshot-e1.safetensors"
 GROUPING = "grouping.safetensors"
 EMBEDDINGS = "embeddings"
-METRICS_KEYS = {"method", "result"}  # what every reader of metrics.json needs (and the result stage itself)
 
 
 class RunDirectory:
@@ -58,7 +58,7 @@ class RunDirectory:
             raise InputError(f"{path}: run directory exists; pass --overwrite to replace it or --resume to continue")
 
     @classmethod
-    def create(cls, path: Path, config: RunConfig, overwrite: bool) -> "RunDirectory":
+    def create(cls, path: Path, config: ResolvedConfig, overwrite: bool) -> "RunDirectory":
         """A new run; an existing non-empty directory is refused unless ``overwrite``. The caller holds the
         directory's writer lock (`holding_run_lock`), which replacing the directory keeps."""
         cls.check_new(path, overwrite)
@@ -94,8 +94,9 @@ class RunDirectory:
         return self.path.with_name(f"{self.path.name}-reseed-{seed}")
 
     @property
-    def config(self) -> RunConfig:
-        return RunConfig.from_json_file(self.path / CONFIG)
+    def config(self) -> ResolvedConfig:
+        """The settings the run trained with (its ``config.json``)."""
+        return ResolvedConfig.from_json_file(self.path / CONFIG)
 
     def read_state(self) -> RunState:
         """The run's progress (empty before its first epoch); InputError naming ``state.json`` if it is damaged."""
@@ -115,18 +116,20 @@ class RunDirectory:
         """Whether the run wrote its ``metrics.json``."""
         return (self.path / METRICS).is_file()
 
-    def write_metrics(self, metrics: dict[str, Any]) -> None:
-        atomic_write_json(self.path / METRICS, metrics)
+    def write_metrics(self, metrics: RunMetrics) -> None:
+        atomic_write_json(self.path / METRICS, metrics.to_json())
 
-    def read_metrics(self) -> dict[str, Any]:
-        """``metrics.json``, written when the run finishes; InputError before that."""
+    def read_run_metrics(self) -> RunMetrics:
+        """``metrics.json``, written when the run finishes; InputError before that, or naming the file when
+        it is not a run's metrics."""
         if not self.finished:
             raise InputError(f"{self.path}: run not finished (no {METRICS}); finish it with `train --resume`")
         path = self.path / METRICS
-        metrics = read_json(path)
-        if not isinstance(metrics, dict) or not set(metrics) >= METRICS_KEYS or metrics["result"] not in metrics:
-            raise InputError(f"{path}: not a run's metrics (expected {sorted(METRICS_KEYS)} and the result's stage)")
-        return metrics
+        return RunMetrics.from_json(read_json(path), str(path))
+
+    def read_metrics(self) -> dict[str, Any]:
+        """`read_run_metrics` as the JSON object in the file (what ``perpeft.Run.metrics`` returns)."""
+        return self.read_run_metrics().to_json()
 
     def checkpoint(self, stage: str, epoch: int) -> Path:
         """The weights and optimizer state of ``stage`` after ``epoch`` (only the last one is kept)."""
@@ -138,10 +141,10 @@ class RunDirectory:
 
     def best_checkpoint(self, stage: str) -> Path:
         """The selected best-epoch weights of ``stage`` ("global" or "perpeft") of a finished run."""
-        metrics = self.read_metrics()
-        if stage not in metrics:
+        metrics = self.read_run_metrics()
+        if stage not in metrics.stages:
             raise InputError(
-                f"{self.path}: a --method {metrics.get('method')} run has no {stage} stage "
+                f"{self.path}: a --method {metrics.method} run has no {stage} stage "
                 "(embed, evaluate, recommend and export serve PerPEFT runs)"
             )
         return self.best(stage)

@@ -11,23 +11,35 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from perpeft.engine.errors import InputError
-
-# A run's training stages (the keys of state.json and metrics.json) and their names in reports.
-STAGE_TITLES = {"global": "Global PEFT", "perpeft": "PerPEFT", "grouped": "Group-level"}
-STAGES = tuple(STAGE_TITLES)
+from perpeft.engine.runtime.records import STAGES, BestRecord, EpochRecord
 
 
 @dataclass
 class StageProgress:
-    """One stage: epochs completed, one record per epoch (loss, seconds, peak memory, metrics), the best."""
+    """One stage: epochs completed, one record per epoch, the best epoch so far."""
 
     completed_epochs: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best: dict[str, Any] | None = None
+    history: list[EpochRecord] = field(default_factory=list)
+    best: BestRecord | None = None
 
     def to_json(self) -> dict[str, Any]:
-        values = {"completed_epochs": self.completed_epochs, "history": self.history}
-        return values if self.best is None else {**values, "best": self.best}
+        values = {"completed_epochs": self.completed_epochs, "history": [record.to_json() for record in self.history]}
+        return values if self.best is None else {**values, "best": self.best.to_json()}
+
+    @classmethod
+    def from_json(cls, values: Any, where: str) -> "StageProgress":
+        """The stage's progress in ``values``; InputError naming ``where`` for any other shape."""
+        if not isinstance(values, dict) or not set(values) <= STAGE_KEYS:
+            raise InputError(f"{where}: a JSON object of {sorted(STAGE_KEYS)} expected")
+        completed, history = values.get("completed_epochs", 0), values.get("history", [])
+        if isinstance(completed, bool) or not isinstance(completed, int) or not isinstance(history, list):
+            raise InputError(f"{where}: completed_epochs (an integer) and history (a list) expected")
+        records = [EpochRecord.from_json(record, f"{where}: history[{index}]") for index, record in enumerate(history)]
+        best = BestRecord.from_json(values["best"], f"{where}: best") if "best" in values else None
+        return cls(completed, records, best)
+
+
+STAGE_KEYS = {"completed_epochs", "history", "best"}
 
 
 @dataclass(frozen=True)
@@ -67,12 +79,13 @@ class RunState:
         unknown = sorted(set(values) - {*STAGES, "grouping", "done"})
         if unknown:
             raise InputError(f"{where}: unknown progress keys {unknown}")
+        stages = {
+            name: StageProgress.from_json(values[name], f"{where}: malformed progress record of stage {name!r}")
+            for name in STAGES
+            if name in values
+        }
         try:
-            stages = {name: StageProgress(**values[name]) for name in STAGES if name in values}
             grouping = GroupingRecord(**values["grouping"]) if "grouping" in values else None
         except TypeError as error:
             raise InputError(f"{where}: malformed progress record ({error})") from None
-        for name, stage in stages.items():
-            if not isinstance(stage.completed_epochs, int) or not isinstance(stage.history, list):
-                raise InputError(f"{where}: malformed progress record of stage {name!r}")
         return cls(stages, grouping, bool(values.get("done", False)))

@@ -28,14 +28,14 @@ def fit_groups(model: PerpeftModel, split: Split, num_items: int, config: RunCon
             f"learning rate (this run: --lr {config.lr:g})"
         )
     world = current_world()
-    labels, centroids = cluster_users(vectors, config) if world.is_main else (None, None)
+    shape = (config.groups, vectors.shape[1])
+    if world.is_main:
+        labels, centroids = cluster_users(vectors, config)
+    else:
+        labels, centroids = np.zeros(len(vectors), dtype=np.int64), np.zeros(shape, dtype=np.float32)
     if not world.alone:  # clustered once, on rank 0; every rank gets its result
-        labels = world.broadcast(
-            torch.as_tensor(labels) if world.is_main else torch.zeros(len(vectors), dtype=torch.long)
-        )
-        shape = (config.groups, vectors.shape[1])
-        centroids = world.broadcast(torch.as_tensor(centroids) if world.is_main else torch.zeros(shape))
-        labels, centroids = labels.numpy(), centroids.numpy()
+        labels = world.broadcast(torch.as_tensor(labels)).numpy()
+        centroids = world.broadcast(torch.as_tensor(centroids)).numpy()
     assignment = np.concatenate([[0], labels]).astype(np.int64)
     return assignment, torch.from_numpy(np.asarray(centroids, dtype=np.float32))
 

@@ -1,7 +1,6 @@
 """The stage loop every method shares, and the PerPEFT pipeline: Global PEFT → grouping → PerPEFT."""
 
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,34 +8,35 @@ import numpy as np
 import torch
 
 from perpeft.engine.config.methods import method_of
-from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.config.run_config import ResolvedConfig, RunConfig
 from perpeft.engine.data.dataset import Dataset
 from perpeft.engine.data.sampler import TrainSampler
 from perpeft.engine.data.sources import run_dataset
-from perpeft.engine.data.split import leave_one_out
-from perpeft.engine.eval.evaluation import EvaluationData
+from perpeft.engine.errors import RunError
 from perpeft.engine.model.params import large_adapter_config
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.model.run_inputs import RunInputs, load_run_inputs
-from perpeft.engine.runtime.device import compiles_sasrec, resolve_device
 from perpeft.engine.runtime.distributed import current_world
+from perpeft.engine.runtime.records import STAGE_TITLES, RunMetrics, StageSummary
 from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.runtime.run_lock import holding_run_lock
 from perpeft.engine.runtime.run_state import GroupingRecord
 from perpeft.engine.runtime.tensors import load_tensors, save_tensors
+from perpeft.engine.train.context import Report, TrainingContext
 from perpeft.engine.train.grouping import fit_groups
+from perpeft.engine.train.progress import Progress, progress_of
 from perpeft.engine.train.reseed import reuse_global_stage, shares_global_stage
-from perpeft.engine.train.stages import STAGE_INDEX, Report, StageRunner, seed_torch, stage_summary
-from perpeft.engine.train.tensorboard import TensorBoardLog, require_tensorboard
+from perpeft.engine.train.stages import Stage, StageRunner
+from perpeft.engine.train.tensorboard import require_tensorboard
 
 
 def run_pipeline(
     run: RunDirectory,
     run_inputs: RunInputs,
     report: Report = print,
-    progress: bool = True,
+    progress: bool | Progress = True,
     log_dir: Path | None = None,
-) -> dict[str, Any]:
+) -> RunMetrics:
     """The run's method through the shared stage loop.
 
     Stage ``global`` (one adapter, C = 1) trains E1+E2 epochs for single-stage methods. Two-stage
@@ -49,136 +49,122 @@ def run_pipeline(
     directory continues where it stopped and reproduces an uninterrupted run's metrics on CPU. With
     ``log_dir`` every epoch's record also goes to TensorBoard (`TensorBoardLog`).
     """
-    config = run.config
-    method = method_of(config)
-    dataset = run_inputs.dataset
-    device = resolve_device(config.device)
-    split = leave_one_out(dataset.sequences)
-    evaluation = EvaluationData.build(split, config.maxlen, device)
-    state = run.read_state()
-    world = current_world()
-    if not world.is_main:  # rank 0 prints and writes; the others train in step with it
+    if not current_world().is_main:  # rank 0 prints and writes; the others train in step with it
         report, progress = silent, False
+    context = TrainingContext.build(run, run_inputs, report, progress_of(progress), log_dir)
+    global_stage = train_global(context)
+    trained = [global_stage.stage]
+    if context.method.two_stage:
+        if context.state.grouping is None:
+            group_users(context, global_stage.model)
+        del global_stage  # release the Global PEFT model (and its CLIP copy) before the next stage builds its own
+        trained.append(train_second_stage(context).stage)
+    return write_metrics(context, trained)
 
-    def save_state() -> None:
-        if world.is_main:
-            run.write_state(state)
 
-    log = TensorBoardLog(log_dir) if log_dir is not None and world.is_main else None
-
-    def logged(stage: str, offset: int) -> Callable[[int, dict[str, Any]], None]:
-        """An epoch hook that logs the stage's records to TensorBoard at ``offset + epoch``."""
-
-        def hook(epoch: int, record: dict[str, Any]) -> None:
-            if log is not None:
-                log.epoch(stage, offset + epoch, record)
-
-        return hook
-
+def train_global(context: TrainingContext) -> StageRunner:
+    """Stage ``global``: E1+E2 epochs, or E1 for a two-stage method without the baseline; a two-stage
+    method's epoch-E1 weights are also saved as the snapshot that grouping and the second stage start from."""
+    config, method = context.config, context.method
     e1, e2 = config.epochs_global, config.epochs_perpeft
-    global_epochs = e1 if method.two_stage and not config.baseline else e1 + e2
-    no_groups = np.zeros(dataset.num_users + 1, dtype=np.int64)
-
-    def stage(
-        name: str,
-        epochs: int,
-        groups: int,
-        sampler: TrainSampler,
-        user_groups: np.ndarray,
-        personal: np.ndarray | None = None,
-    ) -> StageRunner:
-        seed_torch([config.stage_seed(name), STAGE_INDEX[name], 0])
-        personal_index = None if personal is None else torch.from_numpy(personal)
-        model = PerpeftModel(
-            config, run_inputs.make_encoder, run_inputs.inputs, dataset.num_items, groups, personal_index
-        ).to(device)
-        if compiles_sasrec(config.compile, device):
-            model.recommender.sasrec.compile()  # in place: parameter names (checkpoints) are unchanged
-        runner = StageRunner(
-            name, run, config, model, sampler, evaluation, user_groups, dataset.num_items, device, report, progress
-        )
-        runner.resume(state.stage(name), epochs)
-        return runner
-
-    plain_sampler = TrainSampler(
-        split.train, dataset.num_items, config.maxlen, config.batch_size, windows=config.train_windows
+    users = np.arange(context.run_inputs.dataset.num_users + 1, dtype=np.int64) if method.personal == "user" else None
+    stage = Stage(
+        "global",
+        e1 if method.two_stage and not config.baseline else e1 + e2,
+        1,
+        context.sampler,
+        context.no_groups,
+        users,
+        snapshot_at=e1 if method.two_stage else None,
     )
-    users = np.arange(dataset.num_users + 1, dtype=np.int64) if method.personal == "user" else None
-    global_stage = stage("global", global_epochs, 1, plain_sampler, no_groups, users)
+    runner = StageRunner.start(context, stage)
+    runner.train()
+    return runner
 
-    log_global = logged("global", 0)
 
-    def save_snapshot(epoch: int, record: dict[str, Any]) -> None:
-        log_global(epoch, record)
-        if method.two_stage and epoch == e1:
-            save_tensors(run.snapshot, global_stage.model.trainable_state(), {"epoch": epoch})
-
-    global_stage.train(global_epochs, state.stage("global"), save_state, save_snapshot)
-    stages = {"global": global_epochs}
-
-    if method.two_stage:
-        if state.grouping is None:
-            global_stage.model.load_trainable_state(
-                load_tensors(run.snapshot, global_stage.model.trainable_shapes())[0]
-            )
-            assignment, centroids = fit_groups(global_stage.model, split, dataset.num_items, config)
-            if world.is_main:
-                grouping = {"assignment": torch.from_numpy(assignment), "centroids": centroids}
-                save_tensors(run.grouping, grouping)
-            sizes = np.bincount(assignment[1:], minlength=config.groups).tolist()
-            state.grouping = GroupingRecord(sizes, config.grouping, config.clustering)
-            save_state()
-            world.barrier()
-            report(f"grouping: {config.groups} groups of sizes {sizes}")
-        global_stage = None  # release the Global PEFT model (and its CLIP copy) before the next stage builds its own
-        assignment = run.read_grouping()[0].numpy()
-        if method.grouped_adapters:
-            name = "perpeft"
-            sampler = TrainSampler(
-                split.train,
-                dataset.num_items,
-                config.maxlen,
-                config.batch_size,
-                assignment,
-                config.group_negatives,
-                config.train_windows,
-            )
-            second = stage(name, e2, config.groups, sampler, assignment)
-        else:
-            name = "grouped"
-            second = stage(name, e2, 1, plain_sampler, no_groups, assignment)
-        if not state.stage(name).completed_epochs:
-            second.model.init_from_single_group(load_tensors(run.snapshot, second.model.single_group_keys())[0])
-        second.train(e2, state.stage(name), save_state, logged(name, e1))
-        stages[name] = e2
-
-    metrics = {
-        "dataset": dataset.name,
-        "method": config.method,
-        "peft": config.peft if method.uses_peft else None,
-        "groups": config.groups,
-        "seed": config.seed,
-        **({"global_seed": config.global_seed} if config.global_seed is not None else {}),
-        "result": list(stages)[-1],
-        **{name: stage_summary(state.stage(name), epochs) for name, epochs in stages.items()},
-    }
-    if method.two_stage:
-        metrics["global"]["model"] = "baseline" if config.baseline else "stage1"
+def group_users(context: TrainingContext, model: PerpeftModel) -> None:
+    """Group the users on ``model`` (the Global stage) loaded with the epoch-E1 snapshot: rank 0 writes the
+    grouping, every rank records its sizes in the run's state."""
+    config, run, world = context.config, context.run, context.world
+    model.load_trainable_state(load_tensors(run.snapshot, model.trainable_shapes())[0])
+    assignment, centroids = fit_groups(model, context.split, context.num_items, config)
     if world.is_main:
-        run.write_metrics(metrics)
-    state.done = True
-    save_state()
-    if log is not None:
-        log.close()
+        save_tensors(run.grouping, {"assignment": torch.from_numpy(assignment), "centroids": centroids})
+    sizes = np.bincount(assignment[1:], minlength=config.groups).tolist()
+    context.state.grouping = GroupingRecord(sizes, config.grouping, config.clustering)
+    context.save_state()
+    world.barrier()
+    context.report(f"grouping: {config.groups} groups of sizes {sizes}")
+
+
+def train_second_stage(context: TrainingContext) -> StageRunner:
+    """Stage ``perpeft`` (C adapters and projectors, group-homogeneous batches) or ``grouped`` (one adapter
+    and a group embedding) for E2 epochs, started from the Global stage's epoch-E1 snapshot."""
+    config, run = context.config, context.run
+    assignment = run.read_grouping()[0].numpy()
+    e1, e2 = config.epochs_global, config.epochs_perpeft
+    if context.method.grouped_adapters:
+        sampler = TrainSampler(
+            context.split.train,
+            context.num_items,
+            config.maxlen,
+            config.batch_size,
+            assignment,
+            config.group_negatives,
+            config.train_windows,
+        )
+        stage = Stage("perpeft", e2, config.groups, sampler, assignment, epoch_offset=e1)
+    else:
+        stage = Stage("grouped", e2, 1, context.sampler, context.no_groups, assignment, epoch_offset=e1)
+    runner = StageRunner.start(context, stage)
+    if not runner.state.completed_epochs:
+        runner.model.init_from_single_group(load_tensors(run.snapshot, runner.model.single_group_keys())[0])
+    runner.train()
+    return runner
+
+
+def write_metrics(context: TrainingContext, trained: list[Stage]) -> RunMetrics:
+    """The finished run's metrics (the last stage is the method's result), written by rank 0 as
+    ``metrics.json`` before ``state.json`` marks the run done."""
+    config, method, world = context.config, context.method, context.world
+    summaries = {stage.name: stage_summary(context, stage) for stage in trained}
+    metrics = RunMetrics(
+        context.run_inputs.dataset.name,
+        config.method,
+        config.peft if method.uses_peft else None,
+        config.groups,
+        config.seed,
+        config.global_seed,
+        trained[-1].name,
+        summaries,
+    )
+    if world.is_main:
+        context.run.write_metrics(metrics)
+    context.state.done = True
+    context.save_state()
+    if context.log is not None:
+        context.log.close()
     world.barrier()
     return metrics
+
+
+def stage_summary(context: TrainingContext, stage: Stage) -> StageSummary:
+    """A finished stage's entry in ``metrics.json``: its best epoch and that epoch's metrics; a two-stage
+    method's Global stage also names its model (the E1+E2 baseline, or stage 1 alone)."""
+    best = context.state.stage(stage.name).best
+    if best is None:
+        raise RunError(f"{context.run.path}: {STAGE_TITLES[stage.name]} finished without a trained epoch")
+    model = None
+    if context.method.two_stage and stage.name == "global":
+        model = "baseline" if context.config.baseline else "stage1"
+    return StageSummary(best.epoch, stage.epochs, best.valid, best.test, model)
 
 
 def silent(line: str) -> None:
     """A report that prints nothing (ranks other than 0, cells of an experiment grid)."""
 
 
-def trained_config(config: RunConfig, dataset: Dataset) -> tuple[RunConfig, dict[str, int] | None]:
+def trained_config(config: RunConfig, dataset: Dataset) -> tuple[ResolvedConfig, dict[str, int] | None]:
     """The configuration a run of ``config`` on ``dataset`` trains and writes to its ``config.json``:
     resolved, its modalities those of the catalog it may use, and for Large Global PEFT with LoRA's rank
     grown to PerPEFT's adapter count (the counts returned, else None)."""
@@ -193,12 +179,13 @@ def train_new_run(
     out: Path,
     overwrite: bool,
     report: Report = print,
-    progress: bool = True,
+    progress: bool | Progress = True,
     global_from: RunDirectory | None = None,
     log_dir: Path | None = None,
 ) -> tuple[RunDirectory, dict[str, Any]]:
     """Validate the inputs, then create ``out`` (refusing an existing run unless ``overwrite``) and train;
-    with ``global_from`` (see `reseeded_config`) the run starts from that run's Global stage and grouping."""
+    with ``global_from`` (see `reseeded_config`) the run starts from that run's Global stage and grouping.
+    Returns the run and its ``metrics.json``; ``progress`` True draws tqdm bars (`progress_of`)."""
     dataset = run_dataset(config)
     config, counts = trained_config(config, dataset)
     if log_dir is not None:
@@ -211,7 +198,8 @@ def train_new_run(
         )
     if global_from is not None and not shares_global_stage(config, global_from.config):
         raise ValueError(f"{global_from.path} trained another Global stage than {config} would: use reseeded_config")
-    run_inputs = load_run_inputs(config, dataset, progress)
+    progress = progress_of(progress)
+    run_inputs = load_run_inputs(config, dataset, progress.bars)
 
     with contextlib.ExitStack() as held:
 
@@ -225,17 +213,19 @@ def train_new_run(
 
         # Rank 0 creates the directory, holding its writer lock, before the other ranks open it.
         run = current_world().main_first(create, lambda: RunDirectory.open(out))
-        return run, run_pipeline(run, run_inputs, report, progress, log_dir)
+        return run, run_pipeline(run, run_inputs, report, progress, log_dir).to_json()
 
 
 def resume_run(
-    path: Path, report: Report = print, progress: bool = True, log_dir: Path | None = None
+    path: Path, report: Report = print, progress: bool | Progress = True, log_dir: Path | None = None
 ) -> tuple[RunDirectory, dict[str, Any]]:
-    """Continue an interrupted run from its newest intact epoch checkpoint (see `StageRunner.resume`)."""
+    """Continue an interrupted run from its newest intact epoch checkpoint (see `StageRunner.resume`);
+    returns the run and its ``metrics.json``."""
     run = RunDirectory.open(path)
     config = run.config
     if log_dir is not None:
         require_tensorboard()
+    progress = progress_of(progress)
     with holding_run_lock(path):
-        run_inputs = load_run_inputs(config, run_dataset(config), progress)
-        return run, run_pipeline(run, run_inputs, report, progress, log_dir)
+        run_inputs = load_run_inputs(config, run_dataset(config), progress.bars)
+        return run, run_pipeline(run, run_inputs, report, progress, log_dir).to_json()

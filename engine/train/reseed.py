@@ -3,9 +3,10 @@ the second stage with another seed."""
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from perpeft.engine.config.methods import method_of
-from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.config.run_config import ResolvedConfig, RunConfig
 from perpeft.engine.errors import InputError
 from perpeft.engine.runtime.atomic import atomic_write_bytes
 from perpeft.engine.runtime.run_directory import RunDirectory
@@ -27,7 +28,7 @@ def check_reseed_settings(source_path: Path, given: list[str]) -> None:
         raise InputError("--global-from needs --seed: the second stage's seed, another than the run's own")
 
 
-def reseeded_config(source: RunDirectory, seed: int, **machine: str) -> RunConfig:
+def reseeded_config(source: RunDirectory, seed: int, **machine: str) -> ResolvedConfig:
     """The configuration of a run that takes ``source``'s finished Global-PEFT stage and grouping and trains
     the second stage again with ``seed`` (paper App. C.5.1: the same groups, another seed): ``source``'s
     settings with ``seed``, ``global_seed`` = the seed that trained that stage, and ``machine`` settings
@@ -45,13 +46,14 @@ def reseeded_config(source: RunDirectory, seed: int, **machine: str) -> RunConfi
     unknown = set(machine) - set(RESEED_MACHINE_SETTINGS)
     if unknown:
         raise ValueError(f"only the machine settings {RESEED_MACHINE_SETTINGS} may change, not {sorted(unknown)}")
-    return dataclasses.replace(config, seed=seed, global_seed=config.stage_seed("global"), **machine)
+    changes: dict[str, Any] = {"seed": seed, "global_seed": config.stage_seed("global"), **machine}
+    return dataclasses.replace(config, **changes)
 
 
 def shares_global_stage(config: RunConfig, other: RunConfig) -> bool:
     """Whether two configurations train the same Global stage and grouping: equal but for the second stage's
     seed and the machine settings."""
-    neutral = {"seed": 0, "global_seed": None, **{name: "auto" for name in RESEED_MACHINE_SETTINGS}}
+    neutral: dict[str, Any] = {"seed": 0, "global_seed": None, **{name: "auto" for name in RESEED_MACHINE_SETTINGS}}
     same_seed = config.stage_seed("global") == other.stage_seed("global")
     return same_seed and dataclasses.replace(config, **neutral) == dataclasses.replace(other, **neutral)
 

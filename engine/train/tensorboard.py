@@ -3,9 +3,9 @@ validation and test metrics and item-vector norms, one scalar per epoch on the r
 stage's epoch e at E1 + e, as `analyze curves` draws it). Needs the optional ``tensorboard`` package."""
 
 from pathlib import Path
-from typing import Any
 
 from perpeft.engine.errors import InputError
+from perpeft.engine.runtime.records import EpochRecord
 
 
 class TensorBoardLog:
@@ -18,11 +18,11 @@ class TensorBoardLog:
 
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
-    def epoch(self, stage: str, step: int, record: dict[str, Any]) -> None:
+    def epoch(self, stage: str, step: int, record: EpochRecord) -> None:
         """Log one epoch's ``record`` (a ``state.json`` history entry) of ``stage`` at ``step``."""
-        self.writer.add_scalar(f"{stage}/loss", record["loss"], step)
-        for group in ("valid", "test", "norms"):
-            for name, value in record.get(group, {}).items():
+        self.writer.add_scalar(f"{stage}/loss", record.loss, step)
+        for group, scores in (("valid", record.valid), ("test", record.test), ("norms", record.norms or {})):
+            for name, value in scores.items():
                 self.writer.add_scalar(f"{stage}/{group}/{name}", value, step)
         self.writer.flush()
 

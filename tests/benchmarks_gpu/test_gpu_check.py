@@ -347,7 +347,7 @@ def test_sync_splits_step_syncs_from_the_epoch_read(gpu: SimpleNamespace, monkey
     figures = gpu.common.Figures("sync", "cpu (test)", False, None)
 
     def step() -> None:
-        sync.train_epoch(model, optimizer, [None, None, None], cpu, "test", True)
+        sync.train_with_bars(model, optimizer, [None, None, None], cpu, "test")
 
     sync.check_case(figures, "syncing step", step, True, True, 3)
     values = {row["name"]: row["value"] for row in figures.figures}

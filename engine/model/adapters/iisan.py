@@ -39,12 +39,13 @@ class _Packing:
     index: slice | torch.Tensor
     slots: torch.Tensor | None
     width: int
+    slabs: int  # P
 
     @classmethod
     def of(cls, groups: RowGroups) -> "_Packing":
         """The layout of ``groups``' rows, worked out on the host; only the row slots go to the device."""
         if groups.single is not None:
-            return cls(slice(groups.single, groups.single + 1), None, groups.rows)
+            return cls(slice(groups.single, groups.single + 1), None, groups.rows, 1)
         present, inverse, counts = np.unique(groups.host.numpy(), return_inverse=True, return_counts=True)
         width = int(counts.max())
         order = np.argsort(inverse, kind="stable")
@@ -53,14 +54,13 @@ class _Packing:
         starts = np.cumsum(counts) - counts
         device = groups.ids.device
         slots = torch.from_numpy(inverse * width + rank - starts[inverse])
-        return cls(to_device(torch.from_numpy(present), device), to_device(slots, device), width)
+        return cls(to_device(torch.from_numpy(present), device), to_device(slots, device), width, present.size)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         if self.slots is None:
             return x.unsqueeze(0)
-        slabs = self.index.numel()
-        padded = x.new_zeros((slabs * self.width, *x.shape[1:])).index_copy(0, self.slots, x)
-        return padded.view(slabs, self.width, *x.shape[1:])
+        padded = x.new_zeros((self.slabs * self.width, *x.shape[1:])).index_copy(0, self.slots, x)
+        return padded.view(self.slabs, self.width, *x.shape[1:])
 
     def unpack(self, y: torch.Tensor) -> torch.Tensor:
         if self.slots is None:

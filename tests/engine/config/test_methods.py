@@ -204,7 +204,7 @@ def test_large_global_peft_matches_perpeft_adapter_count(method_runs: dict[str, 
     checkpoint, _ = load_tensors(method_runs["large-global-peft"] / "global" / "best.safetensors")
     trained = sum(tensor.numel() for name, tensor in checkpoint.items() if ".lora_" in name)
     assert trained == config.groups * small
-    vit, counts = large_adapter_config(RunConfig(clip="vit-b-32", groups=8))
+    vit, counts = large_adapter_config(RunConfig(clip="vit-b-32", groups=8).resolved())
     assert vit.lora_rank == 32
     assert counts == {"large_global_peft_adapter": 8 * 245_760, "perpeft_adapters_total": 8 * 245_760}
 

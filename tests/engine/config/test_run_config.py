@@ -1,11 +1,15 @@
 """RunConfig: presets fill unset values, every setting a method cannot honour is refused in one line."""
 
+import dataclasses
 import json
+import typing
 from pathlib import Path
 
 import pytest
 
-from perpeft.engine.config.run_config import DEMO_DEFAULTS, PAPER_DEFAULTS, RunConfig
+from perpeft.engine.config.choices import COMPILE, PEFT, TRAIN_WINDOWS
+from perpeft.engine.config.methods import METHODS
+from perpeft.engine.config.run_config import DEMO_DEFAULTS, PAPER_DEFAULTS, ResolvedConfig, RunConfig
 from perpeft.engine.errors import InputError
 
 
@@ -26,7 +30,7 @@ def test_presets_fill_only_unset_values() -> None:
     [
         ({"data": "/data/arts"}, "--clip is required"),
         ({"compile": "maybe"}, "--compile maybe"),
-        ({"method": "magic"}, "--method magic: unknown method"),
+        ({"method": "magic"}, "--method magic: expected one of wo-mm, frozen-mm"),
         ({"grouping": "alphabetical"}, "--grouping alphabetical"),
         ({"clustering": "dbscan"}, "--clustering dbscan"),
         ({"text": False, "image": False}, "leave no modality"),
@@ -49,7 +53,7 @@ def test_a_setting_that_cannot_run_is_refused(changes: dict, message: str) -> No
 def test_config_json_round_trips_and_unknown_keys_are_named(tmp_path: Path) -> None:
     config = RunConfig(seed=5, groups=4).resolved()
     (tmp_path / "config.json").write_text(config.to_json())
-    assert RunConfig.from_json_file(tmp_path / "config.json") == config
+    assert ResolvedConfig.from_json_file(tmp_path / "config.json") == config
     (tmp_path / "bad.json").write_text(json.dumps({**json.loads(config.to_json()), "colour": "red"}))
     with pytest.raises(InputError, match=r"bad.json: unknown configuration keys \['colour'\]"):
         RunConfig.from_json_file(tmp_path / "bad.json")
@@ -130,3 +134,23 @@ def test_a_config_json_with_a_bad_value_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"config.json: --groups '4': expected int"):
         RunConfig.from_json_file(tmp_path / "config.json")
     assert RunConfig(lr=1, lora_alpha=8).lr == 1  # an int where a float goes
+
+
+def test_a_resolved_config_has_its_whole_schedule(tmp_path: Path) -> None:
+    resolved = RunConfig(data="/data/arts", clip="/clip", lr=3e-4).resolved()
+    assert isinstance(resolved, ResolvedConfig)
+    assert (resolved.epochs_global, resolved.epochs_perpeft, resolved.lr, resolved.weight_decay) == (10, 20, 3e-4, 1e-4)
+    with pytest.raises(InputError, match="--lr None: expected float"):
+        dataclasses.replace(resolved, lr=None)
+    values = json.loads(resolved.to_json())
+    (tmp_path / "config.json").write_text(json.dumps({**values, "epochs_perpeft": None}))
+    with pytest.raises(InputError, match=r"config.json: --epochs-perpeft None: expected int"):
+        ResolvedConfig.from_json_file(tmp_path / "config.json")
+
+
+def test_choices_are_literal_types_and_the_cli_offers_the_same_values() -> None:
+    hints = typing.get_type_hints(RunConfig)
+    for name, choice in (("peft", PEFT), ("train_windows", TRAIN_WINDOWS), ("compile", COMPILE)):
+        assert typing.get_origin(hints[name]) is typing.Literal
+        assert typing.get_args(hints[name]) == choice.values
+    assert typing.get_args(hints["method"]) == tuple(METHODS)

@@ -7,6 +7,7 @@ import torch
 from peft import IA3Config, LoraConfig, get_peft_model
 
 from perpeft.engine.clip.preprocess import normalize_pixels
+from perpeft.engine.config.run_config import LoraSettings
 from perpeft.engine.model.encoders import GroupedClipEncoder
 from perpeft.engine.model.groups import RowGroups
 
@@ -55,7 +56,7 @@ def _peft_model(bundle, peft: str, encoder: GroupedClipEncoder, group: int):
 @pytest.mark.parametrize("peft", ["lora", "ia3"])
 def test_grouped_adapter_matches_peft_per_group(small_bundle, peft):
     bundle = small_bundle
-    encoder = GroupedClipEncoder(copy.deepcopy(bundle), peft, GROUPS, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0)
+    encoder = GroupedClipEncoder(copy.deepcopy(bundle), peft, GROUPS, lora=LoraSettings(rank=4, alpha=8.0, dropout=0.0))
     _randomise(encoder)
     encoder.eval()
     input_ids, attention_mask, pixels, groups = _inputs(bundle)

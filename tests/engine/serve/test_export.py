@@ -16,6 +16,7 @@ from perpeft.engine.errors import InputError
 from perpeft.engine.model.groups import RowGroups
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.model.run_inputs import clip_encoder_factory
+from perpeft.engine.runtime.records import RunMetrics, StageSummary
 from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.runtime.tensors import save_tensors
 from perpeft.engine.serve.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_adapter
@@ -27,7 +28,7 @@ ITEM_GROUPS = torch.tensor([0, 1, 2, 2, 1, 0])
 
 def finished_run(root: Path, peft: str) -> tuple[Path, PerpeftModel | None]:
     """A finished run's files without training: config, random PerPEFT weights (lora, ia3), metrics.json."""
-    config = RunConfig(clip="tiny", peft=peft, groups=GROUPS)
+    config = RunConfig(clip="tiny", peft=peft, groups=GROUPS).resolved()
     run = RunDirectory.create(root / peft, config, overwrite=False)
     model = None
     if peft in ("lora", "ia3"):
@@ -37,7 +38,9 @@ def finished_run(root: Path, peft: str) -> tuple[Path, PerpeftModel | None]:
             for parameter in model.encoder.adapter_state().values():
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
         save_tensors(run.best("perpeft"), model.trainable_state())
-    run.write_metrics({"method": "perpeft", "result": "perpeft", "perpeft": {}})
+    run.write_metrics(
+        RunMetrics("shop", "perpeft", peft, GROUPS, 0, None, "perpeft", {"perpeft": StageSummary(1, 1, {}, {})})
+    )
     return run.path, model
 
 

@@ -1,5 +1,5 @@
 """A training step never makes the host wait for the device: no scalar read, no data-dependent op, no copy
-back and no blocking copy to the device, for every method and PEFT type, with the progress bar on.
+back and no blocking copy to the device, for every method and PEFT type, with the progress bars on.
 
 Counted on the ``meta`` device, which stands in for CUDA (`benchmarks.device_traffic`); the end of an epoch
 reads the loss once, so an epoch of one step and one of three steps must record the very same syncs.
@@ -18,6 +18,7 @@ from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import leave_one_out
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.model.run_inputs import load_run_inputs
+from perpeft.engine.train.progress import TqdmBars
 from perpeft.engine.train.stages import train_epoch
 
 GROUPS = 2
@@ -48,8 +49,12 @@ def _model_and_batches(config, groups: int) -> tuple[PerpeftModel, list]:
 def _epoch_traffic(model: PerpeftModel, batches: list) -> DeviceTraffic:
     # Fused AdamW refuses meta tensors; the for-loop one runs there (the fused kernel is measured on CUDA).
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=False)
+    bars = TqdmBars()
+    bars.stage_started("global", 1, 0)
+    bars.epoch_started("global", 1, 1, len(batches))
     with DeviceTraffic() as traffic:
-        train_epoch(model, optimizer, batches, DEVICE, "test", progress=True)
+        train_epoch(model, optimizer, batches, DEVICE, bars)
+    bars.stage_ended()
     return traffic
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from perpeft.engine.config.run_config import RunConfig
+from perpeft.engine.config.run_config import ResolvedConfig, RunConfig
 from perpeft.engine.data.formats import load_recbole
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.errors import InputError
@@ -74,7 +74,7 @@ def test_run_directory_and_metrics_schema(small_demo, two_epoch_config, tmp_path
     ):
         assert (run.path / name).is_file(), name
     config = two_epoch_config(small_demo)
-    assert RunConfig.from_json_file(run.path / "config.json") == trained_config(config, run_dataset(config))[0]
+    assert ResolvedConfig.from_json_file(run.path / "config.json") == trained_config(config, run_dataset(config))[0]
 
 
 def test_no_baseline_stops_global_at_e1(small_demo, two_epoch_config, tmp_path):

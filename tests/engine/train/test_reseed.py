@@ -45,7 +45,7 @@ def test_reseeded_run_copies_the_global_stage_and_retrains_the_second(source, re
     assert metrics["global"] == source_metrics["global"]
     assert (metrics["seed"], metrics["global_seed"]) == (5, 0) and "global_seed" not in source_metrics
     # Another seed for the second stage: other batches, negatives and dropout, so another loss.
-    assert state.stage("perpeft").history[0]["loss"] != source_state.stage("perpeft").history[0]["loss"]
+    assert state.stage("perpeft").history[0].loss != source_state.stage("perpeft").history[0].loss
 
 
 def test_global_seed_drives_the_global_stage_and_grouping(source, reseeded, small_demo, small_config, tmp_path):
@@ -56,8 +56,8 @@ def test_global_seed_drives_the_global_stage_and_grouping(source, reseeded, smal
     state = RunDirectory.open(tmp_path / "scratch").read_state()
     source_state = source.read_state()
     np.testing.assert_allclose(
-        [epoch["loss"] for epoch in state.stage("global").history],
-        [epoch["loss"] for epoch in source_state.stage("global").history],
+        [epoch.loss for epoch in state.stage("global").history],
+        [epoch.loss for epoch in source_state.stage("global").history],
         rtol=1e-6,
     )
     np.testing.assert_array_equal(
@@ -66,8 +66,8 @@ def test_global_seed_drives_the_global_stage_and_grouping(source, reseeded, smal
     )
     copied = RunDirectory.open(reseeded[0]).read_state()
     np.testing.assert_allclose(
-        [epoch["loss"] for epoch in state.stage("perpeft").history],
-        [epoch["loss"] for epoch in copied.stage("perpeft").history],
+        [epoch.loss for epoch in state.stage("perpeft").history],
+        [epoch.loss for epoch in copied.stage("perpeft").history],
         rtol=1e-6,
     )
     assert metrics["perpeft"]["test"] == pytest.approx(reseeded[1]["perpeft"]["test"], rel=1e-6)
