@@ -16,7 +16,7 @@
 #   kernel-tests      45  tests/kernels with PERPEFT_KERNELS=triton, compiled Triton on CUDA tensors (a fresh
 #                         TRITON_CACHE_DIR: the count of compiled kernels proves the real compiler ran);
 #                         test_compile*.py (offline sm_80/sm_90 builds, no GPU needed) is left to the CPU suite
-#   compile          120  perpeft-engine train in one process on the demo, E1 = E2 = 1, --compile on (SASRec
+#   compile           90  perpeft-engine train in one process on the demo, E1 = E2 = 1, --compile on (SASRec
 #                         compiled with inductor, from a cold cache)
 #   sync              30  the engine's train_epoch (progress on) under torch.cuda.set_sync_debug_mode, for LoRA,
 #                         (IA)3 and IISAN PerPEFT (C = 8) batches, mixed-group LoRA batches, Frozen MM and
@@ -27,6 +27,10 @@
 #   train             40  one Global PEFT and one PerPEFT epoch at Arts scale, random ViT-B/32, bf16; each stage
 #                         times 5 s of steps after warm-up and extrapolates the epoch unless it finished
 #   embed             30  per-group item tables, 18,884 items x 8 groups, random ViT-B/32, bf16 (goal < 10 s)
+#   encoder-compile   30  a grouped-encoder LoRA training step (64 items, C = 8 mixed, bf16, CLIP of ViT-B/32's
+#                         widths with 2 layers per tower) eager, then torch.compile'd whole (inductor, fullgraph,
+#                         its own cold cache): first-step compile time, ms per step each way, graphs compiled
+#                         (benchmarks/gpu/encoder_compile_check.py); last before the rest, so it gets the slack
 #   cuda-benchmarks rest  pytest benchmarks/test_*.py with CUDA tests, -k cuda --benchmark-enable: the time left
 #
 # Nothing is written only at the end. Each step's output streams to logs/NAME.log as it comes (and to this
@@ -275,11 +279,12 @@ main() {
     echo "gpu_check: budget ${BUDGET_S} s; results in $RESULTS; scratch in $WORK"
     plan_step env "$(scaled 15)"
     plan_step kernel-tests "$(scaled 45)"
-    plan_step compile "$(scaled 120)"
+    plan_step compile "$(scaled 90)"
     plan_step sync "$(scaled 30)"
     plan_step "$NCCL_STEP" "$(scaled 40)"
     plan_step train "$(scaled 40)"
     plan_step embed "$(scaled 30)"
+    plan_step encoder-compile "$(scaled 30)"
     plan_step cuda-benchmarks 0
     write_plan
     write_report --quiet
@@ -320,6 +325,9 @@ main() {
     run_step train "$PY" -m benchmarks.gpu.train_check --stage-seconds 5 --out "$RESULTS/steps/train.json" \
         ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
     run_step embed "$PY" -m benchmarks.gpu.embed_check --second-pass-below 6 --out "$RESULTS/steps/embed.json" \
+        ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
+    run_step encoder-compile env TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-encoder" \
+        "$PY" -m benchmarks.gpu.encoder_compile_check --out "$RESULTS/steps/encoder-compile.json" \
         ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"}
     local benches=()
     mapfile -t benches < <(grep -l -E 'def test_[A-Za-z0-9_]*cuda' benchmarks/test_*.py)

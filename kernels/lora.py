@@ -7,6 +7,10 @@ from the per-group counts (a prefix sum over ``C`` values), so the grid is sized
 tiles alone cannot fill the device, the shrinks split K and the weight-gradient reductions split each
 group's rows over more programs; their fp32 partials are added by one torch sum (deterministic, no atomics).
 
+Every tensor a caller passes in is read through its own strides, so a transposed or sliced view costs no
+copy, and the backward reads the weights transposed the same way (``lora_b.transpose(1, 2)`` is the
+``[C, R, M]`` its shrink wants). Only the buffers allocated here are assumed contiguous.
+
 Every ``tl.dot`` runs on operands upcast to fp32 with fp32 accumulation: for bf16/fp16 inputs TF32 is
 exact on the upcast values (10 mantissa bits hold 7 or 10), for fp32 inputs IEEE keeps the reference's
 precision. At LoRA ranks the kernels are bandwidth bound, so the slower TF32 MMA costs nothing that
@@ -14,20 +18,19 @@ matters, and it is the path Triton's interpreter computes correctly (it multipli
 Ranks below 16 are padded to 16 inside the kernels by masked loads; stored weights are never padded.
 Triton compiles a binary per value of the constexprs and per class of the other integers (equal to 1,
 divisible by 16, or neither). What varies from batch to batch is kept out of both, so the binaries depend
-on the layer alone (widths, rank, dtype, ``BLOCK_C`` from the group count) and no batch compiles one
-mid-run: the row count ``N``, the rows per id ``T`` (titles are trimmed to each batch's longest, so ``T``
-moves between batches) and the group and split counts are not specialised on (``do_not_specialize``), and
-the row tile ``BLOCK_M`` is fixed, not sized from rows per group (a tile's rows past its group's end are
-masked and load nothing). ``k_per_split`` stays specialised: always a multiple of ``BLOCK_K``, it falls in
-one class at every batch.
+on the layer alone (widths, rank, dtype, strides, ``BLOCK_C`` from the group count) and no batch compiles
+one mid-run: the row count ``N``, the rows per id ``T`` (titles are trimmed to each batch's longest, so
+``T`` moves between batches) and the group and split counts are not specialised on (``do_not_specialize``),
+and the row tile ``BLOCK_M`` is fixed, not sized from rows per group (a tile's rows past its group's end
+are masked and load nothing). ``k_per_split`` stays specialised: always a multiple of ``BLOCK_K``, it falls
+in one class at every batch. The strides are specialised (a unit stride keeps contiguous loads
+vectorised); a contiguous input's strides are its layer's widths, the same at every batch.
 """
-
-from typing import Any
 
 import torch
 
 from ._triton import dot_precision, jit, launch, target_programs, tl, triton
-from .segments import GroupSegments, segment_groups
+from .segments import GroupSegments
 
 _BLOCK_M = 64  # rows per tile at every batch size: sized from the batch, it compiled a binary per size
 _BLOCK_K_SHRINK = 64
@@ -74,6 +77,8 @@ def _shrink_kernel(
     R,
     C,
     rows_per_id,
+    stride_xn,
+    stride_xk,
     stride_wg,
     stride_wr,
     stride_wk,
@@ -90,11 +95,12 @@ def _shrink_kernel(
         split = tl.program_id(1)
         rows, valid = _sorted_rows(start + tl.arange(0, BLOCK_M), end, order_ptr, rows_per_id)
         rr = tl.arange(0, BLOCK_R)
+        x_base = x_ptr + rows[:, None] * stride_xn
         w_base = w_ptr + group.to(tl.int64) * stride_wg + rr[None, :] * stride_wr
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(split * k_per_split, (split + 1) * k_per_split, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=valid[:, None] & (ks[None, :] < K), other=0.0)
+            x = tl.load(x_base + ks[None, :] * stride_xk, mask=valid[:, None] & (ks[None, :] < K), other=0.0)
             w = tl.load(w_base + ks[:, None] * stride_wk, mask=(rr[None, :] < R) & (ks[:, None] < K), other=0.0)
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
         out = out_ptr + split.to(tl.int64) * N * R + rows[:, None] * R + rr[None, :]
@@ -113,6 +119,8 @@ def _expand_kernel(
     C,
     rows_per_id,
     scaling,
+    stride_sn,
+    stride_sr,
     stride_wg,
     stride_wm,
     stride_wr,
@@ -128,10 +136,11 @@ def _expand_kernel(
         rows, valid = _sorted_rows(start + tl.arange(0, BLOCK_M), end, order_ptr, rows_per_id)
         rr = tl.arange(0, BLOCK_R)
         ms = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        s = tl.load(s_ptr + rows[:, None] * R + rr[None, :], mask=valid[:, None] & (rr[None, :] < R), other=0.0)
+        s_ptrs = s_ptr + rows[:, None] * stride_sn + rr[None, :] * stride_sr
+        s = tl.load(s_ptrs, mask=valid[:, None] & (rr[None, :] < R), other=0.0)
         w_ptrs = w_ptr + group.to(tl.int64) * stride_wg + rr[:, None] * stride_wr + ms[None, :] * stride_wm
         w = tl.load(w_ptrs, mask=(rr[:, None] < R) & (ms[None, :] < M), other=0.0)
-        acc = tl.dot(s, w.to(tl.float32), input_precision=PRECISION) * scaling
+        acc = tl.dot(s.to(tl.float32), w.to(tl.float32), input_precision=PRECISION) * scaling
         out = out_ptr + rows[:, None] * M + ms[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (ms[None, :] < M))
 
@@ -149,6 +158,10 @@ def _segment_outer_kernel(
     rows_per_id,
     scaling,
     num_splits,
+    stride_pn,
+    stride_pw,
+    stride_qn,
+    stride_qw,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -165,12 +178,10 @@ def _segment_outer_kernel(
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for first in range(start + split * BLOCK_M, end, num_splits * BLOCK_M):
         rows, valid = _sorted_rows(first + tl.arange(0, BLOCK_M), end, order_ptr, rows_per_id)
-        p = tl.load(
-            p_ptr + rows[None, :] * WIDTH_P + pp[:, None], mask=valid[None, :] & (pp[:, None] < WIDTH_P), other=0.0
-        )
-        q = tl.load(
-            q_ptr + rows[:, None] * WIDTH_Q + qq[None, :], mask=valid[:, None] & (qq[None, :] < WIDTH_Q), other=0.0
-        )
+        p_ptrs = p_ptr + rows[None, :] * stride_pn + pp[:, None] * stride_pw
+        p = tl.load(p_ptrs, mask=valid[None, :] & (pp[:, None] < WIDTH_P), other=0.0)
+        q_ptrs = q_ptr + rows[:, None] * stride_qn + qq[None, :] * stride_qw
+        q = tl.load(q_ptrs, mask=valid[:, None] & (qq[None, :] < WIDTH_Q), other=0.0)
         acc = tl.dot(p.to(tl.float32), q.to(tl.float32), acc, input_precision=PRECISION)
     out = out_ptr + ((split * C + group).to(tl.int64) * WIDTH_P + pp[:, None]) * WIDTH_Q + qq[None, :]
     tl.store(out, acc * scaling, mask=(pp[:, None] < WIDTH_P) & (qq[None, :] < WIDTH_Q))
@@ -194,8 +205,8 @@ class _Launch:
         self.num_tiles = triton.cdiv(num_rows, _BLOCK_M) + segments.num_groups
         self.target = target_programs(device)
 
-    def shrink(self, x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int]) -> torch.Tensor:
-        """``[N, R]`` fp32: ``x[n] @ w[g(n)].T`` with ``w`` read as ``[C, R, K]`` through ``w_strides``."""
+    def shrink(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``[N, R]`` fp32: ``x[n] @ w[g(n)].T`` for ``w`` ``[C, R, K]``."""
         width = x.shape[1]
         k_blocks = triton.cdiv(width, _BLOCK_K_SHRINK)
         splits = max(1, min(k_blocks, self.target // self.num_tiles))
@@ -215,7 +226,8 @@ class _Launch:
             self.rank,
             self.segments.num_groups,
             self.rows_per_id,
-            *w_strides,
+            *x.stride(),
+            *w.stride(),
             k_per_split,
             BLOCK_M=_BLOCK_M,
             BLOCK_R=self.block_r,
@@ -226,16 +238,9 @@ class _Launch:
         )
         return out[0] if splits == 1 else out.sum(0)
 
-    def expand(
-        self,
-        s: torch.Tensor,
-        w: torch.Tensor,
-        w_strides: tuple[int, int, int],
-        width: int,
-        scaling: float,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """``[N, width]`` in ``dtype``: ``scaling * s[n] @ w[g(n)].T``, ``w`` read as ``[C, width, R]``."""
+    def expand(self, s: torch.Tensor, w: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+        """``[N, W]`` in ``dtype``: ``scaling * s[n] @ w[g(n)].T`` for ``s`` ``[N, R]`` and ``w`` ``[C, W, R]``."""
+        width = w.shape[1]
         out = s.new_empty((self.num_rows, width), dtype=dtype)
         grid = (self.num_tiles, triton.cdiv(width, _BLOCK_N_EXPAND))
         launch(
@@ -251,7 +256,8 @@ class _Launch:
             self.segments.num_groups,
             self.rows_per_id,
             scaling,
-            *w_strides,
+            *s.stride(),
+            *w.stride(),
             BLOCK_M=_BLOCK_M,
             BLOCK_R=self.block_r,
             BLOCK_N=_BLOCK_N_EXPAND,
@@ -283,6 +289,8 @@ class _Launch:
             self.rows_per_id,
             scaling,
             splits,
+            *p.stride(),
+            *q.stride(),
             BLOCK_M=_BLOCK_M,
             BLOCK_P=block_p,
             BLOCK_Q=block_q,
@@ -292,64 +300,37 @@ class _Launch:
         return (out[0] if splits == 1 else out.sum(0)).to(dtype)
 
 
-class _GroupedLoRA(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,  # the autograd context (torch types it Any): carries what forward keeps for backward
-        x: torch.Tensor,
-        lora_a: torch.Tensor,
-        lora_b: torch.Tensor,
-        segments: GroupSegments,
-        scaling: float,
-    ) -> torch.Tensor:
-        rank, width_in = lora_a.shape[1:]
-        width_out = lora_b.shape[1]
-        launch = _Launch(segments, x.shape[0], rank, x.device)
-        shrunk = launch.shrink(x, lora_a, (rank * width_in, width_in, 1))
-        out = launch.expand(shrunk, lora_b, (width_out * rank, rank, 1), width_out, scaling, x.dtype)
-        ctx.save_for_backward(x, lora_a, lora_b, shrunk)
-        ctx.launch, ctx.scaling = launch, scaling
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, lora_a, lora_b, shrunk = ctx.saved_tensors
-        launch, scaling = ctx.launch, ctx.scaling
-        rank, width_in = lora_a.shape[1:]
-        width_out = lora_b.shape[1]
-        grad_out = grad_out.contiguous()
-        need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad_a = grad_b = None
-        if need_x or need_a:
-            # dS = dY @ B[g], B read as [C, R, M]; dX = scaling * dS @ A[g], A read as [C, K, R].
-            grad_shrunk = launch.shrink(grad_out, lora_b, (width_out * rank, 1, rank))
-            if need_x:
-                a_strides = (rank * width_in, 1, width_in)
-                grad_x = launch.expand(grad_shrunk, lora_a, a_strides, width_in, scaling, x.dtype)
-            if need_a:
-                grad_a = launch.segment_outer(grad_shrunk, x, scaling, lora_a.dtype)
-        if need_b:
-            grad_b = launch.segment_outer(grad_out, shrunk, scaling, lora_b.dtype)
-        return grad_x, grad_a, grad_b, None, None
+def grouped_lora_forward(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, segments: GroupSegments, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, shrunk)``: ``out`` ``[N, M]`` in ``x.dtype`` and ``shrunk`` ``[N, R]`` fp32, the unscaled
+    ``x[n] @ lora_a[g].T`` that the backward reads for ``lora_b``'s gradient. Shapes are the caller's to check."""
+    launch = _Launch(segments, x.shape[0], lora_a.shape[1], x.device)
+    shrunk = launch.shrink(x, lora_a)
+    return launch.expand(shrunk, lora_b, scaling, x.dtype), shrunk
 
 
-def grouped_lora_triton(
+def grouped_lora_backward(
+    grad_out: torch.Tensor,
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    group_ids: torch.Tensor,
+    shrunk: torch.Tensor,
+    segments: GroupSegments,
     scaling: float,
-    *,
-    segments: GroupSegments | None = None,
-) -> torch.Tensor:
-    """Triton ``grouped_lora``: output in ``x.dtype``, gradients in their inputs' dtypes."""
-    groups, rank, width_in = lora_a.shape
-    if x.dim() != 2 or x.shape[1] != width_in or lora_b.shape[0] != groups or lora_b.shape[2] != rank:
-        raise ValueError(
-            f"grouped_lora shapes: x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
-        )
-    if segments is None:
-        segments = segment_groups(group_ids, groups)
-    elif segments.num_groups != groups:
-        raise ValueError(f"segments cover {segments.num_groups} groups, lora_a has {groups}")
-    return _GroupedLoRA.apply(x.contiguous(), lora_a.contiguous(), lora_b.contiguous(), segments, float(scaling))
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``x``, ``lora_a`` and ``lora_b`` in their dtypes, each ``None`` unless ``needs`` asks for it."""
+    launch = _Launch(segments, x.shape[0], lora_a.shape[1], x.device)
+    need_x, need_a, need_b = needs
+    grad_x = grad_a = grad_b = None
+    if need_x or need_a:
+        # dS = dY @ B[g] (B read as [C, R, M]); dX = scaling * dS @ A[g] (A read as [C, K, R]).
+        grad_shrunk = launch.shrink(grad_out, lora_b.transpose(1, 2))
+        if need_x:
+            grad_x = launch.expand(grad_shrunk, lora_a.transpose(1, 2), scaling, x.dtype)
+        if need_a:
+            grad_a = launch.segment_outer(grad_shrunk, x, scaling, lora_a.dtype)
+    if need_b:
+        grad_b = launch.segment_outer(grad_out, shrunk, scaling, lora_b.dtype)
+    return grad_x, grad_a, grad_b

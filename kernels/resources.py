@@ -1,6 +1,6 @@
 """What each kernel costs an SM: compiled for sm_80 and sm_90 without a GPU, read back with cuobjdump.
 
-The launches are the ones the wrappers issue for ViT-B/32 shapes (:func:`vit_b32_launches`): every op
+The launches are the ones the ops issue for ViT-B/32 shapes (:func:`vit_b32_launches`): every op
 runs forward and backward on CPU tensors under :func:`~perpeft.kernels._triton.recorded_launches`, so
 the grid, constexprs and warps are the engine's own and no kernel runs. Each launch is bound the way
 Triton's launcher binds it (pointer dtypes and alignment, integers equal to 1 or divisible by 16 are
@@ -36,9 +36,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from ._triton import KernelLaunch, recorded_launches, triton
-from .bce import bce_with_negatives_triton
-from .ia3 import grouped_ia3_triton
-from .lora import grouped_lora_triton
+from .ops import bce_with_negatives, grouped_ia3, grouped_lora
 from .segments import segment_groups
 
 
@@ -163,22 +161,23 @@ def _cases() -> Iterator[_Case]:
                 x = torch.empty(rows, k, dtype=dtype, requires_grad=grad_x)
                 a = torch.empty(groups, rank, k, dtype=dtype, requires_grad=True)
                 b = torch.empty(groups, m, rank, dtype=dtype, requires_grad=True)
-                op = functools.partial(grouped_lora_triton, x, a, b, row_groups, 2.0, segments=segments)
+                op = functools.partial(grouped_lora, x, a, b, row_groups, 2.0, segments=segments)
                 yield _Case(f"lora {tower} K={k} M={m} r={rank} {suffix}", dtype, op)
             # (IA)3 on k/v outputs and fc1 inputs (width), and on an MLP-wide input.
             for k in (width, mlp):
                 x = torch.empty(rows, k, dtype=dtype, requires_grad=grad_x)
                 scales = torch.empty(groups, k, dtype=dtype, requires_grad=True)
-                op = functools.partial(grouped_ia3_triton, x, scales, row_groups, segments=segments)
+                op = functools.partial(grouped_ia3, x, scales, row_groups, segments=segments)
                 yield _Case(f"ia3 {tower} K={k} {suffix}", dtype, op)
     for width, dtype in itertools.product(BCE_WIDTHS, DTYPES):
         h, pos, neg = (torch.empty(BCE_ROWS, width, dtype=dtype, requires_grad=True) for _ in range(3))
-        op = functools.partial(bce_with_negatives_triton, h, pos, neg, torch.ones(BCE_ROWS, dtype=torch.bool))
+        op = functools.partial(bce_with_negatives, h, pos, neg, torch.ones(BCE_ROWS, dtype=torch.bool))
         yield _Case(f"bce D={width} {_name(dtype)}", dtype, op)
 
 
 def vit_b32_launches(programs: int) -> list[tuple[_Case, KernelLaunch]]:
-    """The launches of every case, forward and backward, as a GPU wanting ``programs`` programs sizes them."""
+    """The launches of every case, forward and backward, as a GPU wanting ``programs`` programs sizes them
+    (the ops take their Triton path when ``PERPEFT_KERNELS=triton``, as :func:`main` sets it)."""
     launches = []
     for case in _cases():
         with recorded_launches(programs) as recorded:
@@ -291,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     target = TARGETS[parser.parse_args(argv).target]
     if knobs.runtime.interpret:
         sys.exit("Triton interprets here: run with TRITON_INTERPRET=0")
+    os.environ["PERPEFT_KERNELS"] = "triton"  # CPU tensors stand in for CUDA ones: the kernels' path, recorded
     for build in _builds(target):
         print(json.dumps(asdict(_compile(build, target))), flush=True)
 

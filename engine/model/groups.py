@@ -1,7 +1,6 @@
 """Which group's adapter each row of a batch uses, decided on the host so no layer asks the device."""
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +21,7 @@ class RowGroups:
     ids: torch.Tensor
     single: int | None
     num_groups: int
+    _segments: GroupSegments | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.host.device.type != "cpu" or self.host.dim() != 1:
@@ -73,7 +73,12 @@ class RowGroups:
             return RowGroups.one(self.single, rows.numel(), self.num_groups, self.ids.device)
         return RowGroups.per_row(self.host[rows], self.num_groups, self.ids.device)
 
-    @functools.cached_property
+    @property
     def segments(self) -> GroupSegments:
-        """The rows segmented by group on their device (for the Triton kernels; built once per batch)."""
-        return segment_groups(self.ids, self.num_groups)
+        """The rows segmented by group on their device (for the Triton kernels; built once per batch, on
+        first request). Cached by hand: ``functools.cached_property`` takes a lock torch.compile cannot trace."""
+        segments = self._segments
+        if segments is None:
+            segments = segment_groups(self.ids, self.num_groups)
+            object.__setattr__(self, "_segments", segments)
+        return segments

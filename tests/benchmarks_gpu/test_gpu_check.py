@@ -21,7 +21,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("common", "embed_check", "train_check", "sync_check", "cli_check", "report")
+STEPS = ("common", "embed_check", "train_check", "sync_check", "encoder_compile_check", "cli_check", "report")
 # A step that records one figure, says so, then hangs: what a timed-out step looks like to the script.
 HANGING_STEP = textwrap.dedent(
     """
@@ -58,6 +58,7 @@ def test_smoke_steps_and_report(gpu: SimpleNamespace, tmp_path: Path) -> None:
     assert gpu.embed_check.main(["--smoke", "--out", str(steps / "embed.json")]) == 0
     assert gpu.train_check.main(["--smoke", "--out", str(steps / "train.json"), "--stage-seconds", "0.5"]) == 0
     assert gpu.sync_check.main(["--smoke", "--out", str(steps / "sync.json")]) == 0
+    assert gpu.encoder_compile_check.main(["--smoke", "--out", str(steps / "encoder-compile.json")]) == 0
     train = json.loads((steps / "train.json").read_text())
     assert train["device"] == "cpu (smoke)" and train["smoke"]
     assert {"Global PEFT", "PerPEFT (C = 8)"} <= set(train["details"])

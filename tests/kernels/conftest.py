@@ -58,3 +58,20 @@ def assert_close() -> Callable[[torch.Tensor, torch.Tensor, torch.dtype], None]:
         torch.testing.assert_close(actual.float(), expected, rtol=tol, atol=tol * scale)
 
     return check
+
+
+@pytest.fixture
+def strided() -> Callable[[torch.Tensor], torch.Tensor]:
+    """``t``'s values as a non-contiguous view (a leaf's, so it takes gradients): the last two dims transposed
+    in memory and every other row of that memory skipped, so no stride is 1 (1-D: every other element)."""
+
+    def view(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 1:
+            spread = torch.zeros(2 * t.shape[0], dtype=t.dtype, device=t.device)
+            spread[::2] = t
+            return spread.requires_grad_(t.is_floating_point())[::2]
+        spread = torch.zeros(*t.shape[:-2], 2 * t.shape[-1], t.shape[-2], dtype=t.dtype, device=t.device)
+        spread[..., ::2, :] = t.transpose(-1, -2)
+        return spread.requires_grad_(t.is_floating_point())[..., ::2, :].transpose(-1, -2)
+
+    return view

@@ -6,7 +6,7 @@ import torch
 
 from perpeft.kernels import resources
 from perpeft.kernels._triton import recorded_launches, target_programs
-from perpeft.kernels.ia3 import grouped_ia3_triton
+from perpeft.kernels.ops import grouped_ia3
 
 KERNELS = {
     "_shrink_kernel",
@@ -59,7 +59,7 @@ def test_recorded_launches_run_nothing_and_size_for_the_target() -> None:
     x, scales, ids = torch.ones(4, 8), torch.ones(2, 8), torch.tensor([0, 1, 1, 0])
     with recorded_launches(programs=528) as launches:
         assert target_programs(x.device) == 528
-        out = grouped_ia3_triton(x, scales, ids)
+        out = grouped_ia3(x, scales, ids)
     assert [launch.kernel.fn.__name__ for launch in launches] == ["_scale_rows_kernel"]
     assert launches[0].grid == (1, 1)
     assert target_programs(x.device) == 8

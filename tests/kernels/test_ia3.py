@@ -43,7 +43,7 @@ def _check(
 ) -> None:
     leaves = [t.clone().requires_grad_(n) for t, n in zip((x, scales), needs, strict=True)]
     out = grouped_ia3(*leaves, ids, **kwargs)
-    assert out.grad_fn.name() == "_GroupedIA3Backward"
+    assert out.grad_fn.name() == "GeneratedBackwardFor_perpeft_grouped_ia3_defaultBackward"
     out.backward(grad)
     refs = [t.float().requires_grad_(n) for t, n in zip((x, scales), needs, strict=True)]
     expected = grouped_ia3_reference(*refs, ids)
@@ -79,6 +79,19 @@ def test_split_reduction(monkeypatch: pytest.MonkeyPatch, assert_close: Callable
     """A large program target splits each group's rows over several programs."""
     monkeypatch.setattr(ia3_kernels, "target_programs", lambda device: 64)
     _check(*_inputs(150, 512, 2, None, torch.float32), assert_close)
+
+
+def test_strided_views(strided: Callable, assert_close: Callable) -> None:
+    """Non-contiguous x, scales, ids and output gradient, read through their strides."""
+    x, scales, grad, ids = _inputs(40, 160, 3, None, torch.float32)
+    views = [strided(t) for t in (x, scales)]
+    out = grouped_ia3(*views, strided(ids), segments=segment_groups(ids, 3))
+    grads = torch.autograd.grad(out, views, strided(grad).detach())
+    refs = [t.requires_grad_() for t in (x, scales)]
+    expected = grouped_ia3_reference(*refs, ids)
+    assert_close(out, expected.detach(), torch.float32)
+    for actual, reference in zip(grads, torch.autograd.grad(expected, refs, grad), strict=True):
+        assert_close(actual, reference, torch.float32)
 
 
 def test_rejects_mismatched_shapes() -> None:

@@ -47,8 +47,9 @@ class GroupedLoRALinear(nn.Module):
         On CPU the draws are 16-bit integers from NumPy's PCG64, seeded from torch's generator so that
         seeded runs and resumes draw the same masks: CPU ``torch.rand`` is one serial Mersenne Twister, and
         float32 uniforms cost twice the bytes; these masks (one per adapted layer and step) were a tenth of
-        a training step."""
-        if rows.device.type == "cpu":
+        a training step. Under torch.compile, which cannot trace NumPy's generator, they are ``torch.rand``
+        draws on every device, as on CUDA."""
+        if rows.device.type == "cpu" and not torch.compiler.is_compiling():
             seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
             draws = np.frombuffer(np.random.default_rng(seed).bytes(2 * rows.numel()), dtype=np.uint16)
             keep = torch.from_numpy(draws.reshape(rows.shape) >= self.drop_levels)
