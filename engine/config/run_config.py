@@ -36,6 +36,9 @@ DEMO_DEFAULTS: dict[str, Any] = {
 }
 
 
+MISSING_CLIP = "--clip is required for real data: a local HF CLIP directory or a cached model id"
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA's shape: rank r, scale numerator alpha (the update is scaled by alpha / r) and input dropout."""
@@ -111,10 +114,9 @@ class RunConfig:
         preset = DEMO_DEFAULTS if self.data == "demo" else PAPER_DEFAULTS
         values = dataclasses.asdict(self)
         values.update({key: value for key, value in preset.items() if values[key] is None})
-        resolved = ResolvedConfig(**values)
-        if method_of(resolved).encoder != "none":
-            resolved.clip_model  # noqa: B018 -- refuses a missing --clip now, not when the model loads
-        return resolved
+        if values["clip"] is None and method_of(self).encoder != "none":
+            raise InputError(MISSING_CLIP)
+        return ResolvedConfig(**values)
 
     def _check_ranges(self) -> None:
         """InputError for a count or rate out of its range."""
@@ -137,7 +139,7 @@ class RunConfig:
     def clip_model(self) -> str:
         """``clip``, which every method with a CLIP encoder needs: InputError when it is unset."""
         if self.clip is None:
-            raise InputError("--clip is required for real data: a local HF CLIP directory or a cached model id")
+            raise InputError(MISSING_CLIP)
         return self.clip
 
     @property
