@@ -122,10 +122,11 @@ def test_a_second_writer_is_refused_and_a_killed_writers_lock_taken_over(
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        # In this process (the holder is another one): the refusal needs no interpreter of its own.
         for refused in (["train", "--resume", str(interrupted), "--quiet"], ["embed", "--run", str(interrupted)]):
-            done = command(*refused)
-            assert done.returncode == 2
-            one_line(done.stderr, f"{interrupted}: in use by pid {holder.pid} on ", "ago)", "one writer at a time")
+            result = CliRunner().invoke(cli, refused)
+            assert result.exit_code == 2
+            one_line(result.stderr, f"{interrupted}: in use by pid {holder.pid} on ", "ago)", "one writer at a time")
     finally:
         holder.send_signal(signal.SIGKILL)  # dies holding the lock: the OS releases it, the record stays
         holder.wait()

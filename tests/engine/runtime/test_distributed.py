@@ -45,9 +45,16 @@ def test_blocks_cover_the_work_in_rank_order() -> None:
     assert dealt == [[0, 2, 4], [1, 3, 0]]  # same step count on both ranks; the list wraps around
 
 
-def test_two_rank_training_keeps_ranks_identical_after_every_step(small_demo: Path, tmp_path: Path) -> None:
-    _run([*TORCHRUN, str(WORKER), str(small_demo), str(tmp_path)])
-    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+@pytest.fixture(scope="module")
+def two_rank_run(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The worker's uninterrupted 2-rank run (one launch serves the tests below)."""
+    out = tmp_path_factory.mktemp("two-rank")
+    _run([*TORCHRUN, str(WORKER), str(small_demo), str(out)])
+    return out
+
+
+def test_two_rank_training_keeps_ranks_identical_after_every_step(two_rank_run: Path) -> None:
+    ranks = [json.loads((two_rank_run / f"rank-{rank}.json").read_text()) for rank in range(2)]
     assert all(rank["size"] == 2 for rank in ranks)
     assert ranks[0]["steps"] == ranks[1]["steps"] > 0
     assert ranks[0]["max_difference"] == ranks[1]["max_difference"] == 0.0
@@ -56,17 +63,18 @@ def test_two_rank_training_keeps_ranks_identical_after_every_step(small_demo: Pa
     for stage in ("global", "perpeft"):
         assert 0.05 < metrics[stage]["test"]["HR@30"] <= 1.0
     # Only rank 0 wrote: one metrics file, one set of checkpoints.
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+    assert json.loads((two_rank_run / "run" / "metrics.json").read_text()) == metrics
 
 
-def test_an_interrupted_two_rank_run_resumes_to_the_uninterrupted_metrics(small_demo: Path, tmp_path: Path) -> None:
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    _run([*TORCHRUN, str(WORKER), str(small_demo), str(whole)])
+def test_an_interrupted_two_rank_run_resumes_to_the_uninterrupted_metrics(
+    small_demo: Path, two_rank_run: Path, tmp_path: Path
+) -> None:
+    cut = tmp_path / "cut"
     _run([*TORCHRUN, str(WORKER), str(small_demo), str(cut), "cut"])
     state = json.loads((cut / "run" / "state.json").read_text())
     assert state["global"]["completed_epochs"] == 1 and not (cut / "run" / "metrics.json").exists()
     _run([*TORCHRUN, str(WORKER), str(small_demo), str(cut), "resume"])
-    expected = json.loads((whole / "run" / "metrics.json").read_text())
+    expected = json.loads((two_rank_run / "run" / "metrics.json").read_text())
     assert json.loads((cut / "run" / "metrics.json").read_text()) == expected
 
 
