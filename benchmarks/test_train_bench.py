@@ -9,8 +9,10 @@ most), LoRA r 4, C = 8, E1 10 + E2 20, batch 16, lr 1e-4, weight decay 1e-4, ``-
   batches, with the engine as it is and with one lever undone at a time: token columns padded to 77
   instead of cut to the batch's longest title; HF's SDPA attention under its math backend (the engine's
   choice before `engine/clip/layers.py`) instead of the engine's bmm attention; CLIP's QuickGELU instead of
-  the SiLU fold; the for-loop AdamW instead of the fused one; 1 instead of 2 threads. Also on the demo
-  (shipped tiny CLIP) for the thread count.
+  the SiLU fold; each tower's last layer at every position instead of the pooled one only
+  (`engine/clip/pooled.py`); the LoRA and loss ops through their registered operators instead of the references
+  directly (`kernels/ops.py`); the for-loop AdamW instead of the fused one; 1 instead of 2 threads. Also on
+  the demo (shipped tiny CLIP) for the thread count.
 - ``test_evaluation_tables``: the 8 groups' item tables of one evaluation, items in chunks of similar
   title length with each group's LoRA merged into its layers (the engine), in id order, or with the
   LoRA branch run beside the base layer.
@@ -46,9 +48,11 @@ from perpeft.engine.data.sampler import TrainSampler
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.data.split import leave_one_out
 from perpeft.engine.features.inputs import ItemInputs
+from perpeft.engine.model import encoders
 from perpeft.engine.model.adapters.context import GroupContext
 from perpeft.engine.model.perpeft import PerpeftModel
 from perpeft.engine.model.run_inputs import RunInputs, load_run_inputs
+from perpeft.kernels import ops
 
 STEPS, WARMUP, ROUNDS = 20, 3, 5
 JOB = {"peft": "lora", "groups": 8, "epochs_global": 10, "epochs_perpeft": 20, "batch_size": 16, "lr": 1e-4}
@@ -122,12 +126,48 @@ def step_model(config: RunConfig, run_inputs: RunInputs, settings: dict[str, obj
     return model
 
 
-ENGINE = {"full_width": False, "attention": "engine", "fold_quick_gelu": True, "fused_adamw": True, "threads": 2}
+def full_text_tower(text_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    return text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+
+def full_image_tower(vision_model: torch.nn.Module, pixel_values: torch.Tensor):
+    return vision_model(pixel_values=pixel_values).pooler_output
+
+
+@contextlib.contextmanager
+def patched(module: object, name: str, value: object) -> Iterator[None]:
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+@contextlib.contextmanager
+def full_towers() -> Iterator[None]:
+    """The item encoder runs each tower's last layer at every position (HF's tower forward), as before
+    `engine/clip/pooled.py`."""
+    with patched(encoders, "pooled_text", full_text_tower), patched(encoders, "pooled_image", full_image_tower):
+        yield
+
+
+ENGINE = {
+    "full_width": False,
+    "attention": "engine",
+    "fold_quick_gelu": True,
+    "pooled_last_layer": True,
+    "eager_reference": True,
+    "fused_adamw": True,
+    "threads": 2,
+}
 LEVERS = {
     "engine": {},
     "no token-column cut": {"full_width": True},
     "SDPA math-backend attention": {"attention": "sdpa-math"},
     "QuickGELU not folded into SiLU": {"fold_quick_gelu": False},
+    "last layer at every position": {"pooled_last_layer": False},
+    "registered operators in eager": {"eager_reference": False},
     "for-loop AdamW": {"fused_adamw": False},
     "1 thread": {"threads": 1},
 }
@@ -146,7 +186,13 @@ class LeverCase:
         torch.set_num_threads(self.settings["threads"])
         # The engine's previous attention: HF's SDPA under its math backend (faster than SDPA's CPU flash kernel).
         math_only = self.settings["attention"] == "sdpa-math"
-        with sdpa_kernel([SDPBackend.MATH]) if math_only else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if math_only:
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            if not self.settings["pooled_last_layer"]:
+                stack.enter_context(full_towers())
+            if not self.settings["eager_reference"]:
+                stack.enter_context(patched(ops, "_eager_reference", lambda tensor: False))
             started = time.perf_counter()
             for batch in batches:
                 loss = self.model(batch, torch.device("cpu"))

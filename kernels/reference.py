@@ -24,23 +24,33 @@ def _in_group(like: torch.Tensor, group: int, value: torch.Tensor) -> torch.Tens
     return grad
 
 
-def grouped_lora_forward(
+def _lora_rows(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, group_ids: torch.Tensor, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, shrunk)``: :func:`grouped_lora_reference`'s output and the fp32 ``[N, R]`` rank-space rows
-    ``x[n] @ lora_a[g].T`` (unscaled) that :func:`grouped_lora_backward` reads for ``lora_b``'s gradient."""
+) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """:func:`grouped_lora_reference`'s output, the rank-space rows it expanded (``[N, R]`` for a batch of one
+    shared group, else every group's ``[N, C, R]``), and that shared group."""
     groups, rank, in_features = lora_a.shape
     out_features = lora_b.shape[1]
     shared = shared_group(group_ids, groups)
     if shared is not None:
         shrunk = x @ lora_a[shared].T
-        return (shrunk * scaling) @ lora_b[shared].T, shrunk.float()
+        return (shrunk * scaling) @ lora_b[shared].T, shrunk, shared
     every = (x @ lora_a.reshape(groups * rank, in_features).T).view(-1, groups, rank)
     keep = _own_group_scaling(group_ids, groups, scaling, every)
     expand = lora_b.permute(0, 2, 1).reshape(groups * rank, out_features)
-    out = (every * keep).view(-1, groups * rank) @ expand
-    own = every.gather(1, group_ids.view(-1, 1, 1).expand(-1, 1, rank)).view(-1, rank)
-    return out, own.float()
+    return (every * keep).view(-1, groups * rank) @ expand, every, None
+
+
+def grouped_lora_forward(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, group_ids: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, shrunk)``: :func:`grouped_lora_reference`'s output and the fp32 ``[N, R]`` rank-space rows
+    ``x[n] @ lora_a[g].T`` (unscaled) that :func:`grouped_lora_backward` reads for ``lora_b``'s gradient."""
+    out, rows, shared = _lora_rows(x, lora_a, lora_b, group_ids, scaling)
+    if shared is None:
+        rank = lora_a.shape[1]
+        rows = rows.gather(1, group_ids.view(-1, 1, 1).expand(-1, 1, rank)).view(-1, rank)
+    return out, rows.float()
 
 
 def grouped_lora_reference(
@@ -54,7 +64,7 @@ def grouped_lora_reference(
     so a mixed-group batch costs what a single adapter costs plus ``C*R`` extra columns. ``scaling``
     is always applied to the rank-sized intermediate, never to the ``[N, M]`` output.
     """
-    return grouped_lora_forward(x, lora_a, lora_b, group_ids, scaling)[0]
+    return _lora_rows(x, lora_a, lora_b, group_ids, scaling)[0]
 
 
 def grouped_lora_backward(

@@ -25,15 +25,17 @@ ATTENTION = "perpeft"
 QUICK_GELU_SLOPE = 1.702
 
 
-def _bias(attention_mask: torch.Tensor | None, causal: bool, heads: int, length: int, dtype: torch.dtype):
-    """The additive score bias ``baddbmm`` broadcasts over ``[B·H, L, L]``, or None without a mask."""
+def _bias(
+    attention_mask: torch.Tensor | None, causal: bool, heads: int, queries: int, keys: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The additive score bias ``baddbmm`` broadcasts over ``[B·H, Q, K]``, or None without a mask."""
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             attention_mask = torch.zeros((), dtype=dtype).masked_fill(~attention_mask, torch.finfo(dtype).min)
         batch = attention_mask.shape[0]
-        return attention_mask.to(dtype).expand(batch, heads, length, length).reshape(batch * heads, length, length)
-    if causal and length > 1:
-        return torch.full((length, length), float("-inf"), dtype=dtype).triu_(1)
+        return attention_mask.to(dtype).expand(batch, heads, queries, keys).reshape(batch * heads, queries, keys)
+    if causal and queries > 1:
+        return torch.full((queries, keys), float("-inf"), dtype=dtype).triu_(1)
     return None
 
 
@@ -58,7 +60,7 @@ def attention_forward(
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     queries = query.reshape(batch * heads, length, width)
     keys_t = key.reshape(batch * heads, -1, width).transpose(1, 2)
-    bias = _bias(attention_mask, causal, heads, length, query.dtype)
+    bias = _bias(attention_mask, causal, heads, length, keys_t.shape[2], query.dtype)
     if bias is None:
         scores = torch.baddbmm(query.new_zeros(()), queries, keys_t, beta=0.0, alpha=scale)
     else:

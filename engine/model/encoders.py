@@ -9,6 +9,7 @@ from torch import nn
 
 from perpeft.engine.clip.layers import prepare_clip
 from perpeft.engine.clip.loading import ClipBundle, projection_width
+from perpeft.engine.clip.pooled import pooled_image, pooled_text
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.config.choices import ADAPTER_PEFTS, MODALITIES
 from perpeft.engine.config.run_config import PAPER_LORA, LoraSettings
@@ -133,10 +134,9 @@ class GroupedClipEncoder(nn.Module):
         try:
             if "image" in self.modalities:
                 pixel_values = normalize_pixels(pixels, self.image_mean, self.image_std)
-                pooled = self.clip.vision_model(pixel_values=pixel_values).pooler_output
-                parts.append(self.clip.visual_projection(pooled))
+                parts.append(self.clip.visual_projection(pooled_image(self.clip.vision_model, pixel_values)))
             if "title" in self.modalities:
-                pooled = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+                pooled = pooled_text(self.clip.text_model, input_ids, attention_mask)
                 parts.append(self.clip.text_projection(pooled))
         finally:
             self.context.clear()

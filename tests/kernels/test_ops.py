@@ -1,6 +1,7 @@
 """The registered operators on both paths: schema, fake implementations and autograd registration
-(``torch.library.opcheck``), and the reference path's written-out gradients against autograd through the
-references (the Triton path's are in test_lora.py, test_ia3.py and test_bce.py)."""
+(``torch.library.opcheck``), the reference path's written-out gradients against autograd through the
+references (the Triton path's are in test_lora.py, test_ia3.py and test_bce.py), and eager calls on the
+reference path skipping the operators."""
 
 from collections.abc import Callable
 
@@ -79,7 +80,7 @@ def test_reference_path_lora_gradients(
     tensors = _tensors((6, 16), (GROUPS, 4, 16), (GROUPS, 8, 4))
     grad, ids = torch.randn(6, 8, device=DEVICE), _ids(batch)
     leaves = [t.clone().requires_grad_(need) for t, need in zip(tensors, needs, strict=True)]
-    out = grouped_lora(*leaves, ids, 0.5)
+    out = ops.grouped_lora(*leaves, ids, None, None, None, 0.5)[0]
     out.backward(grad)
     refs = [t.clone().requires_grad_(need) for t, need in zip(tensors, needs, strict=True)]
     expected = grouped_lora_reference(*refs, ids, 0.5)
@@ -100,7 +101,8 @@ def test_reference_path_ia3_gradients(
     tensors = _tensors((6, 16), (GROUPS, 16))
     grad, ids = torch.randn(6, 16, device=DEVICE), _ids(batch)
     leaves = [t.clone().requires_grad_(need) for t, need in zip(tensors, needs[1:], strict=True)]
-    out = grouped_ia3(*leaves, ids, segments=segment_groups(ids, GROUPS))
+    segments = segment_groups(ids, GROUPS)
+    out = ops.grouped_ia3(*leaves, ids, segments.order, segments.counts, segments.offsets)
     out.backward(grad)
     refs = [t.clone().requires_grad_(need) for t, need in zip(tensors, needs[1:], strict=True)]
     expected = grouped_ia3_reference(*refs, ids)
@@ -120,7 +122,7 @@ def test_reference_path_bce_gradients(
     tensors = _tensors((7, 16), (7, 16), (7, 16))
     mask = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool, device=DEVICE)
     leaves = [t.clone().requires_grad_(need) for t, need in zip(tensors, needs, strict=True)]
-    (bce_with_negatives(*leaves, mask) * -2.0).backward()
+    (ops.bce_with_negatives(*leaves, mask, *needs)[0] * -2.0).backward()
     refs = [t.clone().requires_grad_(need) for t, need in zip(tensors, needs, strict=True)]
     (bce_with_negatives_reference(*refs, mask) * -2.0).backward()
     for leaf, ref in zip(leaves, refs, strict=True):
@@ -135,3 +137,27 @@ def test_reference_path_runs_outside_autocast(monkeypatch: pytest.MonkeyPatch) -
     x, a, b = (t.to("cpu") for t in _tensors((6, 16), (GROUPS, 4, 16), (GROUPS, 8, 4)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert grouped_lora(x, a, b, torch.tensor(IDS["mixed"]), 0.5).dtype == torch.float32
+
+
+def test_eager_reference_calls_skip_the_operators(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside torch.compile the reference path runs the references directly (the same values); under it, and on
+    the Triton path, the operators run."""
+    from perpeft.kernels import ops as ops_module
+
+    calls: list[str] = []
+    for name in ("_grouped_lora", "_grouped_ia3", "_bce_with_negatives"):
+        op = getattr(ops_module, name)
+        monkeypatch.setattr(ops_module, name, lambda *args, _op=op, _name=name: calls.append(_name) or _op(*args))
+    monkeypatch.setenv("PERPEFT_KERNELS", "torch")
+    x, a, b, scales, pos, neg = _tensors((6, 16), (GROUPS, 4, 16), (GROUPS, 16, 4), (GROUPS, 16), (6, 16), (6, 16))
+    ids, mask = _ids("mixed"), _ids("mixed") != 1
+    lora = grouped_lora(x, a, b, ids, 0.5)
+    ia3 = grouped_ia3(x, scales, ids)
+    loss = bce_with_negatives(x, pos, neg, mask)
+    assert calls == []
+    torch.testing.assert_close(lora, ops.grouped_lora(x, a, b, ids, None, None, None, 0.5)[0])
+    torch.testing.assert_close(ia3, ops.grouped_ia3(x, scales, ids, None, None, None))
+    torch.testing.assert_close(loss, ops.bce_with_negatives(x, pos, neg, mask, False, False, False)[0])
+    monkeypatch.setenv("PERPEFT_KERNELS", "triton")
+    grouped_ia3(x, scales, ids)
+    assert calls == ["_grouped_ia3"]

@@ -1,4 +1,5 @@
-"""CLIP's rewritten layers (bmm attention, QuickGELU folded into SiLU) equal stock HF CLIP, forward and backward."""
+"""CLIP's rewritten layers (bmm attention, QuickGELU folded into SiLU) and pooled towers (the last layer at the
+pooled position only) equal stock HF CLIP, forward and backward."""
 
 import copy
 
@@ -7,6 +8,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from perpeft.engine.clip.layers import QUICK_GELU_SLOPE, fold_quick_gelu, prepare_clip
+from perpeft.engine.clip.pooled import eos_positions, pooled_image, pooled_text
 
 TOKENS, BOS, EOS, VOCAB, LAYERS = 20, 60, 61, 62, 2
 
@@ -103,3 +105,47 @@ def test_attention_weights_equal_eager(models: tuple[CLIPModel, CLIPModel]) -> N
 def test_only_quick_gelu_mlps_are_folded() -> None:
     assert fold_quick_gelu(random_clip("quick_gelu")) == 2 * LAYERS
     assert fold_quick_gelu(random_clip("gelu")) == 0
+
+
+def pooled_pair(model: CLIPModel, ids: torch.Tensor, mask: torch.Tensor | None, pixels: torch.Tensor, full: bool):
+    if full:
+        return model.text_model(input_ids=ids, attention_mask=mask).pooler_output, model.vision_model(
+            pixel_values=pixels
+        ).pooler_output
+    return pooled_text(model.text_model, ids, mask), pooled_image(model.vision_model, pixels)
+
+
+@pytest.mark.parametrize("attention", ["perpeft", "sdpa", "eager"])
+@pytest.mark.parametrize("padding", ["right, no mask", "right, mask", "left, mask"])
+def test_pooled_towers_equal_full_towers(models: tuple[CLIPModel, CLIPModel], padding: str, attention: str) -> None:
+    """The last layer run at the pooled position only gives the full tower's pooled outputs and gradients."""
+    model = copy.deepcopy(models[1])
+    model.set_attn_implementation(attention)
+    ids, mask = titles([3, 9, 14, 20, 6], left_padded=padding.startswith("left"))
+    mask = None if padding.endswith("no mask") else mask
+    pixels = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    weights = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
+    results = []
+    for full in (True, False):
+        model.zero_grad(set_to_none=True)
+        text, image = pooled_pair(model, ids, mask, pixels, full)
+        ((text + image) * weights).sum().backward()
+        results.append((text.detach(), image.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (text_full, image_full, grads_full), (text, image, grads) = results
+    torch.testing.assert_close(text, text_full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(image, image_full, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_full.keys()
+    for name, grad in grads.items():
+        expected = grads_full[name]
+        if expected is None or not expected.any():
+            assert grad is None or not grad.any(), name
+            continue
+        scale = float(expected.abs().max().clamp_min(1.0))
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+
+def test_eos_positions_follow_clip() -> None:
+    """The first EOS id (pad-as-EOS catalogs repeat it), or the highest id for the legacy ``eos_token_id`` 2."""
+    ids = torch.tensor([[5, 7, 9, 9, 9], [5, 9, 3, 9, 9], [49406, 320, 49407, 0, 0]])
+    assert eos_positions(ids, 9).tolist() == [2, 1, 0]
+    assert eos_positions(ids, 2).tolist() == [2, 1, 2]

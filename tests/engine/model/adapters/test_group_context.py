@@ -134,7 +134,8 @@ def test_one_segmentation_per_forward_shared_by_every_adapted_layer(
     assert len(seen) == ADAPTED_LAYERS[peft]
     assert all(segments is built[0] for _, segments in seen)
     rows_per_item = {built[0].rows_per_id(rows) for rows, _ in seen}
-    assert rows_per_item == {12, 5}  # text tokens, vision patches + CLS: both towers read the one object
+    # Text tokens, vision patches + CLS, and one row per item (the last layer's pooled position): one object.
+    assert rows_per_item == {12, 5, 1}
 
     encoder(*inputs[:3], _groups())  # the next batch: its own groups, segmented once
     assert len(built) == 2
