@@ -17,7 +17,7 @@ do, so its outputs have the dtypes the fake implementations declare. The kernel 
 imported lazily, on the first call that takes the Triton path, so the reference path needs no Triton.
 Outside torch.compile, a call on the reference path runs the reference directly, differentiated by autograd
 (``_eager_reference``): the operator's dispatch (the custom-op and autograd wrappers, in Python) costs
-0.2–0.6 ms a call forward and backward, as much as the reference's arithmetic on a CPU item batch of the
+0.45–0.8 ms a call forward and backward, as much as the reference's arithmetic on a CPU item batch of the
 small CLIPs, and there is nothing for an operator to hide from a graph that is not being traced. The
 written-out backward is the one the operator registers, pinned to autograd's by ``tests/kernels/test_ops.py``.
 Without CUDA they are imported in Triton's interpreter mode (``TRITON_INTERPRET=1`` set, see
