@@ -35,10 +35,11 @@ from tqdm.auto import tqdm
 
 from perpeft.engine.analysis import open_perpeft_run, refuse_existing
 from perpeft.engine.clip.loading import ClipBundle, load_clip
+from perpeft.engine.clip.pooled import eos_positions
 from perpeft.engine.clip.tiny import HashWordTokenizer
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.errors import InputError
-from perpeft.engine.features.hidden_states import eos_positions, eos_token_id
+from perpeft.engine.features.hidden_states import eos_token_id
 from perpeft.engine.features.inputs import load_item_inputs
 from perpeft.engine.model.encoders import GroupedClipEncoder, require_clip_adapters
 from perpeft.engine.model.groups import RowGroups

@@ -9,6 +9,7 @@ full tower's (``tests/engine/clip/test_layers.py``).
 
 import torch
 from torch import nn
+from transformers import CLIPTextConfig
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import (
@@ -19,14 +20,23 @@ from transformers.models.clip.modeling_clip import (
     eager_attention_forward,
 )
 
+LEGACY_EOS_TOKEN_ID = 2
+
+
+def text_eos_token_id(text_config: CLIPTextConfig) -> int:
+    """The text tower's EOS token id (what `eos_positions` pools); an error for a config without one."""
+    token = text_config.eos_token_id
+    if not isinstance(token, int):
+        raise ValueError(f"CLIP text config: eos_token_id {token!r}, expected one token id")
+    return token
+
 
 def eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """Where CLIPTextModel pools each row: the highest token id for configs with the legacy
-    ``eos_token_id`` 2, else the first ``eos_token_id``."""
-    ids = input_ids.to(torch.int)
-    if eos_token_id == 2:
-        return ids.argmax(dim=-1)
-    return (ids == eos_token_id).int().argmax(dim=-1)
+    """The token CLIP pools for its text embedding (HF's rule): the first ``eos_token_id``, or the largest id
+    for configs with the legacy ``eos_token_id == 2`` (``openai/clip-vit-base-patch32``)."""
+    if eos_token_id == LEGACY_EOS_TOKEN_ID:
+        return input_ids.to(torch.int).argmax(dim=-1)
+    return (input_ids == eos_token_id).int().argmax(dim=-1)
 
 
 def _layers(encoder: CLIPEncoder) -> tuple[list[nn.Module], CLIPEncoderLayer]:
@@ -75,13 +85,10 @@ def pooled_text(
     """``text_model(input_ids, attention_mask).pooler_output`` of a CLIPTextModel (EOS rows, final norm)."""
     hidden = text_model.embeddings(input_ids=input_ids)
     mask = create_causal_mask(config=text_model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None)
-    eos_token_id = text_model.config.eos_token_id
-    if not isinstance(eos_token_id, int):
-        raise ValueError(f"a CLIP text config whose eos_token_id is {eos_token_id!r}, not one token id")
     layers, last = _layers(text_model.encoder)
     for layer in layers:
         hidden = layer(hidden, mask, is_causal=True)
-    positions = eos_positions(input_ids, eos_token_id)
+    positions = eos_positions(input_ids, text_eos_token_id(text_model.config))
     # The EOS query sees the keys up to its own position that the padding mask keeps.
     columns = torch.arange(input_ids.shape[1], device=input_ids.device)
     keys = columns <= positions.unsqueeze(1)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel
 
 from perpeft.engine.clip.loading import ClipBundle, tower_configs
+from perpeft.engine.clip.pooled import eos_positions, text_eos_token_id
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.features.inputs import ItemInputs
 from perpeft.engine.runtime.atomic import atomic_write_bytes, temporary_directory_beside
@@ -41,7 +42,6 @@ from perpeft.engine.runtime.device import to_device
 FORMAT = "iisan-hidden-v1"
 STATES_FILE = "hidden.safetensors"
 MAX_STATES = 7
-LEGACY_EOS_TOKEN_ID = 2
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 SAMPLES_PER_TENSOR = 64
 
@@ -58,19 +58,8 @@ def iisan_state_count(config: CLIPConfig) -> int:
 
 
 def eos_token_id(config: CLIPConfig) -> int:
-    """The text tower's EOS token id (what `eos_positions` pools); an error for a config without one."""
-    token = tower_configs(config)[0].eos_token_id
-    if not isinstance(token, int):
-        raise ValueError(f"CLIP text config: eos_token_id {token!r}, expected one token id")
-    return token
-
-
-def eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """The token CLIP pools for its text embedding (HF's rule): the first ``eos_token_id``, or the largest id
-    for configs with the legacy ``eos_token_id == 2`` (``openai/clip-vit-base-patch32``)."""
-    if eos_token_id == LEGACY_EOS_TOKEN_ID:
-        return input_ids.to(torch.int).argmax(dim=-1)
-    return (input_ids == eos_token_id).int().argmax(dim=-1)
+    """The text tower's EOS token id of a whole CLIP config (`text_eos_token_id`)."""
+    return text_eos_token_id(tower_configs(config)[0])
 
 
 @dataclass

@@ -28,6 +28,14 @@ def _ids(batch: str) -> torch.Tensor:
     return torch.tensor(IDS[batch], device=DEVICE)
 
 
+def assert_same_grads(leaves: list[torch.Tensor], refs: list[torch.Tensor], assert_close: Callable) -> None:
+    """Each leaf has a gradient exactly where its reference twin has one, and the same values."""
+    for leaf, ref in zip(leaves, refs, strict=True):
+        assert (leaf.grad is None) == (ref.grad is None)
+        if ref.grad is not None:
+            assert_close(leaf.grad, ref.grad, torch.float32)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PERPEFT_KERNELS", backend)
@@ -86,10 +94,7 @@ def test_reference_path_lora_gradients(
     expected = grouped_lora_reference(*refs, ids, 0.5)
     expected.backward(grad)
     assert_close(out, expected.detach(), torch.float32)
-    for leaf, ref in zip(leaves, refs, strict=True):
-        assert (leaf.grad is None) == (ref.grad is None)
-        if ref.grad is not None:
-            assert_close(leaf.grad, ref.grad, torch.float32)
+    assert_same_grads(leaves, refs, assert_close)
 
 
 @pytest.mark.parametrize("needs", NEEDS[:2], ids=str)
@@ -108,10 +113,7 @@ def test_reference_path_ia3_gradients(
     expected = grouped_ia3_reference(*refs, ids)
     expected.backward(grad)
     assert_close(out, expected.detach(), torch.float32)
-    for leaf, ref in zip(leaves, refs, strict=True):
-        assert (leaf.grad is None) == (ref.grad is None)
-        if ref.grad is not None:
-            assert_close(leaf.grad, ref.grad, torch.float32)
+    assert_same_grads(leaves, refs, assert_close)
 
 
 @pytest.mark.parametrize("needs", NEEDS, ids=str)
@@ -125,10 +127,7 @@ def test_reference_path_bce_gradients(
     (ops.bce_with_negatives(*leaves, mask, *needs)[0] * -2.0).backward()
     refs = [t.clone().requires_grad_(need) for t, need in zip(tensors, needs, strict=True)]
     (bce_with_negatives_reference(*refs, mask) * -2.0).backward()
-    for leaf, ref in zip(leaves, refs, strict=True):
-        assert (leaf.grad is None) == (ref.grad is None)
-        if ref.grad is not None:
-            assert_close(leaf.grad, ref.grad, torch.float32)
+    assert_same_grads(leaves, refs, assert_close)
 
 
 def test_reference_path_runs_outside_autocast(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@
 pooled position only) equal stock HF CLIP, forward and backward."""
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -51,20 +52,30 @@ def features(model: CLIPModel, ids: torch.Tensor, mask: torch.Tensor | None, pix
     return torch.cat([getattr(text, "pooler_output", text), getattr(image, "pooler_output", image)], dim=-1)
 
 
+def padded_batch(padding: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Five titles padded as ``padding`` says ("right, no mask", "right, mask", "left, mask") and five images."""
+    ids, mask = titles([3, 9, 14, 20, 6], left_padded=padding.startswith("left"))
+    pixels = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    return ids, None if padding.endswith("no mask") else mask, pixels
+
+
+def outputs_and_grads(
+    model: torch.nn.Module, forward: Callable[[], torch.Tensor], weights: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """``forward()``'s output and every parameter's gradient of ``(output * weights).sum()``."""
+    model.zero_grad(set_to_none=True)
+    out = forward()
+    (out * weights).sum().backward()
+    return out.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
 @pytest.mark.parametrize("padding", ["right, no mask", "right, mask", "left, mask"])
 def test_rewritten_clip_gives_stock_features_and_gradients(models: tuple[CLIPModel, CLIPModel], padding: str) -> None:
     stock, rewritten = models
-    ids, mask = titles([3, 9, 14, 20, 6], left_padded=padding.startswith("left"))
-    mask = None if padding.endswith("no mask") else mask
-    pixels = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    ids, mask, pixels = padded_batch(padding)
     weights = torch.randn(5, 48, generator=torch.Generator().manual_seed(3))
-    results = []
-    for model in (stock, rewritten):
-        model.zero_grad(set_to_none=True)
-        out = features(model, ids, mask, pixels)
-        (out * weights).sum().backward()
-        results.append((out.detach(), {name: p.grad for name, p in model.named_parameters()}))
-    (stock_out, stock_grads), (out, grads) = results
+    stock_out, stock_grads = outputs_and_grads(stock, lambda: features(stock, ids, mask, pixels), weights)
+    out, grads = outputs_and_grads(rewritten, lambda: features(rewritten, ids, mask, pixels), weights)
     torch.testing.assert_close(out, stock_out, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         # w' = 1.702·w in fc1 (so dL/dw' = dL/dw / 1.702) and w' = w / 1.702 in fc2's weight.
@@ -107,12 +118,12 @@ def test_only_quick_gelu_mlps_are_folded() -> None:
     assert fold_quick_gelu(random_clip("gelu")) == 0
 
 
-def pooled_pair(model: CLIPModel, ids: torch.Tensor, mask: torch.Tensor | None, pixels: torch.Tensor, full: bool):
+def pooled(model: CLIPModel, ids: torch.Tensor, mask: torch.Tensor | None, pixels: torch.Tensor, full: bool):
+    """concat(text, image) pooled outputs: HF's towers (``full``) or `pooled_text` and `pooled_image`."""
     if full:
-        return model.text_model(input_ids=ids, attention_mask=mask).pooler_output, model.vision_model(
-            pixel_values=pixels
-        ).pooler_output
-    return pooled_text(model.text_model, ids, mask), pooled_image(model.vision_model, pixels)
+        text = model.text_model(input_ids=ids, attention_mask=mask).pooler_output
+        return torch.cat([text, model.vision_model(pixel_values=pixels).pooler_output], dim=-1)
+    return torch.cat([pooled_text(model.text_model, ids, mask), pooled_image(model.vision_model, pixels)], dim=-1)
 
 
 @pytest.mark.parametrize("attention", ["perpeft", "sdpa", "eager"])
@@ -121,19 +132,11 @@ def test_pooled_towers_equal_full_towers(models: tuple[CLIPModel, CLIPModel], pa
     """The last layer run at the pooled position only gives the full tower's pooled outputs and gradients."""
     model = copy.deepcopy(models[1])
     model.set_attn_implementation(attention)
-    ids, mask = titles([3, 9, 14, 20, 6], left_padded=padding.startswith("left"))
-    mask = None if padding.endswith("no mask") else mask
-    pixels = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    weights = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
-    results = []
-    for full in (True, False):
-        model.zero_grad(set_to_none=True)
-        text, image = pooled_pair(model, ids, mask, pixels, full)
-        ((text + image) * weights).sum().backward()
-        results.append((text.detach(), image.detach(), {name: p.grad for name, p in model.named_parameters()}))
-    (text_full, image_full, grads_full), (text, image, grads) = results
-    torch.testing.assert_close(text, text_full, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(image, image_full, rtol=1e-5, atol=1e-6)
+    ids, mask, pixels = padded_batch(padding)
+    weights = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+    out_full, grads_full = outputs_and_grads(model, lambda: pooled(model, ids, mask, pixels, True), weights)
+    out, grads = outputs_and_grads(model, lambda: pooled(model, ids, mask, pixels, False), weights)
+    torch.testing.assert_close(out, out_full, rtol=1e-5, atol=1e-6)
     assert grads.keys() == grads_full.keys()
     for name, grad in grads.items():
         expected = grads_full[name]
@@ -149,3 +152,7 @@ def test_eos_positions_follow_clip() -> None:
     ids = torch.tensor([[5, 7, 9, 9, 9], [5, 9, 3, 9, 9], [49406, 320, 49407, 0, 0]])
     assert eos_positions(ids, 9).tolist() == [2, 1, 0]
     assert eos_positions(ids, 2).tolist() == [2, 1, 2]
+    input_ids = torch.tensor([[1, 7, 3, 0, 3], [1, 3, 9, 9, 0]])
+    assert eos_positions(input_ids, 3).tolist() == [2, 1]
+    legacy = torch.tensor([[49406, 320, 49407, 49407], [49406, 49407, 0, 0]])
+    assert eos_positions(legacy, 2).tolist() == [2, 1]  # eos_token_id 2: the largest id (openai configs)

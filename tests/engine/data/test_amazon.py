@@ -5,6 +5,7 @@ import io
 import json
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,6 @@ from PIL import Image
 
 from perpeft.engine.data.amazon import prepare_amazon2023, user_sampled
 from perpeft.engine.data.formats import load_recbole
-from perpeft.engine.errors import InputError
 
 DAY_MS = 86_400_000
 
@@ -62,14 +62,6 @@ def prepare(tmp_path: Path, reviews: list[str | bytes], meta: list[str] | None =
         write_images(images, ITEMS5)
     options = {"user_fraction": 1.0, **options}
     return prepare_amazon2023(reviews_path, meta_path, images, tmp_path / "out", **options)
-
-
-def error_of(call, *args: object, **kwargs: object) -> str:
-    with pytest.raises(InputError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message
-    return message
 
 
 # --- acceptance: statistics equal an independent, obviously correct count -------------------------------
@@ -194,7 +186,7 @@ def test_duplicate_purchase_keeps_the_earliest(tmp_path: Path) -> None:
 # --- bad input -------------------------------------------------------------------------------------------
 
 
-def test_malformed_json_line_is_an_error_naming_file_and_line(tmp_path: Path) -> None:
+def test_malformed_json_line_is_an_error_naming_file_and_line(tmp_path: Path, error_of: Callable[..., str]) -> None:
     bad = ['{"user_id": "U9", "parent_asin": ', "[1, 2]", b'{"user_id": "\xff\xfe"}', "[" * 100_000]
     lines = [*block(USERS5, ITEMS5), "", *bad]
     message = error_of(prepare, tmp_path, lines)
@@ -207,7 +199,7 @@ def test_malformed_json_line_is_an_error_naming_file_and_line(tmp_path: Path) ->
     assert stats["reviews"] == {"lines": 29, "kept": 25}  # the blank line is no record
 
 
-def test_missing_or_invalid_fields_are_an_error_or_counted(tmp_path: Path) -> None:
+def test_missing_or_invalid_fields_are_an_error_or_counted(tmp_path: Path, error_of: Callable[..., str]) -> None:
     bad = [
         json.dumps({"user_id": "U0", "timestamp": 5}),
         json.dumps({"user_id": None, "parent_asin": "I0", "timestamp": 5}),
@@ -224,7 +216,7 @@ def test_missing_or_invalid_fields_are_an_error_or_counted(tmp_path: Path) -> No
     assert stats["interactions"] == 25
 
 
-def test_truncated_gzip_is_an_error_even_when_skipping_bad_lines(tmp_path: Path) -> None:
+def test_truncated_gzip_is_an_error_even_when_skipping_bad_lines(tmp_path: Path, error_of: Callable[..., str]) -> None:
     reviews = write_lines(tmp_path / "reviews.jsonl.gz", block(USERS5, ITEMS5))
     reviews.write_bytes(reviews.read_bytes()[:-30])
     meta = write_lines(tmp_path / "meta.jsonl", [meta_record(i) for i in ITEMS5])
@@ -234,7 +226,9 @@ def test_truncated_gzip_is_an_error_even_when_skipping_bad_lines(tmp_path: Path)
     assert not (tmp_path / "out").exists()
 
 
-def test_titles_null_empty_odd_or_without_meta_are_empty_and_counted(tmp_path: Path) -> None:
+def test_titles_null_empty_odd_or_without_meta_are_empty_and_counted(
+    tmp_path: Path, error_of: Callable[..., str]
+) -> None:
     meta = [
         meta_record("I0", None),
         meta_record("I1", "  "),
@@ -267,7 +261,9 @@ def test_missing_image_is_kept_counted_and_listed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content", [b"not an image at all", jpeg()[:40]], ids=["text", "truncated-jpeg"])
-def test_unreadable_image_is_an_error_or_with_skip_a_missing_image(tmp_path: Path, content: bytes) -> None:
+def test_unreadable_image_is_an_error_or_with_skip_a_missing_image(
+    tmp_path: Path, error_of: Callable[..., str], content: bytes
+) -> None:
     write_images(tmp_path / "images", ITEMS5)
     (tmp_path / "images" / "I2.jpg").write_bytes(content)
     message = error_of(prepare, tmp_path, block(USERS5, ITEMS5))
@@ -278,7 +274,7 @@ def test_unreadable_image_is_an_error_or_with_skip_a_missing_image(tmp_path: Pat
     assert (tmp_path / "out" / "missing_images.txt").read_text() == "I2\n"
 
 
-def test_output_is_replaced_only_with_overwrite(tmp_path: Path) -> None:
+def test_output_is_replaced_only_with_overwrite(tmp_path: Path, error_of: Callable[..., str]) -> None:
     prepare(tmp_path, block(USERS5, ITEMS5))
     assert "output exists; pass --overwrite" in error_of(prepare, tmp_path, block(USERS5, ITEMS5))
     stats = prepare(tmp_path, block([*USERS5, "U5"], ITEMS5)[:-1], overwrite=True)  # U5 falls below 5
@@ -286,6 +282,6 @@ def test_output_is_replaced_only_with_overwrite(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_nothing_left_after_5_core_is_an_error(tmp_path: Path) -> None:
+def test_nothing_left_after_5_core_is_an_error(tmp_path: Path, error_of: Callable[..., str]) -> None:
     message = error_of(prepare, tmp_path, block(USERS5[:4], ITEMS5))
     assert "nothing is left after 5-core filtering" in message

@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,6 @@ from perpeft.engine.data.authors import default_output_name, detect_prefix, prep
 from perpeft.engine.data.formats import load_recbole
 from perpeft.engine.data.safe_pickle import load_plain_pickle
 from perpeft.engine.data.sources import load_dataset
-from perpeft.engine.errors import InputError
 from perpeft.engine.train.pipeline import train_new_run
 
 KEYS = {1: "B0A", 2: "B0B", 3: "B0C", 4: "B0D", 5: "B0E", 6: "B0F", 7: "UNUSED"}
@@ -52,14 +52,6 @@ def authors_dir(root: Path, prefix: str = "arts", final: str = FINAL, keys: obje
     return src
 
 
-def error_of(call, *args: object, **kwargs: object) -> str:
-    with pytest.raises(InputError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message
-    return message
-
-
 def test_converted_files_load_with_the_same_sequences_titles_and_images(tmp_path: Path) -> None:
     src = authors_dir(tmp_path, prefix="sports_outdoors")
     stats = prepare_authors(src, "sports", tmp_path / "out")
@@ -80,7 +72,7 @@ def test_converted_files_load_with_the_same_sequences_titles_and_images(tmp_path
     assert (stats["items_without_title"], stats["items_without_image"]) == (1, 0)
 
 
-def test_a_release_under_any_prefix_is_found_or_named(tmp_path: Path) -> None:
+def test_a_release_under_any_prefix_is_found_or_named(tmp_path: Path, error_of: Callable[..., str]) -> None:
     src = authors_dir(tmp_path, prefix="garden_tools")
     stats = prepare_authors(src, None, tmp_path / "found")
     assert stats["source"]["prefix"] == "garden_tools"
@@ -116,7 +108,7 @@ def test_missing_image_is_counted_and_listed(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "missing_images.txt").read_text() == "B0D\n"
 
 
-def test_unreadable_image_is_an_error_or_skipped(tmp_path: Path) -> None:
+def test_unreadable_image_is_an_error_or_skipped(tmp_path: Path, error_of: Callable[..., str]) -> None:
     src = authors_dir(tmp_path)
     (src / "arts_images" / "B0B.jpg").write_bytes(b"<html>404</html>")
     assert "B0B.jpg: unreadable image" in error_of(prepare_authors, src, "arts", tmp_path / "out")
@@ -134,7 +126,9 @@ def test_unreadable_image_is_an_error_or_skipped(tmp_path: Path) -> None:
         ("\n", "arts_final.txt: no interactions"),
     ],
 )
-def test_malformed_interaction_file_names_file_and_line(tmp_path: Path, final: str, expected: str) -> None:
+def test_malformed_interaction_file_names_file_and_line(
+    tmp_path: Path, error_of: Callable[..., str], final: str, expected: str
+) -> None:
     src = authors_dir(tmp_path, final=final)
     assert expected in error_of(prepare_authors, src, "arts", tmp_path / "out")
 
@@ -148,7 +142,9 @@ def test_malformed_interaction_file_names_file_and_line(tmp_path: Path, final: s
         ({**KEYS, 2: "B0A"}, "items 1 and 2 share the key 'B0A'"),
     ],
 )
-def test_bad_item2id_pickle_is_refused(tmp_path: Path, keys: object, expected: str) -> None:
+def test_bad_item2id_pickle_is_refused(
+    tmp_path: Path, error_of: Callable[..., str], keys: object, expected: str
+) -> None:
     src = authors_dir(tmp_path, keys=keys)
     message = error_of(prepare_authors, src, "arts", tmp_path / "out")
     assert "arts_item2id_final.pickle: " in message and expected in message
@@ -180,7 +176,7 @@ def test_plain_values_load(tmp_path: Path) -> None:
     ids=["class-instance", "os-system-v0", "os-system-v5", "set", "bytes", "bytearray", "set-v2"],
 )
 def test_non_plain_pickles_are_refused_without_running_anything(
-    tmp_path: Path, make, protocol: int, expected: str
+    tmp_path: Path, error_of: Callable[..., str], make, protocol: int, expected: str
 ) -> None:
     marker = tmp_path / "ran"
     path = tmp_path / "arts_texts_final.pickle"
@@ -190,7 +186,7 @@ def test_non_plain_pickles_are_refused_without_running_anything(
     assert not marker.exists()
 
 
-def test_refused_pickle_stops_the_conversion(tmp_path: Path) -> None:
+def test_refused_pickle_stops_the_conversion(tmp_path: Path, error_of: Callable[..., str]) -> None:
     src = authors_dir(tmp_path)
     (src / "arts_texts_final.pickle").write_bytes(pickle.dumps({"B0A": Payload()}))
     assert "arts_texts_final.pickle: refused pickle" in error_of(prepare_authors, src, "arts", tmp_path / "out")
@@ -198,7 +194,7 @@ def test_refused_pickle_stops_the_conversion(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content", [b"", b"\x80\x04garbage", b"not a pickle"], ids=["empty", "garbage", "text"])
-def test_damaged_pickle_is_an_input_error(tmp_path: Path, content: bytes) -> None:
+def test_damaged_pickle_is_an_input_error(tmp_path: Path, error_of: Callable[..., str], content: bytes) -> None:
     path = tmp_path / "x.pickle"
     path.write_bytes(content)
     assert error_of(load_plain_pickle, path).startswith(f"{path}: refused pickle")
@@ -207,7 +203,7 @@ def test_damaged_pickle_is_an_input_error(tmp_path: Path, content: bytes) -> Non
 # --- named datasets ---------------------------------------------------------------------------------------
 
 
-def test_named_dataset_absent_says_which_files_and_which_commands(tmp_path: Path) -> None:
+def test_named_dataset_absent_says_which_files_and_which_commands(tmp_path: Path, error_of: Callable[..., str]) -> None:
     message = error_of(load_dataset, "arts", tmp_path)
     assert f"{tmp_path / 'arts'}: dataset 'arts' is not prepared" in message
     assert "arts.inter, arts.item and images/ITEM_ID.jpg" in message
@@ -216,7 +212,9 @@ def test_named_dataset_absent_says_which_files_and_which_commands(tmp_path: Path
     assert "--user-fraction 0.4" in message
 
 
-def test_named_dataset_loads_from_data_dir_or_perpeft_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_named_dataset_loads_from_data_dir_or_perpeft_data(
+    tmp_path: Path, error_of: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     prepare_authors(authors_dir(tmp_path, prefix="toys_games"), "toys_games", tmp_path / "data" / "toys")
     assert load_dataset("toys", tmp_path / "data").num_users == 3
     monkeypatch.setenv("PERPEFT_DATA", str(tmp_path / "data"))

@@ -4,6 +4,7 @@ equivalent RecBole files, every kind of bad input as one line, and the preparers
 import io
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ from PIL import Image
 from perpeft import dataset_from_frames, fetch_images, train
 from perpeft.engine.data.frames import prepare_frames
 from perpeft.engine.data.sources import load_dataset
-from perpeft.engine.errors import InputError
 
 # Rows out of time order; user 7 buys B twice (kept) and A and C at the same time (row order kept); item D
 # is in no interaction (left out), item C has no image, item A no brand.
@@ -47,14 +47,6 @@ def images(tmp_path: Path) -> Path:
     for k, item in enumerate("ABDE"):
         (directory / f"{item}.jpg").write_bytes(jpeg((40 * k, 90, 30)))
     return directory
-
-
-def error_of(call, *args: object, **kwargs: object) -> str:
-    with pytest.raises(InputError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message
-    return message
 
 
 def recbole_files(directory: Path, images: Path) -> Path:
@@ -159,13 +151,13 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("interactions, items, expected", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
 def test_bad_tables_are_one_line_naming_table_column_and_row(
-    tmp_path: Path, interactions: pd.DataFrame, items: pd.DataFrame, expected: str
+    tmp_path: Path, error_of: Callable[..., str], interactions: pd.DataFrame, items: pd.DataFrame, expected: str
 ) -> None:
     assert expected in error_of(prepare_frames, interactions, items, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_image_directory_and_unreadable_image(tmp_path: Path, images: Path) -> None:
+def test_bad_image_directory_and_unreadable_image(tmp_path: Path, error_of: Callable[..., str], images: Path) -> None:
     message = error_of(prepare_frames, INTERACTIONS, ITEMS, tmp_path / "out", tmp_path / "nowhere")
     assert message.startswith(f"{tmp_path / 'nowhere'}: image directory not found")
     (images / "A.jpg").write_bytes(b"not a jpeg")
@@ -174,7 +166,7 @@ def test_bad_image_directory_and_unreadable_image(tmp_path: Path, images: Path) 
     assert (stats["images_unreadable"], stats["items_without_image"]) == (1, 2)
 
 
-def test_existing_output_is_refused_without_overwrite(tmp_path: Path) -> None:
+def test_existing_output_is_refused_without_overwrite(tmp_path: Path, error_of: Callable[..., str]) -> None:
     prepare_frames(INTERACTIONS, ITEMS, tmp_path / "shop")
     message = error_of(prepare_frames, INTERACTIONS.iloc[:3], ITEMS, tmp_path / "shop")
     assert message == f"{tmp_path / 'shop'}: output exists; pass --overwrite to replace it"
@@ -182,7 +174,9 @@ def test_existing_output_is_refused_without_overwrite(tmp_path: Path) -> None:
     assert sum(map(len, load_dataset(str(tmp_path / "shop")).sequences)) == 3
 
 
-def test_without_pandas_the_hint_says_which_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_pandas_the_hint_says_which_extra(
+    tmp_path: Path, error_of: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "pandas", None)
     message = error_of(prepare_frames, INTERACTIONS, ITEMS, tmp_path / "out")
     assert message.endswith("pip install 'perpeft-engine[pandas]'")

@@ -23,7 +23,6 @@ from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.features import hidden_states as hidden_cache
 from perpeft.engine.features.hidden_states import (
     clip_fingerprint,
-    eos_positions,
     hidden_layer_indices,
     load_hidden_states,
 )
@@ -206,13 +205,6 @@ def test_cached_states_are_clip_hidden_states_at_eos_and_cls(small_bundle, small
 )
 def test_hidden_layer_indices(layers, expected):
     assert hidden_layer_indices(layers, min(7, layers + 1)) == expected
-
-
-def test_eos_position_follows_clip_pooling():
-    input_ids = torch.tensor([[1, 7, 3, 0, 3], [1, 3, 9, 9, 0]])
-    assert eos_positions(input_ids, 3).tolist() == [2, 1]
-    legacy = torch.tensor([[49406, 320, 49407, 49407], [49406, 49407, 0, 0]])
-    assert eos_positions(legacy, 2).tolist() == [2, 1]  # eos_token_id 2: the largest id (openai configs)
 
 
 def test_cache_is_built_once_and_reused(small_bundle, small_inputs, monkeypatch):
