@@ -126,7 +126,9 @@ def step_model(config: RunConfig, run_inputs: RunInputs, settings: dict[str, obj
     return model
 
 
-def full_text_tower(text_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+def full_text_tower(
+    text_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, packing: object = None
+):
     return text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
@@ -157,6 +159,7 @@ ENGINE = {
     "attention": "engine",
     "fold_quick_gelu": True,
     "pooled_last_layer": True,
+    "packed_titles": True,
     "eager_reference": True,
     "fused_adamw": True,
     "threads": 2,
@@ -167,6 +170,7 @@ LEVERS = {
     "SDPA math-backend attention": {"attention": "sdpa-math"},
     "QuickGELU not folded into SiLU": {"fold_quick_gelu": False},
     "last layer at every position": {"pooled_last_layer": False},
+    "titles padded, not packed": {"packed_titles": False},
     "registered operators in eager": {"eager_reference": False},
     "for-loop AdamW": {"fused_adamw": False},
     "1 thread": {"threads": 1},
@@ -191,6 +195,8 @@ class LeverCase:
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             if not self.settings["pooled_last_layer"]:
                 stack.enter_context(full_towers())
+            if not self.settings["packed_titles"]:
+                stack.enter_context(patched(encoders, "packs_titles", lambda device: False))
             if not self.settings["eager_reference"]:
                 stack.enter_context(patched(ops, "_eager_reference", lambda tensor: False))
             started = time.perf_counter()

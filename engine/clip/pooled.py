@@ -3,9 +3,12 @@
 A tower's pooled output is one position of its last layer: the EOS token of a title, the class token of
 an image. That layer still needs every position's keys and values, but its queries, attention output,
 ``out_proj``, MLP and norms only at the pooled position: in a two-layer tower this is two fifths of the
-layer GEMMs, forward and backward. Exact: the same arithmetic on fewer rows, so pooled outputs equal the
-full tower's (``tests/engine/clip/test_layers.py``).
+layer GEMMs, forward and backward. On the CPU the text tower also runs on packed rows (`TitleRows`): no
+token after a title's EOS reaches its pooled output. Exact: the same arithmetic on fewer rows, so pooled
+outputs equal the full tower's (``tests/engine/clip/test_layers.py``).
 """
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -39,6 +42,63 @@ def eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return (input_ids == eos_token_id).int().argmax(dim=-1)
 
 
+@dataclass(frozen=True)
+class TitleRows:
+    """The token rows of a ``[B, L]`` title batch that its pooled outputs depend on, packed: each title's
+    tokens up to its EOS that the attention mask keeps (and the EOS itself), in batch order (`title_rows`).
+
+    Under CLIP's causal attention no token up to the EOS sees a later one, so the rows after it (padding, and
+    the repeated EOS of pad-as-EOS tokenizers) change no pooled output: a tower run on the packed rows does
+    the layers' row-wise work (norms, projections, MLP) on ``index.numel()`` rows instead of ``B * L``.
+    """
+
+    items: torch.Tensor
+    """``[T]`` int64: the title of each kept row (ascending)."""
+    columns: torch.Tensor
+    """``[T]`` int64: its token position."""
+    lengths: torch.Tensor
+    """``[B]`` int64: how many rows each title keeps."""
+    pooled: torch.Tensor
+    """``[B]`` int64: each title's EOS row in the packed rows."""
+    batch: int
+    width: int
+
+    def heads(self, rows: torch.Tensor, heads: int) -> torch.Tensor:
+        """Packed ``[T, H·D]`` rows as the padded batch's attention heads ``[B, H, L, D]``, zeros where a
+        row was dropped. Written into a heads-major buffer, so the attention's batched GEMMs read it as it
+        is instead of copying a transposed view."""
+        width = rows.shape[1] // heads
+        buffer = rows.new_zeros(self.batch, heads, self.width, width).transpose(1, 2)
+        return buffer.index_put((self.items, self.columns), rows.view(-1, heads, width)).transpose(1, 2)
+
+    def pack(self, batch: torch.Tensor) -> torch.Tensor:
+        """The kept rows of a ``[B, L, ...]`` batch (any strides), packed: ``[T, ...]``."""
+        return batch[self.items, self.columns]
+
+
+def title_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, eos_token_id: int) -> TitleRows:
+    """The rows `pooled_text` keeps for a packed tower. A title whose EOS the mask drops keeps all of its
+    rows: that query sees no key, and HF's eager attention then averages every position."""
+    batch, width = input_ids.shape
+    positions = eos_positions(input_ids, eos_token_id).unsqueeze(1)
+    columns = torch.arange(width, device=input_ids.device)
+    keep = columns <= positions
+    if attention_mask is not None:
+        mask = attention_mask.bool()
+        keep = (keep & mask) | (columns == positions) | ~mask.gather(1, positions)
+    lengths = keep.sum(dim=1)
+    items, kept_columns = keep.nonzero(as_tuple=True)
+    pooled = lengths.cumsum(0) - lengths + (keep & (columns < positions)).sum(dim=1)
+    return TitleRows(items, kept_columns, lengths, pooled, batch, width)
+
+
+def packs_titles(device: torch.device) -> bool:
+    """Whether the text tower runs on packed rows (`TitleRows`) on ``device``: on the CPU, where padded rows
+    cost their arithmetic; not on CUDA (the row count would be read back from the device every batch, and
+    the Triton kernels take item-level segments) nor under torch.compile (a data-dependent row count)."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _layers(encoder: CLIPEncoder) -> tuple[list[nn.Module], CLIPEncoderLayer]:
     """A tower's layers before the last, and the last."""
     *layers, last = encoder.layers
@@ -47,54 +107,107 @@ def _layers(encoder: CLIPEncoder) -> tuple[list[nn.Module], CLIPEncoderLayer]:
     return layers, last
 
 
-def _pooled_layer(
-    layer: CLIPEncoderLayer, hidden: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None
+def _attend(
+    attention: nn.Module,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
 ) -> torch.Tensor:
-    """``layer(hidden)`` at one position per row (``[B, L, D]`` → ``[B, D]``); ``key_mask`` (bool
-    ``[B, 1, 1, L]``) says which keys that position may attend to (None: all)."""
-    attention = layer.self_attn
-    batch, width = hidden.shape[0], hidden.shape[2]
-    rows = torch.arange(batch, device=hidden.device)
-    normed = layer.layer_norm1(hidden)
-    heads = (batch, -1, attention.num_heads, attention.head_dim)
-    queries = attention.q_proj(normed[rows, positions].unsqueeze(1)).view(heads).transpose(1, 2)
-    keys = attention.k_proj(normed).view(heads).transpose(1, 2)
-    values = attention.v_proj(normed).view(heads).transpose(1, 2)
+    """The tower's attention implementation on ``[B, H, L, D]`` heads, as HF's ``CLIPAttention`` calls it:
+    ``[B, Lq, H, D]``. A bool ``mask`` says which keys each query may see."""
     implementation = attention.config._attn_implementation
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    if key_mask is not None and implementation == "eager":  # HF's eager attention adds its mask to the scores
-        key_mask = torch.zeros((), dtype=hidden.dtype).masked_fill(~key_mask, torch.finfo(hidden.dtype).min)
+    if mask is not None and mask.dtype == torch.bool and implementation == "eager":  # eager adds its mask
+        mask = torch.zeros((), dtype=queries.dtype).masked_fill(~mask, torch.finfo(queries.dtype).min)
     attended, _ = interface(
         attention,
         queries,
         keys,
         values,
-        key_mask,
+        mask,
         scaling=attention.scale,
         dropout=attention.dropout if attention.training else 0.0,
-        is_causal=False,
+        is_causal=is_causal,
     )
-    pooled = hidden[rows, positions].unsqueeze(1) + attention.out_proj(attended.reshape(batch, 1, width))
+    return attended
+
+
+def _heads(attention: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """``[B, L, H·D]`` → ``[B, H, L, D]`` (a view)."""
+    return batch.view(batch.shape[0], batch.shape[1], attention.num_heads, attention.head_dim).transpose(1, 2)
+
+
+def _pooled_layer(
+    layer: CLIPEncoderLayer,
+    residual: torch.Tensor,
+    normed: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``layer`` at one position per row: ``residual`` and ``normed`` (``layer_norm1`` of it) ``[B, D]`` at
+    that position, every position's ``keys`` and ``values`` ``[B, H, L, D]``; ``key_mask`` (bool
+    ``[B, 1, 1, L]``) says which keys the position may see (None: all). Returns ``[B, D]``."""
+    attention = layer.self_attn
+    batch, width = residual.shape
+    queries = _heads(attention, attention.q_proj(normed.unsqueeze(1)))
+    attended = _attend(attention, queries, keys, values, key_mask, is_causal=False)
+    pooled = residual.unsqueeze(1) + attention.out_proj(attended.reshape(batch, 1, width))
     pooled = pooled + layer.mlp(layer.layer_norm2(pooled))
     return pooled[:, 0]
 
 
+def _packed_layer(layer: CLIPEncoderLayer, rows: torch.Tensor, packing: TitleRows, mask: torch.Tensor | None):
+    """``layer`` on packed title rows ``[T, D]``: row-wise work on the rows, attention on the padded batch."""
+    attention = layer.self_attn
+    normed = layer.layer_norm1(rows)
+    queries, keys, values = (
+        packing.heads(projection(normed), attention.num_heads)
+        for projection in (attention.q_proj, attention.k_proj, attention.v_proj)
+    )
+    attended = packing.pack(_attend(attention, queries, keys, values, mask, is_causal=True))
+    rows = rows + attention.out_proj(attended.reshape(rows.shape))
+    return rows + layer.mlp(layer.layer_norm2(rows))
+
+
 def pooled_text(
-    text_model: CLIPTextModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    text_model: CLIPTextModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    packing: TitleRows | None = None,
 ) -> torch.Tensor:
-    """``text_model(input_ids, attention_mask).pooler_output`` of a CLIPTextModel (EOS rows, final norm)."""
+    """``text_model(input_ids, attention_mask).pooler_output`` of a CLIPTextModel (EOS rows, final norm);
+    with ``packing`` (`title_rows` of the same batch) the tower runs on its packed rows."""
     hidden = text_model.embeddings(input_ids=input_ids)
     mask = create_causal_mask(config=text_model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None)
     layers, last = _layers(text_model.encoder)
-    for layer in layers:
-        hidden = layer(hidden, mask, is_causal=True)
+    attention = last.self_attn
     positions = eos_positions(input_ids, text_eos_token_id(text_model.config))
     # The EOS query sees the keys up to its own position that the padding mask keeps.
     columns = torch.arange(input_ids.shape[1], device=input_ids.device)
-    keys = columns <= positions.unsqueeze(1)
+    keys_seen = columns <= positions.unsqueeze(1)
     if attention_mask is not None:
-        keys = keys & attention_mask.bool()
-    pooled = _pooled_layer(last, hidden, positions, keys[:, None, None, :])
+        keys_seen = keys_seen & attention_mask.bool()
+    key_mask = keys_seen[:, None, None, :]
+    if packing is None:
+        for layer in layers:
+            hidden = layer(hidden, mask, is_causal=True)
+        normed = last.layer_norm1(hidden)
+        keys, values = (_heads(attention, projection(normed)) for projection in (attention.k_proj, attention.v_proj))
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        pooled = _pooled_layer(last, hidden[rows, positions], normed[rows, positions], keys, values, key_mask)
+    else:
+        packed = packing.pack(hidden)
+        for layer in layers:
+            packed = _packed_layer(layer, packed, packing, mask)
+        normed = last.layer_norm1(packed)
+        keys, values = (
+            packing.heads(projection(normed), attention.num_heads)
+            for projection in (attention.k_proj, attention.v_proj)
+        )
+        pooled = _pooled_layer(last, packed[packing.pooled], normed[packing.pooled], keys, values, key_mask)
     return text_model.final_layer_norm(pooled)
 
 
@@ -104,5 +217,7 @@ def pooled_image(vision_model: CLIPVisionModel, pixel_values: torch.Tensor) -> t
     layers, last = _layers(vision_model.encoder)
     for layer in layers:
         hidden = layer(hidden, None)
-    positions = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-    return vision_model.post_layernorm(_pooled_layer(last, hidden, positions, None))
+    attention = last.self_attn
+    normed = last.layer_norm1(hidden)
+    keys, values = (_heads(attention, projection(normed)) for projection in (attention.k_proj, attention.v_proj))
+    return vision_model.post_layernorm(_pooled_layer(last, hidden[:, 0], normed[:, 0], keys, values, None))

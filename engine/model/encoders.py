@@ -9,7 +9,7 @@ from torch import nn
 
 from perpeft.engine.clip.layers import prepare_clip
 from perpeft.engine.clip.loading import ClipBundle, projection_width
-from perpeft.engine.clip.pooled import pooled_image, pooled_text
+from perpeft.engine.clip.pooled import packs_titles, pooled_image, pooled_text, text_eos_token_id, title_rows
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.config.choices import ADAPTER_PEFTS, MODALITIES
 from perpeft.engine.config.run_config import PAPER_LORA, LoraSettings
@@ -136,7 +136,12 @@ class GroupedClipEncoder(nn.Module):
                 pixel_values = normalize_pixels(pixels, self.image_mean, self.image_std)
                 parts.append(self.clip.visual_projection(pooled_image(self.clip.vision_model, pixel_values)))
             if "title" in self.modalities:
-                pooled = pooled_text(self.clip.text_model, input_ids, attention_mask)
+                text_model = self.clip.text_model
+                packing = None
+                if packs_titles(input_ids.device):
+                    packing = title_rows(input_ids, attention_mask, text_eos_token_id(text_model.config))
+                with self.context.packed(None if packing is None else packing.lengths):
+                    pooled = pooled_text(text_model, input_ids, attention_mask, packing)
                 parts.append(self.clip.text_projection(pooled))
         finally:
             self.context.clear()

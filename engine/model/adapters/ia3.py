@@ -29,7 +29,7 @@ class GroupedIA3Linear(nn.Module):
             rows,
             self.ia3_l.to(rows.dtype),
             self.context.row_groups(x, groups),
-            segments=self.context.segments(groups),
+            segments=self.context.segments(groups, x),
         )
         return scaled.view(x.shape)
 

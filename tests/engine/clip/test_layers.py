@@ -1,5 +1,5 @@
 """CLIP's rewritten layers (bmm attention, QuickGELU folded into SiLU) and pooled towers (the last layer at the
-pooled position only) equal stock HF CLIP, forward and backward."""
+pooled position only, titles on packed rows) equal stock HF CLIP, forward and backward."""
 
 import copy
 from collections.abc import Callable
@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from perpeft.engine.clip.layers import QUICK_GELU_SLOPE, fold_quick_gelu, prepare_clip
-from perpeft.engine.clip.pooled import eos_positions, pooled_image, pooled_text
+from perpeft.engine.clip.pooled import eos_positions, pooled_image, pooled_text, title_rows
 
 TOKENS, BOS, EOS, VOCAB, LAYERS = 20, 60, 61, 62, 2
 
@@ -53,8 +53,11 @@ def features(model: CLIPModel, ids: torch.Tensor, mask: torch.Tensor | None, pix
 
 
 def padded_batch(padding: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Five titles padded as ``padding`` says ("right, no mask", "right, mask", "left, mask") and five images."""
+    """Five titles padded as ``padding`` says ("right, no mask", "right, mask", "left, mask": with the EOS id as
+    padding; "left, pad 0, mask": another id) and five images."""
     ids, mask = titles([3, 9, 14, 20, 6], left_padded=padding.startswith("left"))
+    if "pad 0" in padding:
+        ids = ids.masked_fill(mask == 0, 0)
     pixels = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     return ids, None if padding.endswith("no mask") else mask, pixels
 
@@ -118,24 +121,31 @@ def test_only_quick_gelu_mlps_are_folded() -> None:
     assert fold_quick_gelu(random_clip("gelu")) == 0
 
 
-def pooled(model: CLIPModel, ids: torch.Tensor, mask: torch.Tensor | None, pixels: torch.Tensor, full: bool):
-    """concat(text, image) pooled outputs: HF's towers (``full``) or `pooled_text` and `pooled_image`."""
-    if full:
+def pooled(model: CLIPModel, ids: torch.Tensor, mask: torch.Tensor | None, pixels: torch.Tensor, tower: str):
+    """concat(text, image) pooled outputs: HF's towers (``full``) or `pooled_text` (``padded`` or ``packed``
+    rows) and `pooled_image`."""
+    if tower == "full":
         text = model.text_model(input_ids=ids, attention_mask=mask).pooler_output
         return torch.cat([text, model.vision_model(pixel_values=pixels).pooler_output], dim=-1)
-    return torch.cat([pooled_text(model.text_model, ids, mask), pooled_image(model.vision_model, pixels)], dim=-1)
+    packing = title_rows(ids, mask, EOS) if tower == "packed" else None
+    text = pooled_text(model.text_model, ids, mask, packing)
+    return torch.cat([text, pooled_image(model.vision_model, pixels)], dim=-1)
 
 
+@pytest.mark.parametrize("tower", ["padded", "packed"])
 @pytest.mark.parametrize("attention", ["perpeft", "sdpa", "eager"])
-@pytest.mark.parametrize("padding", ["right, no mask", "right, mask", "left, mask"])
-def test_pooled_towers_equal_full_towers(models: tuple[CLIPModel, CLIPModel], padding: str, attention: str) -> None:
-    """The last layer run at the pooled position only gives the full tower's pooled outputs and gradients."""
+@pytest.mark.parametrize("padding", ["right, no mask", "right, mask", "left, mask", "left, pad 0, mask"])
+def test_pooled_towers_equal_full_towers(
+    models: tuple[CLIPModel, CLIPModel], padding: str, attention: str, tower: str
+) -> None:
+    """The last layer run at the pooled position only, on padded or packed title rows, gives the full
+    tower's pooled outputs and gradients."""
     model = copy.deepcopy(models[1])
     model.set_attn_implementation(attention)
     ids, mask, pixels = padded_batch(padding)
     weights = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
-    out_full, grads_full = outputs_and_grads(model, lambda: pooled(model, ids, mask, pixels, True), weights)
-    out, grads = outputs_and_grads(model, lambda: pooled(model, ids, mask, pixels, False), weights)
+    out_full, grads_full = outputs_and_grads(model, lambda: pooled(model, ids, mask, pixels, "full"), weights)
+    out, grads = outputs_and_grads(model, lambda: pooled(model, ids, mask, pixels, tower), weights)
     torch.testing.assert_close(out, out_full, rtol=1e-5, atol=1e-6)
     assert grads.keys() == grads_full.keys()
     for name, grad in grads.items():
@@ -156,3 +166,32 @@ def test_eos_positions_follow_clip() -> None:
     assert eos_positions(input_ids, 3).tolist() == [2, 1]
     legacy = torch.tensor([[49406, 320, 49407, 49407], [49406, 49407, 0, 0]])
     assert eos_positions(legacy, 2).tolist() == [2, 1]  # eos_token_id 2: the largest id (openai configs)
+
+
+def test_title_rows_keep_each_titles_tokens_up_to_its_eos() -> None:
+    """Rows after the EOS (padding, repeated pad-as-EOS ids) and masked ones are dropped; the EOS row is last."""
+    ids = torch.tensor([[BOS, 5, EOS, EOS, EOS], [BOS, 7, 8, 9, EOS], [EOS, BOS, 3, EOS, EOS]])
+    rows = title_rows(ids, None, EOS)
+    assert rows.lengths.tolist() == [3, 5, 1]
+    assert rows.items.tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 2]
+    assert rows.columns.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0]
+    assert rows.pooled.tolist() == [2, 7, 8]
+    left, left_mask = titles([3, 5], left_padded=True)
+    left = left.masked_fill(left_mask == 0, 0)  # a pad id that is not the EOS
+    masked = title_rows(left, left_mask, EOS)
+    assert masked.lengths.tolist() == [3, 5]
+    assert masked.columns.tolist() == [2, 3, 4, 0, 1, 2, 3, 4]
+    assert masked.pooled.tolist() == [2, 7]
+    hidden = torch.arange(2 * 5 * 6.0).view(2, 5, 6)
+    packed = masked.pack(hidden)
+    assert packed.shape == (8, 6)
+    heads = masked.heads(packed, 2)  # [B, H, L, D], laid out for the attention's batched GEMMs
+    assert heads.shape == (2, 2, 5, 3) and heads.is_contiguous()
+    restored = heads.transpose(1, 2).reshape(2, 5, 6)
+    assert torch.equal(restored[left_mask.bool()], hidden[left_mask.bool()])
+    assert not restored[~left_mask.bool()].any()
+    # Pad-as-EOS left padding: the first EOS is a masked pad, so that title keeps every row.
+    ids, mask = titles([3, 5], left_padded=True)
+    kept = title_rows(ids, mask, EOS)
+    assert kept.lengths.tolist() == [5, 5]
+    assert kept.pooled.tolist() == [0, 9]

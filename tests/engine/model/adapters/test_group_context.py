@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from perpeft.engine.clip.pooled import text_eos_token_id, title_rows
 from perpeft.engine.model import groups as groups_module
 from perpeft.engine.model.adapters import ia3 as ia3_module
 from perpeft.engine.model.adapters import lora as lora_module
@@ -44,24 +45,51 @@ def test_segments_are_item_level_built_once_per_batch_and_reset_per_batch() -> N
     context = GroupContext()
     groups = _groups()
     context.set(groups)
-    segments = context.segments(GROUPS)
+    tokens = torch.zeros(len(ITEM_GROUPS), 7, 2)
+    segments = context.segments(GROUPS, tokens)
     assert segments is groups.segments
-    assert segments is context.segments(GROUPS)
+    assert segments is context.segments(GROUPS, tokens[:, 0])
     assert segments.order.tolist() == [1, 4, 2, 0, 3]
     assert segments.counts.tolist() == [2, 1, 2]
     assert segments.offsets.tolist() == [0, 2, 3, 5]
     assert segments.rows_per_id(len(ITEM_GROUPS) * 7) == 7  # token rows of any tower
     assert segments.num_groups == GROUPS
     with pytest.raises(ValueError, match=f"adapter of {GROUPS + 1} groups got a batch of {GROUPS} groups"):
-        context.segments(GROUPS + 1)
+        context.segments(GROUPS + 1, tokens)
     with pytest.raises(ValueError, match=f"adapter of {GROUPS + 1} groups"):
         context.row_groups(torch.zeros(len(ITEM_GROUPS), 4, 2), GROUPS + 1)
     context.set(_groups())
-    assert context.segments(GROUPS) is not segments
+    assert context.segments(GROUPS, tokens) is not segments
     context.clear()
-    for ask in (context.segments, context.shared_group):
-        with pytest.raises(RuntimeError, match="no groups set"):
-            ask(GROUPS)
+    with pytest.raises(RuntimeError, match="no groups set"):
+        context.shared_group(GROUPS)
+    with pytest.raises(RuntimeError, match="no groups set"):
+        context.segments(GROUPS, tokens)
+
+
+def test_packed_token_rows_take_each_items_group_by_its_length() -> None:
+    context = GroupContext()
+    context.set(_groups())
+    lengths = torch.tensor([3, 1, 2, 4, 2])
+    packed = torch.zeros(int(lengths.sum()), 8)
+    with context.packed(lengths):
+        ids = context.row_groups(packed, GROUPS)
+        assert ids.tolist() == [2, 2, 2, 0, 1, 1, 2, 2, 2, 2, 0, 0]
+        assert context.segments(GROUPS, packed) is None  # the op segments the rows itself
+        per_item = torch.zeros(len(ITEM_GROUPS), 1, 8)  # the pooled position: one row per item
+        assert context.row_groups(per_item, GROUPS).tolist() == ITEM_GROUPS
+        assert context.segments(GROUPS, per_item) is context.segments(GROUPS, per_item[:, 0])
+        with pytest.raises(ValueError, match="adapter of 4 groups"):
+            context.row_groups(packed, GROUPS + 1)
+    assert context.row_groups(torch.zeros(len(ITEM_GROUPS), 8), GROUPS).tolist() == ITEM_GROUPS
+    assert context.segments(GROUPS, packed) is not None
+    with context.packed(None):
+        assert context.segments(GROUPS, packed) is not None
+    with pytest.raises(ValueError, match="5 items but packed lengths"), context.packed(lengths[:2]):
+        pass
+    context.clear()
+    with pytest.raises(RuntimeError, match="no groups set"), context.packed(lengths):
+        pass
 
 
 def test_row_groups_repeat_each_items_group_per_token_and_are_cached_per_length() -> None:
@@ -132,15 +160,20 @@ def test_one_segmentation_per_forward_shared_by_every_adapted_layer(
     encoder(*inputs)
     assert len(built) == 1
     assert len(seen) == ADAPTED_LAYERS[peft]
-    assert all(segments is built[0] for _, segments in seen)
-    rows_per_item = {built[0].rows_per_id(rows) for rows, _ in seen}
-    # Text tokens, vision patches + CLS, and one row per item (the last layer's pooled position): one object.
-    assert rows_per_item == {12, 5, 1}
+    # Packed title rows (on the CPU) have none: the op segments them; every other call gets the one object.
+    packed_rows = int(
+        title_rows(inputs[0], inputs[1], text_eos_token_id(encoder.clip.config.text_config)).lengths.sum()
+    )
+    assert {rows for rows, segments in seen if segments is None} == {packed_rows}
+    assert all(segments is built[0] for _, segments in seen if segments is not None)
+    rows_per_item = {built[0].rows_per_id(rows) for rows, segments in seen if segments is not None}
+    # Vision patches + CLS, and one row per item (the last layer's pooled position).
+    assert rows_per_item == {5, 1}
 
     encoder(*inputs[:3], _groups())  # the next batch: its own groups, segmented once
     assert len(built) == 2
     assert len(seen) == 2 * ADAPTED_LAYERS[peft]
-    assert all(segments is built[1] for _, segments in seen[ADAPTED_LAYERS[peft] :])
+    assert all(segments in (built[1], None) for _, segments in seen[ADAPTED_LAYERS[peft] :])
 
 
 @pytest.mark.parametrize("peft", ["lora", "ia3"])

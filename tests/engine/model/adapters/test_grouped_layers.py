@@ -1,5 +1,6 @@
 """Grouped LoRA / (IA)3 layers against a per-row formula: mixed batches, one-group batches, LoRA dropout."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -82,6 +83,20 @@ def test_lora_dropout_keeps_inputs_with_probability_1_minus_p_and_rescales_them(
     kept_fraction = kept.mean() / width
     assert abs(kept_fraction - (1 - p)) < 0.01  # 32,768 Bernoulli draws: std 0.0017
     assert torch.equal(layer.eval()(x), torch.full((items, tokens, 1), float(width)))
+
+
+def test_lora_dropout_masks_on_cpu_are_pcg64_draws_seeded_from_torch() -> None:
+    """The mask is the 16-bit draws of a PCG64 seeded by torch's generator: seeded runs (and resumes of runs
+    written before the raw-output reading) draw the same masks."""
+    layer = GroupedLoRALinear(nn.Linear(6, 6), 1, 1, 1.0, 0.3, GroupContext())
+    rows = torch.zeros(5, 7)  # 35 draws: not a whole number of 64-bit outputs
+    torch.manual_seed(4)
+    mask = layer._keep_mask(rows)
+    torch.manual_seed(4)
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    draws = np.frombuffer(np.random.default_rng(seed).bytes(2 * 35), dtype=np.uint16).reshape(5, 7)
+    assert mask.dtype == torch.float32
+    assert torch.equal(mask, torch.from_numpy((draws >= layer.drop_levels).astype(np.float32)))
 
 
 @pytest.mark.parametrize("dropout", [-0.1, 1.0])
