@@ -10,7 +10,8 @@ most), LoRA r 4, C = 8, E1 10 + E2 20, batch 16, lr 1e-4, weight decay 1e-4, ``-
   instead of cut to the batch's longest title; HF's SDPA attention under its math backend (the engine's
   choice before `engine/clip/layers.py`) instead of the engine's bmm attention; CLIP's QuickGELU instead of
   the SiLU fold; each tower's last layer at every position instead of the pooled one only
-  (`engine/clip/pooled.py`); the LoRA and loss ops through their registered operators instead of the references
+  (`engine/clip/pooled.py`); titles padded to the batch's longest instead of packed to their EOS
+  (`engine/clip/pooled.py` `TitleRows`); the LoRA and loss ops through their registered operators instead of the references
   directly (`kernels/ops.py`); the for-loop AdamW instead of the fused one; 1 instead of 2 threads. Also on
   the demo (shipped tiny CLIP) for the thread count.
 - ``test_evaluation_tables``: the 8 groups' item tables of one evaluation, items in chunks of similar
@@ -196,7 +197,7 @@ class LeverCase:
             if not self.settings["pooled_last_layer"]:
                 stack.enter_context(full_towers())
             if not self.settings["packed_titles"]:
-                stack.enter_context(patched(encoders, "packs_titles", lambda device: False))
+                stack.enter_context(patched(encoders, "packed_title_rows", lambda *inputs: None))
             if not self.settings["eager_reference"]:
                 stack.enter_context(patched(ops, "_eager_reference", lambda tensor: False))
             started = time.perf_counter()

@@ -9,7 +9,7 @@ from torch import nn
 
 from perpeft.engine.clip.layers import prepare_clip
 from perpeft.engine.clip.loading import ClipBundle, projection_width
-from perpeft.engine.clip.pooled import packs_titles, pooled_image, pooled_text, text_eos_token_id, title_rows
+from perpeft.engine.clip.pooled import packed_title_rows, pooled_image, pooled_text, text_eos_token_id
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.config.choices import ADAPTER_PEFTS, MODALITIES
 from perpeft.engine.config.run_config import PAPER_LORA, LoraSettings
@@ -137,9 +137,7 @@ class GroupedClipEncoder(nn.Module):
                 parts.append(self.clip.visual_projection(pooled_image(self.clip.vision_model, pixel_values)))
             if "title" in self.modalities:
                 text_model = self.clip.text_model
-                packing = None
-                if packs_titles(input_ids.device):
-                    packing = title_rows(input_ids, attention_mask, text_eos_token_id(text_model.config))
+                packing = packed_title_rows(input_ids, attention_mask, text_eos_token_id(text_model.config))
                 with self.context.packed(None if packing is None else packing.lengths):
                     pooled = pooled_text(text_model, input_ids, attention_mask, packing)
                 parts.append(self.clip.text_projection(pooled))

@@ -9,7 +9,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from perpeft.engine.clip.layers import QUICK_GELU_SLOPE, fold_quick_gelu, prepare_clip
-from perpeft.engine.clip.pooled import eos_positions, pooled_image, pooled_text, title_rows
+from perpeft.engine.clip.pooled import eos_positions, packed_title_rows, pooled_image, pooled_text, title_rows
 
 TOKENS, BOS, EOS, VOCAB, LAYERS = 20, 60, 61, 62, 2
 
@@ -195,3 +195,13 @@ def test_title_rows_keep_each_titles_tokens_up_to_its_eos() -> None:
     kept = title_rows(ids, mask, EOS)
     assert kept.lengths.tolist() == [5, 5]
     assert kept.pooled.tolist() == [0, 9]
+
+
+def test_titles_are_packed_on_the_cpu_when_that_drops_enough_rows() -> None:
+    short, mask = titles([3, 9, 14, 20, 6])  # 52 of 100 rows
+    assert packed_title_rows(short, mask, EOS) is not None
+    full, full_mask = titles([20, 20, 20, 19, 20])  # 99 of 100 rows: not worth moving
+    assert packed_title_rows(full, full_mask, EOS) is None
+    edge, edge_mask = titles([20, 20, 20, 5, 20])  # 85 of 100: the bound still packs
+    assert packed_title_rows(edge, edge_mask, EOS) is not None
+    assert packed_title_rows(short.to("meta"), mask.to("meta"), EOS) is None  # only the CPU packs
