@@ -11,11 +11,11 @@ outputs equal the full tower's (``tests/engine/clip/test_layers.py``).
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers import CLIPTextConfig
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip.modeling_clip import (
+    CLIPAttention,
     CLIPEncoder,
     CLIPEncoderLayer,
     CLIPTextModel,
@@ -50,7 +50,7 @@ class TitleRows:
 
     Under CLIP's causal attention no token up to the EOS sees a later one, so the rows after it (padding, and
     the repeated EOS of pad-as-EOS tokenizers) change no pooled output: a tower run on the packed rows does
-    the layers' row-wise work (norms, projections, MLP) on ``index.numel()`` rows instead of ``B * L``.
+    the layers' row-wise work (norms, projections, MLP) on ``items.numel()`` rows instead of ``B * L``.
     """
 
     items: torch.Tensor
@@ -77,20 +77,32 @@ class TitleRows:
         return batch[self.items, self.columns]
 
 
-def title_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, eos_token_id: int) -> TitleRows:
-    """The rows `pooled_text` keeps for a packed tower. A title whose EOS the mask drops keeps all of its
-    rows: that query sees no key, and HF's eager attention then averages every position."""
-    batch, width = input_ids.shape
+def _kept(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, eos_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which ``[B, L]`` positions a packed tower keeps, and each title's EOS position ``[B, 1]``. A title
+    whose EOS the mask drops keeps all of its rows: that query sees no key, and HF's eager attention then
+    averages every position."""
     positions = eos_positions(input_ids, eos_token_id).unsqueeze(1)
-    columns = torch.arange(width, device=input_ids.device)
+    columns = torch.arange(input_ids.shape[1], device=input_ids.device)
     keep = columns <= positions
     if attention_mask is not None:
         mask = attention_mask.bool()
         keep = (keep & mask) | (columns == positions) | ~mask.gather(1, positions)
+    return keep, positions
+
+
+def _title_rows(keep: torch.Tensor, positions: torch.Tensor) -> TitleRows:
+    batch, width = keep.shape
     lengths = keep.sum(dim=1)
-    items, kept_columns = keep.nonzero(as_tuple=True)
-    pooled = lengths.cumsum(0) - lengths + (keep & (columns < positions)).sum(dim=1)
-    return TitleRows(items, kept_columns, lengths, pooled, batch, width)
+    items, columns = keep.nonzero(as_tuple=True)
+    before_eos = keep & (torch.arange(width, device=keep.device) < positions)
+    return TitleRows(items, columns, lengths, lengths.cumsum(0) - lengths + before_eos.sum(dim=1), batch, width)
+
+
+def title_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, eos_token_id: int) -> TitleRows:
+    """The rows `pooled_text` keeps for a packed tower (see `_kept`)."""
+    return _title_rows(*_kept(input_ids, attention_mask, eos_token_id))
 
 
 def packed_title_rows(
@@ -101,25 +113,29 @@ def packed_title_rows(
     On the CPU, where padded rows cost their arithmetic, and when the packed rows are at most
     ``PACKED_ROWS_AT_MOST`` of the batch's: moving rows into and out of the padded attention buffers costs
     about 15% of the padded tower (measured on the CPU with every row kept), so batches of nearly
-    full-width titles stay padded. Not on CUDA (the
-    row count would be read back from the device every batch, and the Triton kernels take item-level
-    segments) nor under torch.compile (a data-dependent row count)."""
+    full-width titles stay padded. Not on CUDA (the row count would be read back from the device every
+    batch, and the Triton kernels take item-level segments) nor under torch.compile (a data-dependent row
+    count)."""
     if input_ids.device.type != "cpu" or torch.compiler.is_compiling():
         return None
-    rows = title_rows(input_ids, attention_mask, eos_token_id)
-    return rows if rows.items.numel() <= PACKED_ROWS_AT_MOST * input_ids.numel() else None
+    keep, positions = _kept(input_ids, attention_mask, eos_token_id)
+    if int(keep.sum()) > PACKED_ROWS_AT_MOST * keep.numel():
+        return None
+    return _title_rows(keep, positions)
 
 
-def _layers(encoder: CLIPEncoder) -> tuple[list[nn.Module], CLIPEncoderLayer]:
+def _layers(encoder: CLIPEncoder) -> tuple[list[CLIPEncoderLayer], CLIPEncoderLayer]:
     """A tower's layers before the last, and the last."""
-    *layers, last = encoder.layers
-    if not isinstance(last, CLIPEncoderLayer):
-        raise TypeError(f"a CLIP tower whose last layer is a {type(last).__name__}, not a CLIPEncoderLayer")
-    return layers, last
+    layers = []
+    for layer in encoder.layers:
+        if not isinstance(layer, CLIPEncoderLayer):
+            raise TypeError(f"a CLIP tower with a {type(layer).__name__} layer, not a CLIPEncoderLayer")
+        layers.append(layer)
+    return layers[:-1], layers[-1]
 
 
 def _attend(
-    attention: nn.Module,
+    attention: CLIPAttention,
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -145,7 +161,7 @@ def _attend(
     return attended
 
 
-def _heads(attention: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def _heads(attention: CLIPAttention, batch: torch.Tensor) -> torch.Tensor:
     """``[B, L, H·D]`` → ``[B, H, L, D]`` (a view)."""
     return batch.view(batch.shape[0], batch.shape[1], attention.num_heads, attention.head_dim).transpose(1, 2)
 
@@ -170,7 +186,9 @@ def _pooled_layer(
     return pooled[:, 0]
 
 
-def _packed_layer(layer: CLIPEncoderLayer, rows: torch.Tensor, packing: TitleRows, mask: torch.Tensor | None):
+def _packed_layer(
+    layer: CLIPEncoderLayer, rows: torch.Tensor, packing: TitleRows, mask: torch.Tensor | None
+) -> torch.Tensor:
     """``layer`` on packed title rows ``[T, D]``: row-wise work on the rows, attention on the padded batch."""
     attention = layer.self_attn
     normed = layer.layer_norm1(rows)

@@ -49,8 +49,8 @@ class GroupedLoRALinear(nn.Module):
         seeded runs and resumes draw the same masks: CPU ``torch.rand`` is one serial Mersenne Twister, and
         float32 uniforms cost twice the bytes; these masks (one per adapted layer and step) were a tenth of
         a training step. The comparison and the float cast stay in NumPy (a third of torch's cast). Under
-        torch.compile, which cannot trace NumPy's generator, they are ``torch.rand``
-        draws on every device, as on CUDA."""
+        torch.compile, which cannot trace NumPy's generator, they are ``torch.rand`` draws on every device,
+        as on CUDA."""
         if rows.device.type == "cpu" and not torch.compiler.is_compiling():
             seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
             raw = np.random.PCG64(seed).random_raw(-(-rows.numel() // 4))  # four 16-bit draws per 64-bit output
