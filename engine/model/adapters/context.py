@@ -43,11 +43,10 @@ class GroupContext:
         if lengths is None:
             yield
             return
-        if self._groups is None:
-            raise RuntimeError("packed token rows outside GroupedClipEncoder.forward: no groups set")
-        if lengths.shape != (self._groups.rows,):
-            raise ValueError(f"{self._groups.rows} items but packed lengths of shape {tuple(lengths.shape)}")
-        ids = self._groups.ids.repeat_interleave(lengths.to(self._groups.ids.device))
+        groups = self._batch()
+        if lengths.shape != (groups.rows,):
+            raise ValueError(f"{groups.rows} items but packed lengths of shape {tuple(lengths.shape)}")
+        ids = groups.ids.repeat_interleave(lengths.to(groups.ids.device))
         self._packed = (ids.numel(), ids)
         try:
             yield
@@ -59,12 +58,16 @@ class GroupContext:
             return self._packed[1]
         return None
 
-    def _items(self, num_groups: int) -> RowGroups:
+    def _batch(self) -> RowGroups:
         if self._groups is None:
             raise RuntimeError("grouped adapter called outside GroupedClipEncoder.forward: no groups set")
-        if self._groups.num_groups != num_groups:
-            raise ValueError(f"an adapter of {num_groups} groups got a batch of {self._groups.num_groups} groups")
         return self._groups
+
+    def _items(self, num_groups: int) -> RowGroups:
+        groups = self._batch()
+        if groups.num_groups != num_groups:
+            raise ValueError(f"an adapter of {num_groups} groups got a batch of {groups.num_groups} groups")
+        return groups
 
     def row_groups(self, x: torch.Tensor, num_groups: int) -> torch.Tensor:
         """Group id of every row of ``x.reshape(-1, x.shape[-1])``, for ``x`` of shape ``[B, T, K]`` or ``[B, K]``
