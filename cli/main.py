@@ -25,6 +25,7 @@ from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
 from perpeft.engine.eval.metrics import METRIC_NAMES, SELECTION_METRIC
 from perpeft.engine.eval.report import relative_change, result_rows, still_improving
+from perpeft.engine.runtime.memory import reuse_freed_memory
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -39,6 +40,7 @@ from perpeft.engine.eval.report import relative_change, result_rows, still_impro
 def cli(threads: int | None) -> None:
     """PerPEFT: personalized PEFT of CLIP for multimodal sequential recommendation."""
     _warnings_to_stderr()
+    reuse_freed_memory()
     if threads is not None:
         import torch
 

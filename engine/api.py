@@ -52,6 +52,7 @@ from perpeft.engine.errors import InputError
 from perpeft.engine.experiments.grid import build_grid
 from perpeft.engine.experiments.runner import RESULTS_CSV, run_experiment
 from perpeft.engine.model.params import parameter_counts as count_parameters
+from perpeft.engine.runtime.memory import reuse_freed_memory
 from perpeft.engine.runtime.records import EpochRecord
 from perpeft.engine.runtime.run_directory import RunDirectory
 from perpeft.engine.serve.catalog import Catalog
@@ -98,6 +99,7 @@ __all__ = [
     "prepare_authors",
     "reseed",
     "resume",
+    "reuse_freed_memory",
     "serve",
     "train",
 ]

@@ -4,7 +4,8 @@
   ``baddbmm`` that applies the scale and the causal or padding bias in the GEMM, then a softmax and a ``bmm``.
   SDPA's CPU math backend scales queries and keys apart, adds the mask, and runs a "safe" softmax that
   scans the scores for fully masked rows three more times (``isneginf``, ``all``, ``where``); at CLIP's
-  short sequences those passes over the scores cost more than the GEMMs. On other devices it is HF's SDPA.
+  short sequences those passes over the scores cost more than the GEMMs. One query per row (the pooled
+  layer's) is broadcast products and sums instead. On other devices it is HF's SDPA.
 - **QuickGELU folded into SiLU**: ``x·σ(1.702x) = SiLU(1.702x) / 1.702``, so scaling ``fc1`` by 1.702 and
   ``fc2``'s weight by 1 / 1.702 turns CLIP's MLP into ``fc2(SiLU(fc1(x)))``. SiLU is one fused ATen kernel
   forward and backward; QuickGELU is three elementwise passes forward and five backward over the widest
@@ -25,18 +26,57 @@ ATTENTION = "perpeft"
 QUICK_GELU_SLOPE = 1.702
 
 
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A mask as the score bias it stands for: a bool one (True: may attend) becomes 0 / the dtype's minimum."""
+    if attention_mask.dtype == torch.bool:
+        return torch.zeros((), dtype=dtype).masked_fill(~attention_mask, torch.finfo(dtype).min)
+    return attention_mask.to(dtype)
+
+
 def _bias(
     attention_mask: torch.Tensor | None, causal: bool, heads: int, queries: int, keys: int, dtype: torch.dtype
 ) -> torch.Tensor | None:
     """The additive score bias ``baddbmm`` broadcasts over ``[B·H, Q, K]``, or None without a mask."""
     if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            attention_mask = torch.zeros((), dtype=dtype).masked_fill(~attention_mask, torch.finfo(dtype).min)
         batch = attention_mask.shape[0]
-        return attention_mask.to(dtype).expand(batch, heads, queries, keys).reshape(batch * heads, queries, keys)
+        bias = additive_mask(attention_mask, dtype)
+        return bias.expand(batch, heads, queries, keys).reshape(batch * heads, queries, keys)
     if causal and queries > 1:
         return torch.full((queries, keys), float("-inf"), dtype=dtype).triu_(1)
     return None
+
+
+def _attended(
+    module: nn.Module, weights: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float
+) -> torch.Tensor:
+    """``[B, H, Q, K]`` softmax weights as the values see them: SDPA's rule for a query that may attend to
+    nothing (a padding position before a left-padded title) is zero weights, not the uniform average the
+    finite bias leaves; then attention dropout."""
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        weights = weights.masked_fill(~attention_mask.any(dim=-1, keepdim=True), 0.0)
+    if dropout > 0.0:
+        weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return weights
+
+
+def _one_query(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query per row (the pooled layer's) as broadcast products and sums: as batched GEMMs
+    its backward has an inner size of 1, where MKL's batched GEMM costs about fifteen times as much."""
+    scores = (query * scale * key).sum(dim=-1).unsqueeze(2)  # [B, H, 1, K]
+    if attention_mask is not None:
+        scores = scores + additive_mask(attention_mask, query.dtype)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    attended = _attended(module, weights, attention_mask, dropout)
+    output = (attended.transpose(2, 3) * value).sum(dim=2, keepdim=True)  # [B, H, 1, D]
+    return output.transpose(1, 2), attended
 
 
 def attention_forward(
@@ -57,6 +97,8 @@ def attention_forward(
         )
     batch, heads, length, width = query.shape
     scale = width**-0.5 if scaling is None else scaling
+    if length == 1:
+        return _one_query(module, query, key, value, attention_mask, dropout, scale)
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     queries = query.reshape(batch * heads, length, width)
     keys_t = key.reshape(batch * heads, -1, width).transpose(1, 2)
@@ -66,14 +108,9 @@ def attention_forward(
     else:
         scores = torch.baddbmm(bias, queries, keys_t, alpha=scale)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).view(batch, heads, length, -1)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        # SDPA's rule for a query that may attend to nothing (a padding position before a left-padded
-        # title): zero weights, not the uniform average the finite bias leaves.
-        weights = weights.masked_fill(~attention_mask.any(dim=-1, keepdim=True), 0.0)
-    if dropout > 0.0:
-        weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.bmm(weights.reshape(batch * heads, length, -1), value.reshape(batch * heads, -1, width))
-    return output.view(batch, heads, length, width).transpose(1, 2), weights
+    attended = _attended(module, weights, attention_mask, dropout)
+    output = torch.bmm(attended.reshape(batch * heads, length, -1), value.reshape(batch * heads, -1, width))
+    return output.view(batch, heads, length, width).transpose(1, 2), attended
 
 
 AttentionInterface.register(ATTENTION, attention_forward)

@@ -23,6 +23,8 @@ from transformers.models.clip.modeling_clip import (
     eager_attention_forward,
 )
 
+from perpeft.engine.clip.layers import additive_mask
+
 LEGACY_EOS_TOKEN_ID = 2
 PACKED_ROWS_AT_MOST = 0.85
 
@@ -66,15 +68,29 @@ class TitleRows:
 
     def heads(self, rows: torch.Tensor, heads: int) -> torch.Tensor:
         """Packed ``[T, H·D]`` rows as the padded batch's attention heads ``[B, H, L, D]``, zeros where a
-        row was dropped. Written into a heads-major buffer, so the attention's batched GEMMs read it as it
-        is instead of copying a transposed view."""
+        row was dropped: one row copy per head into a heads-major buffer, which the attention's batched
+        GEMMs read as it is (no transposed copy)."""
         width = rows.shape[1] // heads
-        buffer = rows.new_zeros(self.batch, heads, self.width, width).transpose(1, 2)
-        return buffer.index_put((self.items, self.columns), rows.view(-1, heads, width)).transpose(1, 2)
+        buffer = rows.new_zeros(self.batch * heads * self.width, width)
+        packed = buffer.index_copy(0, self._head_rows(heads), rows.reshape(-1, width))
+        return packed.view(self.batch, heads, self.width, width)
+
+    def unheads(self, attended: torch.Tensor) -> torch.Tensor:
+        """The kept rows of an attention output ``[B, L, H, D]``, packed: ``[T, H·D]``. Reads heads-major
+        memory (what the engine's CPU attention returns) in place; other layouts are copied first."""
+        heads, width = attended.shape[2:]
+        rows = attended.transpose(1, 2).reshape(-1, width).index_select(0, self._head_rows(heads))
+        return rows.view(-1, heads * width)
 
     def pack(self, batch: torch.Tensor) -> torch.Tensor:
-        """The kept rows of a ``[B, L, ...]`` batch (any strides), packed: ``[T, ...]``."""
-        return batch[self.items, self.columns]
+        """The kept rows of a ``[B, L, ...]`` batch, packed: ``[T, ...]`` (a copy of a contiguous batch's
+        rows; other layouts are copied first)."""
+        return batch.flatten(0, 1).index_select(0, self.items * self.width + self.columns)
+
+    def _head_rows(self, heads: int) -> torch.Tensor:
+        """``[T·H]``: where each kept row's heads sit in a heads-major ``[B·H·L]`` buffer, row by row."""
+        head = torch.arange(heads, device=self.items.device)
+        return ((self.items.unsqueeze(1) * heads + head) * self.width + self.columns.unsqueeze(1)).flatten()
 
 
 def _kept(
@@ -146,8 +162,8 @@ def _attend(
     ``[B, Lq, H, D]``. A bool ``mask`` says which keys each query may see."""
     implementation = attention.config._attn_implementation
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    if mask is not None and mask.dtype == torch.bool and implementation == "eager":  # eager adds its mask
-        mask = torch.zeros((), dtype=queries.dtype).masked_fill(~mask, torch.finfo(queries.dtype).min)
+    if mask is not None and implementation == "eager":  # eager adds its mask
+        mask = additive_mask(mask, queries.dtype)
     attended, _ = interface(
         attention,
         queries,
@@ -196,8 +212,8 @@ def _packed_layer(
         packing.heads(projection(normed), attention.num_heads)
         for projection in (attention.q_proj, attention.k_proj, attention.v_proj)
     )
-    attended = packing.pack(_attend(attention, queries, keys, values, mask, is_causal=True))
-    rows = rows + attention.out_proj(attended.reshape(rows.shape))
+    attended = packing.unheads(_attend(attention, queries, keys, values, mask, is_causal=True))
+    rows = rows + attention.out_proj(attended)
     return rows + layer.mlp(layer.layer_norm2(rows))
 
 

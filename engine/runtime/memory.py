@@ -1,5 +1,8 @@
-"""Peak memory of a stretch of work: CUDA's max allocated bytes, or the process's peak RSS on CPU."""
+"""The process's CPU memory: glibc's malloc kept from returning freed memory to the kernel, and the peak
+of a stretch of work (CUDA's max allocated bytes, or the peak RSS on CPU)."""
 
+import ctypes
+import platform
 import resource
 import sys
 from pathlib import Path
@@ -8,7 +11,27 @@ from types import TracebackType
 import torch
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
+# mallopt's parameters (malloc.h) and what the engine sets them to: blocks up to 32 MiB (glibc's largest
+# mmap threshold) from the heap, and 64 MiB of slack at its top that is neither asked for nor given back.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+HEAP_SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
 STATUS = Path("/proc/self/status")
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks for the next allocation instead of returning them to the kernel
+    (for this process, from now on); False where the C library is not glibc.
+
+    A training step allocates and frees activations of a few MiB whose sizes change from step to step. By
+    default glibc maps a block larger than any freed so far afresh, unmaps it when freed and trims the
+    heap's free top, so steps fault their pages in again: 1,000–2,000 page faults and ~5 ms of system time
+    a step of the benchmark job, against ~170 and ~0.4 ms with these settings. The cost: the heap keeps
+    what it once held (the job's peak RSS 690–698 → 706–707 MiB)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return all(mallopt(parameter, value) == 1 for parameter, value in HEAP_SETTINGS)
 
 
 def _reset_peak_rss() -> bool:

@@ -1,4 +1,5 @@
-"""`perpeft-engine --threads N` (or $PERPEFT_THREADS) sets the CPU threads every command computes with."""
+"""`perpeft-engine --threads N` (or $PERPEFT_THREADS) sets the CPU threads every command computes with; every
+command keeps freed memory for reuse."""
 
 import pytest
 import torch
@@ -33,3 +34,11 @@ def test_bad_thread_count_is_a_usage_error():
     result = CliRunner().invoke(cli, ["--threads", "0", "params", "--items", "10"])
     assert result.exit_code == 2
     assert "--threads" in result.output
+
+
+def test_every_command_reuses_freed_memory(monkeypatch):
+    calls = []
+    monkeypatch.setattr("perpeft.cli.main.reuse_freed_memory", lambda: calls.append(True))
+    result = CliRunner().invoke(cli, ["params", "--items", "10"])
+    assert result.exit_code == 0, result.output
+    assert calls == [True]
