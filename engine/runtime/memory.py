@@ -26,7 +26,7 @@ def reuse_freed_memory() -> bool:
     default glibc maps a block larger than any freed so far afresh, unmaps it when freed and trims the
     heap's free top, so steps fault their pages in again: 1,000–2,000 page faults and ~5 ms of system time
     a step of the benchmark job, against ~170 and ~0.4 ms with these settings. The cost: the heap keeps
-    what it once held (the job's peak RSS 690–698 → 706–707 MiB)."""
+    what it once held (the job's peak RSS 700–703 → 704–705 MiB)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt
