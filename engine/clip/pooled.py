@@ -8,7 +8,7 @@ token after a title's EOS reaches its pooled output. Exact: the same arithmetic 
 outputs equal the full tower's (``tests/engine/clip/test_layers.py``).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import CLIPTextConfig
@@ -65,6 +65,7 @@ class TitleRows:
     """``[B]`` int64: each title's EOS row in the packed rows."""
     batch: int
     width: int
+    _rows_for: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def heads(self, rows: torch.Tensor, heads: int) -> torch.Tensor:
         """Packed ``[T, H·D]`` rows as the padded batch's attention heads ``[B, H, L, D]``, zeros where a
@@ -72,25 +73,30 @@ class TitleRows:
         GEMMs read as it is (no transposed copy)."""
         width = rows.shape[1] // heads
         buffer = rows.new_zeros(self.batch * heads * self.width, width)
-        packed = buffer.index_copy(0, self._head_rows(heads), rows.reshape(-1, width))
+        packed = buffer.index_copy(0, self._rows(heads), rows.reshape(-1, width))
         return packed.view(self.batch, heads, self.width, width)
 
     def unheads(self, attended: torch.Tensor) -> torch.Tensor:
         """The kept rows of an attention output ``[B, L, H, D]``, packed: ``[T, H·D]``. Reads heads-major
         memory (what the engine's CPU attention returns) in place; other layouts are copied first."""
         heads, width = attended.shape[2:]
-        rows = attended.transpose(1, 2).reshape(-1, width).index_select(0, self._head_rows(heads))
+        rows = attended.transpose(1, 2).reshape(-1, width).index_select(0, self._rows(heads))
         return rows.view(-1, heads * width)
 
     def pack(self, batch: torch.Tensor) -> torch.Tensor:
         """The kept rows of a ``[B, L, ...]`` batch, packed: ``[T, ...]`` (a copy of a contiguous batch's
         rows; other layouts are copied first)."""
-        return batch.flatten(0, 1).index_select(0, self.items * self.width + self.columns)
+        return batch.flatten(0, 1).index_select(0, self._rows(1))
 
-    def _head_rows(self, heads: int) -> torch.Tensor:
-        """``[T·H]``: where each kept row's heads sit in a heads-major ``[B·H·L]`` buffer, row by row."""
-        head = torch.arange(heads, device=self.items.device)
-        return ((self.items.unsqueeze(1) * heads + head) * self.width + self.columns.unsqueeze(1)).flatten()
+    def _rows(self, heads: int) -> torch.Tensor:
+        """``[T·H]``: where each kept row's heads sit in a heads-major ``[B·H·L]`` buffer, row by row (one
+        head: the rows of the flattened ``[B·L]`` batch). Built once per head count: every layer reuses it."""
+        rows = self._rows_for.get(heads)
+        if rows is None:
+            head = torch.arange(heads, device=self.items.device)
+            rows = ((self.items.unsqueeze(1) * heads + head) * self.width + self.columns.unsqueeze(1)).flatten()
+            self._rows_for[heads] = rows
+        return rows
 
 
 def _kept(
