@@ -45,6 +45,7 @@ _API = (
     "prepare_authors",
     "reseed",
     "resume",
+    "reuse_freed_memory",
     "serve",
     "train",
 )

@@ -12,7 +12,7 @@ import torch
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
 # mallopt's parameters (malloc.h) and what the engine sets them to: blocks up to 32 MiB (glibc's largest
-# mmap threshold) from the heap, and 64 MiB of slack at its top that is neither asked for nor given back.
+# mmap threshold) from the heap, which grows 64 MiB beyond each need and keeps up to 1 GiB free at its top.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 HEAP_SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
 STATUS = Path("/proc/self/status")
