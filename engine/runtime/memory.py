@@ -11,11 +11,11 @@ from types import TracebackType
 import torch
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
+STATUS = Path("/proc/self/status")
 # mallopt's parameters (malloc.h) and what the engine sets them to: blocks up to 32 MiB (glibc's largest
 # mmap threshold) from the heap, which grows 64 MiB beyond each need and keeps up to 1 GiB free at its top.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 HEAP_SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
-STATUS = Path("/proc/self/status")
 
 
 def reuse_freed_memory() -> bool:
@@ -31,7 +31,8 @@ def reuse_freed_memory() -> bool:
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return all(mallopt(parameter, value) == 1 for parameter, value in HEAP_SETTINGS)
+    applied = [mallopt(parameter, value) == 1 for parameter, value in HEAP_SETTINGS]  # each, even after a refusal
+    return all(applied)
 
 
 def _reset_peak_rss() -> bool:
