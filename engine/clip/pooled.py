@@ -6,11 +6,20 @@ an image. That layer still needs every position's keys and values, but its queri
 layer GEMMs, forward and backward. On the CPU the text tower also runs on packed rows (`TitleRows`): no
 token after a title's EOS reaches its pooled output. Exact: the same arithmetic on fewer rows, so pooled
 outputs equal the full tower's (``tests/engine/clip/test_layers.py``).
+
+The start of a tower's first layer is frozen under the engine's adapters: its input (the embeddings, and
+the vision tower's pre-norm), ``layer_norm1`` of it, and the base ``q``/``k``/``v`` projections of that.
+`title_prefix` and `image_prefix` compute those once per item; both towers then take an item's rows of it
+(``prefix``) in place of its tokens or pixels, and the adapters add their part to the stored base
+outputs (`FromBase`). The same arithmetic on the same rows: outputs and gradients equal the towers run
+from their inputs.
 """
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
 from transformers import CLIPTextConfig
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -27,6 +36,18 @@ from perpeft.engine.clip.layers import additive_mask
 
 LEGACY_EOS_TOKEN_ID = 2
 PACKED_ROWS_AT_MOST = 0.85
+PREFIX_PARTS = 5  # the first layer's input, layer_norm1 of it, and its base q, k and v projections
+
+
+@runtime_checkable
+class FromBase(Protocol):
+    """An adapted projection that can finish from its frozen ``base``'s output (the prefix's stored q, k, v)."""
+
+    base: nn.Linear
+
+    def from_base(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        """The projection of ``x`` given ``base(x)``."""
+        ...
 
 
 def text_eos_token_id(text_config: CLIPTextConfig) -> int:
@@ -188,6 +209,64 @@ def _heads(attention: CLIPAttention, batch: torch.Tensor) -> torch.Tensor:
     return batch.view(batch.shape[0], batch.shape[1], attention.num_heads, attention.head_dim).transpose(1, 2)
 
 
+def _projections(attention: CLIPAttention) -> tuple[nn.Module, nn.Module, nn.Module]:
+    return attention.q_proj, attention.k_proj, attention.v_proj
+
+
+def _frozen(projection: nn.Module) -> nn.Module:
+    return projection.base if isinstance(projection, FromBase) else projection
+
+
+def _first_layer_prefix(encoder: CLIPEncoder, hidden: torch.Tensor) -> torch.Tensor:
+    """The frozen start of a tower's first layer for its input rows ``hidden`` ``[..., D]``: ``hidden``,
+    ``layer_norm1(hidden)`` and the base q, k and v projections of that, side by side: ``[..., 5·D]``."""
+    layers, _ = _before_last(encoder, from_prefix=True)
+    layer = layers[0]
+    normed = layer.layer_norm1(hidden)
+    bases = [_frozen(projection)(normed) for projection in _projections(layer.self_attn)]
+    return torch.cat([hidden, normed, *bases], dim=-1)
+
+
+def title_prefix(text_model: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """The text tower's first-layer prefix of titles ``[B, L]``: ``[B, L, 5·D]``, for `pooled_text`."""
+    return _first_layer_prefix(text_model.encoder, text_model.embeddings(input_ids=input_ids))
+
+
+def image_prefix(vision_model: CLIPVisionModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The vision tower's first-layer prefix of images: ``[B, P, 5·D]``, for `pooled_image`."""
+    return _first_layer_prefix(vision_model.encoder, _image_rows(vision_model, pixel_values))
+
+
+def _from_prefix(
+    attention: CLIPAttention, prefix: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The first layer's input and its q, k and v from prefix rows (`title_prefix`, `image_prefix`): each adapter adds its
+    part to the stored base output; a plain ``nn.Linear`` is the base output."""
+    hidden, normed, *bases = prefix.chunk(PREFIX_PARTS, dim=-1)
+    projected = []
+    for projection, base in zip(_projections(attention), bases, strict=True):
+        if isinstance(projection, FromBase):
+            projected.append(projection.from_base(normed, base))
+        elif isinstance(projection, nn.Linear):
+            projected.append(base)
+        else:
+            raise TypeError(f"a CLIP projection of type {type(projection).__name__}: no base output to finish from")
+    q, k, v = projected
+    return hidden, (q, k, v)
+
+
+def _prefixed_layer(
+    layer: CLIPEncoderLayer, prefix: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+) -> torch.Tensor:
+    """HF's ``CLIPEncoderLayer`` on ``[B, L, D]`` rows, started from their prefix rows ``[B, L, 5·D]``."""
+    attention = layer.self_attn
+    hidden, projected = _from_prefix(attention, prefix)
+    queries, keys, values = (_heads(attention, part) for part in projected)
+    attended = _attend(attention, queries, keys, values, mask, is_causal)
+    hidden = hidden + attention.out_proj(attended.reshape(hidden.shape))
+    return hidden + layer.mlp(layer.layer_norm2(hidden))
+
+
 def _pooled_layer(
     layer: CLIPEncoderLayer,
     residual: torch.Tensor,
@@ -212,15 +291,32 @@ def _packed_layer(
     layer: CLIPEncoderLayer, rows: torch.Tensor, packing: TitleRows, mask: torch.Tensor | None
 ) -> torch.Tensor:
     """``layer`` on packed title rows ``[T, D]``: row-wise work on the rows, attention on the padded batch."""
-    attention = layer.self_attn
     normed = layer.layer_norm1(rows)
-    queries, keys, values = (
-        packing.heads(projection(normed), attention.num_heads)
-        for projection in (attention.q_proj, attention.k_proj, attention.v_proj)
-    )
+    projected = (projection(normed) for projection in _projections(layer.self_attn))
+    return _packed_rest(layer, rows, tuple(projected), packing, mask)
+
+
+def _packed_rest(
+    layer: CLIPEncoderLayer,
+    rows: torch.Tensor,
+    projected: tuple[torch.Tensor, ...],
+    packing: TitleRows,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """`_packed_layer` from its packed input ``rows`` and their q, k and v."""
+    attention = layer.self_attn
+    queries, keys, values = (packing.heads(part, attention.num_heads) for part in projected)
     attended = packing.unheads(_attend(attention, queries, keys, values, mask, is_causal=True))
     rows = rows + attention.out_proj(attended)
     return rows + layer.mlp(layer.layer_norm2(rows))
+
+
+def _before_last(encoder: CLIPEncoder, from_prefix: bool) -> tuple[list[CLIPEncoderLayer], CLIPEncoderLayer]:
+    """`_layers`, checking that a tower started ``from_prefix`` has a first layer before its last."""
+    layers, last = _layers(encoder)
+    if from_prefix and not layers:
+        raise ValueError("a first-layer prefix for a one-layer tower: its only layer runs at the pooled position")
+    return layers, last
 
 
 def pooled_text(
@@ -228,29 +324,44 @@ def pooled_text(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     packing: TitleRows | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``text_model(input_ids, attention_mask).pooler_output`` of a CLIPTextModel (EOS rows, final norm);
-    with ``packing`` (`title_rows` of the same batch) the tower runs on its packed rows."""
-    hidden = text_model.embeddings(input_ids=input_ids)
+    with ``packing`` (`title_rows` of the same batch) the tower runs on its packed rows. With ``prefix``
+    (the titles' `title_prefix` rows: ``[T, 5·D]`` packed, else ``[B, L, 5·D]``) neither the
+    embeddings nor the first layer's frozen start run."""
+    batch, width = input_ids.shape
+    layers, last = _before_last(text_model.encoder, prefix is not None)
+    if prefix is None:
+        hidden = text_model.embeddings(input_ids=input_ids)
+    else:  # the mask reads only the embeddings' shape, dtype and device
+        hidden = prefix.new_empty(()).expand(batch, width, prefix.shape[-1] // PREFIX_PARTS)
     mask = create_causal_mask(config=text_model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None)
-    layers, last = _layers(text_model.encoder)
     attention = last.self_attn
     positions = eos_positions(input_ids, text_eos_token_id(text_model.config))
     # The EOS query sees the keys up to its own position that the padding mask keeps.
-    columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+    columns = torch.arange(width, device=input_ids.device)
     keys_seen = columns <= positions.unsqueeze(1)
     if attention_mask is not None:
         keys_seen = keys_seen & attention_mask.bool()
     key_mask = keys_seen[:, None, None, :]
     if packing is None:
+        if prefix is not None:
+            hidden = _prefixed_layer(layers[0], prefix, mask, is_causal=True)
+            layers = layers[1:]
         for layer in layers:
             hidden = layer(hidden, mask, is_causal=True)
         normed = last.layer_norm1(hidden)
         keys, values = (_heads(attention, projection(normed)) for projection in (attention.k_proj, attention.v_proj))
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        rows = torch.arange(batch, device=input_ids.device)
         pooled = _pooled_layer(last, hidden[rows, positions], normed[rows, positions], keys, values, key_mask)
     else:
-        packed = packing.pack(hidden)
+        if prefix is None:
+            packed = packing.pack(hidden)
+        else:
+            packed, projected = _from_prefix(layers[0].self_attn, prefix)
+            packed = _packed_rest(layers[0], packed, projected, packing, mask)
+            layers = layers[1:]
         for layer in layers:
             packed = _packed_layer(layer, packed, packing, mask)
         normed = last.layer_norm1(packed)
@@ -262,13 +373,27 @@ def pooled_text(
     return text_model.final_layer_norm(pooled)
 
 
-def pooled_image(vision_model: CLIPVisionModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """``vision_model(pixel_values).pooler_output`` of a CLIPVisionModel (class token, post-layernorm)."""
-    hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))
-    layers, last = _layers(vision_model.encoder)
+def pooled_image(
+    vision_model: CLIPVisionModel, pixel_values: torch.Tensor | None, prefix: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``vision_model(pixel_values).pooler_output`` of a CLIPVisionModel (class token, post-layernorm); with
+    ``prefix`` (the images' `image_prefix` rows ``[B, P, 5·D]``) the pixels are not read."""
+    layers, last = _before_last(vision_model.encoder, prefix is not None)
+    if prefix is not None:
+        hidden = _prefixed_layer(layers[0], prefix, None, is_causal=False)
+        layers = layers[1:]
+    elif pixel_values is not None:
+        hidden = _image_rows(vision_model, pixel_values)
+    else:
+        raise ValueError("pooled_image needs the pixels or their first-layer prefix")
     for layer in layers:
         hidden = layer(hidden, None)
     attention = last.self_attn
     normed = last.layer_norm1(hidden)
     keys, values = (_heads(attention, projection(normed)) for projection in (attention.k_proj, attention.v_proj))
     return vision_model.post_layernorm(_pooled_layer(last, hidden[:, 0], normed[:, 0], keys, values, None))
+
+
+def _image_rows(vision_model: CLIPVisionModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The vision tower's first-layer input ``[B, P, D]``: patch and class embeddings, pre-norm."""
+    return vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))

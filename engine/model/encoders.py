@@ -8,16 +8,26 @@ import torch
 from torch import nn
 
 from perpeft.engine.clip.layers import prepare_clip
-from perpeft.engine.clip.loading import ClipBundle, projection_width
-from perpeft.engine.clip.pooled import packed_title_rows, pooled_image, pooled_text, text_eos_token_id
+from perpeft.engine.clip.loading import ClipBundle, projection_width, tower_configs
+from perpeft.engine.clip.pooled import (
+    PREFIX_PARTS,
+    image_prefix,
+    packed_title_rows,
+    pooled_image,
+    pooled_text,
+    text_eos_token_id,
+    title_prefix,
+)
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.config.choices import ADAPTER_PEFTS, MODALITIES
 from perpeft.engine.config.run_config import PAPER_LORA, LoraSettings
 from perpeft.engine.errors import InputError
+from perpeft.engine.features.inputs import ItemInputs
 from perpeft.engine.model.adapters.context import GroupContext
 from perpeft.engine.model.adapters.ia3 import GroupedIA3Linear
 from perpeft.engine.model.adapters.lora import GroupedLoRALinear
 from perpeft.engine.model.groups import RowGroups
+from perpeft.engine.model.prefix import PREFIX_BYTES_AT_MOST, CatalogPrefix, ItemPrefix
 
 NO_ADAPTERS = "none"  # the encoder of Frozen MM: CLIP as it is
 
@@ -128,23 +138,70 @@ class GroupedClipEncoder(nn.Module):
         attention_mask: torch.Tensor | None,
         pixels: torch.Tensor,
         groups: RowGroups,
+        prefix: ItemPrefix | None = None,
     ) -> torch.Tensor:
+        """The items' ``[N, out_features]`` vectors; with ``prefix`` (their rows of this encoder's
+        `catalog_prefix`) the towers start from it, and the pixels are not read."""
         self.context.set(groups)
         parts = []
         try:
             if "image" in self.modalities:
-                pixel_values = normalize_pixels(pixels, self.image_mean, self.image_std)
-                parts.append(self.clip.visual_projection(pooled_image(self.clip.vision_model, pixel_values)))
+                vision_model = self.clip.vision_model
+                if prefix is None:
+                    pixel_values = normalize_pixels(pixels, self.image_mean, self.image_std)
+                    pooled = pooled_image(vision_model, pixel_values)
+                else:
+                    pooled = pooled_image(vision_model, None, prefix.image())
+                parts.append(self.clip.visual_projection(pooled))
             if "title" in self.modalities:
                 text_model = self.clip.text_model
                 packing = packed_title_rows(input_ids, attention_mask, text_eos_token_id(text_model.config))
+                rows = None if prefix is None else prefix.title(packing, input_ids.shape[1])
                 with self.context.packed(None if packing is None else packing.lengths):
-                    pooled = pooled_text(text_model, input_ids, attention_mask, packing)
+                    pooled = pooled_text(text_model, input_ids, attention_mask, packing, rows)
                 parts.append(self.clip.text_projection(pooled))
         finally:
             self.context.clear()
         # CLIPModel's normalisation, written out: the towers are called one by one so a dropped one never runs.
         return torch.cat([part / part.pow(2).sum(dim=-1, keepdim=True).sqrt() for part in parts], dim=-1)
+
+    @torch.no_grad()
+    def catalog_prefix(self, inputs: ItemInputs, chunk: int) -> CatalogPrefix | None:
+        """Every item's frozen first-layer prefix in both towers (`engine.model.prefix`), computed in chunks
+        of ``chunk`` items on this encoder's device; None when a tower has a single layer (its only layer
+        is the pooled one) or the prefix would take more than ``PREFIX_BYTES_AT_MOST``."""
+        text_config, vision_config = tower_configs(self.clip.config)
+        items = inputs.present.shape[0]
+        width = int(inputs.text_widths.max())
+        image_size, patch_size = vision_config.image_size, vision_config.patch_size
+        if not isinstance(image_size, int) or not isinstance(patch_size, int):
+            return None  # loading refuses non-square images; a config built elsewhere runs from the pixels
+        patches = (image_size // patch_size) ** 2 + 1  # and the class token
+        shapes = {"title": (width, text_config.hidden_size), "image": (patches, vision_config.hidden_size)}
+        depths = {"title": text_config.num_hidden_layers, "image": vision_config.num_hidden_layers}
+        if any(depths[name] < 2 for name in self.modalities):
+            return None
+        dtype = self.image_mean.dtype
+        size = sum(
+            items * positions * PREFIX_PARTS * hidden for positions, hidden in (shapes[m] for m in self.modalities)
+        )
+        if size * dtype.itemsize > PREFIX_BYTES_AT_MOST:
+            return None
+        device = self.image_mean.device
+        parts = {
+            name: torch.zeros(items, positions, PREFIX_PARTS * hidden, dtype=dtype, device=device)
+            for name, (positions, hidden) in shapes.items()
+            if name in self.modalities
+        }
+        for block in torch.arange(items).split(chunk):
+            input_ids, _, pixels = inputs.batch(block, device)
+            rows = block.to(device)
+            if "title" in parts:
+                parts["title"][rows, : input_ids.shape[1]] = title_prefix(self.clip.text_model, input_ids)
+            if "image" in parts:
+                pixel_values = normalize_pixels(pixels, self.image_mean, self.image_std)
+                parts["image"][rows] = image_prefix(self.clip.vision_model, pixel_values)
+        return CatalogPrefix(parts.get("title"), parts.get("image"))
 
 
 class FrozenFeatures(nn.Module):

@@ -15,6 +15,7 @@ from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sampler import Batch
 from perpeft.engine.features.inputs import ItemInputs
 from perpeft.engine.model.groups import RowGroups
+from perpeft.engine.model.prefix import CatalogPrefix
 from perpeft.engine.model.recommender import Recommender
 from perpeft.engine.runtime.device import to_device, uses_bf16_autocast
 from perpeft.engine.runtime.distributed import current_world
@@ -56,6 +57,13 @@ class ModalityEncoder(ItemEncoder, Protocol):
 
     @property
     def modality_columns(self) -> dict[str, slice]: ...
+
+
+@runtime_checkable
+class PrefixEncoder(ItemEncoder, Protocol):
+    """An item encoder that can start from every item's frozen first-layer prefix (`GroupedClipEncoder`)."""
+
+    def catalog_prefix(self, inputs: ItemInputs, chunk: int) -> CatalogPrefix | None: ...
 
 
 EncoderFactory = Callable[[int], ItemEncoder]
@@ -113,6 +121,8 @@ class PerpeftModel(nn.Module):
             personal_mode=method.personal_mode,
         )
         self.precision = config.precision
+        self.encode_batch_size = config.encode_batch_size
+        self._prefixes: dict[torch.device, CatalogPrefix | None] = {}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {name: parameter for name, parameter in self.named_parameters() if parameter.requires_grad}
@@ -188,15 +198,30 @@ class PerpeftModel(nn.Module):
         present = None
         if self.fills_missing and isinstance(source, MarksMissing):
             present = source.modalities(items, device).index_select(1, self.present_columns)
+        prefix = self._prefix(device)
+        extra = {} if prefix is None or not real.numel() else {"prefix": prefix.take(to_device(items[real], device))}
         vectors = []
         for groups in groupings:
             multimodal = torch.zeros(items.shape[0], encoder.out_features, device=device)
             if real.numel():
                 with self._precision():
-                    encoded = encoder(*inputs, groups.take(real))
+                    encoded = encoder(*inputs, groups.take(real), **extra)
                 multimodal = multimodal.index_put((rows,), encoded.float())
             vectors.append(self.recommender.item_vectors(on_device, multimodal, groups, present, with_ids))
         return vectors
+
+    def _prefix(self, device: torch.device) -> CatalogPrefix | None:
+        """The catalog's first-layer prefix on ``device``, built on first use: on the CPU, for an encoder
+        that has one (`PrefixEncoder`) over cached tokens and pixels, outside torch.compile. Not on CUDA,
+        where the towers' first layers have not been measured against a lookup."""
+        if device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        encoder, source = self.encoder, self.inputs
+        if not isinstance(encoder, PrefixEncoder) or not isinstance(source, ItemInputs):
+            return None
+        if device not in self._prefixes:
+            self._prefixes[device] = encoder.catalog_prefix(source, self.encode_batch_size)
+        return self._prefixes[device]
 
     def personal_rows(self, users: torch.Tensor | None) -> torch.Tensor | None:
         """Rows of the personal embedding for ``users`` (None when the method has none)."""

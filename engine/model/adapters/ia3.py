@@ -36,4 +36,11 @@ class GroupedIA3Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.feedforward:
             return self.base(self._scale(x))
-        return self._scale(self.base(x))
+        return self.from_base(x, self.base(x))
+
+    def from_base(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` given ``base_output = base(x)``: an output-scaling layer scales it; a feed-forward
+        one scales its input, so its output cannot start from the base output."""
+        if self.feedforward:
+            raise ValueError("a feed-forward (IA)3 layer scales its input: it cannot finish from the base output")
+        return self._scale(base_output)

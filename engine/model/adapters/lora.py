@@ -70,7 +70,12 @@ class GroupedLoRALinear(nn.Module):
                 weight = self._merged_weight(group, x.dtype)
                 bias = None if self.base.bias is None else self.base.bias.to(x.dtype)
                 return nn.functional.linear(x, weight, bias)
-        out = self.base(x)
+        return self.from_base(x, self.base(x))
+
+    def from_base(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        """``base_output`` (``base(x)``, computed by the caller) plus the LoRA branch of ``x``: in eval mode
+        too, where `forward` would merge the weights instead."""
+        groups = self.lora_A.shape[0]
         rows = x.reshape(-1, x.shape[-1])
         scaling = self.scaling
         if self.training and self.dropout > 0.0:
@@ -84,4 +89,4 @@ class GroupedLoRALinear(nn.Module):
             scaling,
             segments=self.context.segments(groups, x),
         )
-        return out + delta.view(out.shape).to(out.dtype)
+        return base_output + delta.view(base_output.shape).to(base_output.dtype)
