@@ -46,7 +46,7 @@ def _bias(
     return None
 
 
-def _attended(
+def value_weights(
     module: nn.Module, weights: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float
 ) -> torch.Tensor:
     """``[B, H, Q, K]`` softmax weights as the values see them: SDPA's rule for a query that may attend to
@@ -74,7 +74,7 @@ def _one_query(
     if attention_mask is not None:
         scores = scores + additive_mask(attention_mask, query.dtype)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    attended = _attended(module, weights, attention_mask, dropout)
+    attended = value_weights(module, weights, attention_mask, dropout)
     output = (attended.transpose(2, 3) * value).sum(dim=2, keepdim=True)  # [B, H, 1, D]
     return output.transpose(1, 2), attended
 
@@ -108,7 +108,7 @@ def attention_forward(
     else:
         scores = torch.baddbmm(bias, queries, keys_t, alpha=scale)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).view(batch, heads, length, -1)
-    attended = _attended(module, weights, attention_mask, dropout)
+    attended = value_weights(module, weights, attention_mask, dropout)
     output = torch.bmm(attended.reshape(batch * heads, length, -1), value.reshape(batch * heads, -1, width))
     return output.view(batch, heads, length, width).transpose(1, 2), attended
 

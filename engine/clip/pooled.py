@@ -3,7 +3,9 @@
 A tower's pooled output is one position of its last layer: the EOS token of a title, the class token of
 an image. That layer still needs every position's keys and values, but its queries, attention output,
 ``out_proj``, MLP and norms only at the pooled position: in a two-layer tower this is two fifths of the
-layer GEMMs, forward and backward. On the CPU the text tower also runs on packed rows (`TitleRows`): no
+layer GEMMs, forward and backward. On the CPU the keys and values are not projected at all: with one
+query per item, ``k_proj`` and ``v_proj`` fold into that query and into the weighted mean of the normed
+rows (`_folded_layer`). On the CPU the text tower also runs on packed rows (`TitleRows`): no
 token after a title's EOS reaches its pooled output. Exact: the same arithmetic on fewer rows, so pooled
 outputs equal the full tower's (``tests/engine/clip/test_layers.py``).
 
@@ -15,6 +17,7 @@ outputs (`FromBase`). The same arithmetic on the same rows: outputs and gradient
 from their inputs.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -32,7 +35,7 @@ from transformers.models.clip.modeling_clip import (
     eager_attention_forward,
 )
 
-from perpeft.engine.clip.layers import additive_mask
+from perpeft.engine.clip.layers import ATTENTION, additive_mask, value_weights
 
 LEGACY_EOS_TOKEN_ID = 2
 PACKED_ROWS_AT_MOST = 0.85
@@ -47,6 +50,22 @@ class FromBase(Protocol):
 
     def from_base(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         """The projection of ``x`` given ``base(x)``."""
+        ...
+
+
+@runtime_checkable
+class LowRank(Protocol):
+    """An adapted projection ``base(x) + up(down(x))`` whose branch runs through a small rank space (LoRA),
+    so the pooled layer can mix its rank-space rows instead of its outputs (`_folded_layer`)."""
+
+    base: nn.Linear
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., D]`` rows → their ``[..., r]`` rank-space rows (dropout and scaling applied)."""
+        ...
+
+    def up(self, ranks: torch.Tensor) -> torch.Tensor:
+        """``[B, T, r]`` rank-space rows of ``B`` items → ``[B, T, out]``, each item through its group."""
         ...
 
 
@@ -204,6 +223,11 @@ def _attend(
     return attended
 
 
+def _padded_heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """Padded ``[B, L, H·D]`` rows as ``[B, H, L, D]`` heads (a view)."""
+    return rows.view(rows.shape[0], rows.shape[1], heads, -1).transpose(1, 2)
+
+
 def _heads(attention: CLIPAttention, batch: torch.Tensor) -> torch.Tensor:
     """``[B, L, H·D]`` → ``[B, H, L, D]`` (a view)."""
     return batch.view(batch.shape[0], batch.shape[1], attention.num_heads, attention.head_dim).transpose(1, 2)
@@ -213,8 +237,12 @@ def _projections(attention: CLIPAttention) -> tuple[nn.Module, nn.Module, nn.Mod
     return attention.q_proj, attention.k_proj, attention.v_proj
 
 
-def _frozen(projection: nn.Module) -> nn.Module:
-    return projection.base if isinstance(projection, FromBase) else projection
+def _frozen(projection: nn.Module) -> nn.Linear:
+    """A projection's frozen ``nn.Linear``: its adapter's ``base``, or itself."""
+    base = projection.base if isinstance(projection, FromBase) else projection
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"a CLIP projection of type {type(base).__name__}, not an nn.Linear")
+    return base
 
 
 def _first_layer_prefix(encoder: CLIPEncoder, hidden: torch.Tensor) -> torch.Tensor:
@@ -265,6 +293,85 @@ def _prefixed_layer(
     attended = _attend(attention, queries, keys, values, mask, is_causal)
     hidden = hidden + attention.out_proj(attended.reshape(hidden.shape))
     return hidden + layer.mlp(layer.layer_norm2(hidden))
+
+
+Heads = Callable[[torch.Tensor, int], torch.Tensor]
+"""Rows of every position (packed or padded) → ``[B, heads, L, width]``, as the attention reads them."""
+
+
+def _last_layer(
+    layer: CLIPEncoderLayer,
+    residual: torch.Tensor,
+    normed: torch.Tensor,
+    rows: torch.Tensor,
+    heads: Heads,
+    key_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """A tower's last ``layer`` at one position per item: ``residual`` and ``normed`` (``layer_norm1`` of it)
+    ``[B, D]`` at that position, ``rows`` (``layer_norm1`` at every position) for its keys and values;
+    ``key_mask`` (bool ``[B, 1, 1, L]``) says which positions it may see (None: all). Returns ``[B, D]``."""
+    attention = layer.self_attn
+    if _folds(attention, rows):
+        ranks = attention.v_proj.down(rows) if isinstance(attention.v_proj, LowRank) else None
+        return _folded_layer(
+            layer, residual, normed, heads(rows, 1)[:, 0], None if ranks is None else heads(ranks, 1)[:, 0], key_mask
+        )
+    keys, values = (heads(projection(rows), attention.num_heads) for projection in (attention.k_proj, attention.v_proj))
+    return _pooled_layer(layer, residual, normed, keys, values, key_mask)
+
+
+def _folds(attention: CLIPAttention, rows: torch.Tensor) -> bool:
+    """Whether `_folded_layer` serves this attention: the engine's CPU attention (outside torch.compile), a
+    plain ``k_proj`` and a plain or low-rank (LoRA) ``v_proj``."""
+    return (
+        rows.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and attention.config._attn_implementation == ATTENTION
+        and type(attention.k_proj) is nn.Linear
+        and (type(attention.v_proj) is nn.Linear or isinstance(attention.v_proj, LowRank))
+    )
+
+
+def _folded_layer(
+    layer: CLIPEncoderLayer,
+    residual: torch.Tensor,
+    normed: torch.Tensor,
+    rows: torch.Tensor,
+    ranks: torch.Tensor | None,
+    key_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """`_pooled_layer` with ``k_proj`` and ``v_proj`` folded into the one query, not run at every position.
+
+    With one query per item, ``q·(W_k n_j + b_k) = (W_kᵀ q)·n_j + q·b_k``, whose last term is the same for
+    every key and leaves the softmax unchanged; and ``Σ_j w_j (W_v n_j + b_v) = W_v (Σ_j w_j n_j) + b_v Σ_j
+    w_j``. So the scores read the normed rows directly through the folded query, and the values are one
+    projection per item and head of the weighted mean row, instead of the two projections at every
+    position (forward and backward). A LoRA ``v_proj`` mixes its rank-space rows (``ranks``, ``[B, L, r]``)
+    the same way. ``rows`` is ``[B, L, D]``, padded; the same math as `_one_query` otherwise (the engine's
+    attention). Returns ``[B, D]``."""
+    attention = layer.self_attn
+    batch, width = residual.shape
+    heads, head = attention.num_heads, attention.head_dim
+    # Per head a [B, d]·[d, D] GEMM (a broadcast matmul would copy the weight once per item).
+    query = attention.q_proj(normed.unsqueeze(1)).view(batch, heads, head).transpose(0, 1)  # [H, B, d]
+    folded = torch.bmm(query, attention.k_proj.weight.view(heads, head, width)).transpose(0, 1) * attention.scale
+    scores = torch.bmm(folded, rows.transpose(1, 2)).unsqueeze(2)  # [B, H, 1, L]
+    if key_mask is not None:
+        scores = scores + additive_mask(key_mask, scores.dtype)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+    dropout = float(attention.dropout or 0.0) if attention.training else 0.0
+    weights = value_weights(attention, weights, key_mask, dropout).view(batch, heads, -1)  # [B, H, L]
+    values = _frozen(attention.v_proj)
+    mixed = torch.bmm(weights, rows).transpose(0, 1)  # [H, B, D]
+    attended = torch.bmm(mixed, values.weight.view(heads, head, width).transpose(1, 2)).transpose(0, 1)  # [B, H, d]
+    if values.bias is not None:
+        attended = attended + weights.sum(dim=-1, keepdim=True) * values.bias.view(heads, head)
+    if ranks is not None and isinstance(attention.v_proj, LowRank):
+        branch = attention.v_proj.up(torch.bmm(weights, ranks))  # [B, H, D]: each head keeps its own columns
+        attended = attended + branch.view(batch, heads, heads, head).diagonal(dim1=1, dim2=2).transpose(1, 2)
+    pooled = residual.unsqueeze(1) + attention.out_proj(attended.reshape(batch, 1, width))
+    pooled = pooled + layer.mlp(layer.layer_norm2(pooled))
+    return pooled[:, 0]
 
 
 def _pooled_layer(
@@ -337,7 +444,6 @@ def pooled_text(
     else:  # the mask reads only the embeddings' shape, dtype and device
         hidden = prefix.new_empty(()).expand(batch, width, prefix.shape[-1] // PREFIX_PARTS)
     mask = create_causal_mask(config=text_model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None)
-    attention = last.self_attn
     positions = eos_positions(input_ids, text_eos_token_id(text_model.config))
     # The EOS query sees the keys up to its own position that the padding mask keeps.
     columns = torch.arange(width, device=input_ids.device)
@@ -352,9 +458,8 @@ def pooled_text(
         for layer in layers:
             hidden = layer(hidden, mask, is_causal=True)
         normed = last.layer_norm1(hidden)
-        keys, values = (_heads(attention, projection(normed)) for projection in (attention.k_proj, attention.v_proj))
         rows = torch.arange(batch, device=input_ids.device)
-        pooled = _pooled_layer(last, hidden[rows, positions], normed[rows, positions], keys, values, key_mask)
+        pooled = _last_layer(last, hidden[rows, positions], normed[rows, positions], normed, _padded_heads, key_mask)
     else:
         if prefix is None:
             packed = packing.pack(hidden)
@@ -365,11 +470,7 @@ def pooled_text(
         for layer in layers:
             packed = _packed_layer(layer, packed, packing, mask)
         normed = last.layer_norm1(packed)
-        keys, values = (
-            packing.heads(projection(normed), attention.num_heads)
-            for projection in (attention.k_proj, attention.v_proj)
-        )
-        pooled = _pooled_layer(last, packed[packing.pooled], normed[packing.pooled], keys, values, key_mask)
+        pooled = _last_layer(last, packed[packing.pooled], normed[packing.pooled], normed, packing.heads, key_mask)
     return text_model.final_layer_norm(pooled)
 
 
@@ -388,10 +489,8 @@ def pooled_image(
         raise ValueError("pooled_image needs the pixels or their first-layer prefix")
     for layer in layers:
         hidden = layer(hidden, None)
-    attention = last.self_attn
     normed = last.layer_norm1(hidden)
-    keys, values = (_heads(attention, projection(normed)) for projection in (attention.k_proj, attention.v_proj))
-    return vision_model.post_layernorm(_pooled_layer(last, hidden[:, 0], normed[:, 0], keys, values, None))
+    return vision_model.post_layernorm(_last_layer(last, hidden[:, 0], normed[:, 0], normed, _padded_heads, None))
 
 
 def _image_rows(vision_model: CLIPVisionModel, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,10 @@ class GroupContext:
         items = self._items(num_groups)
         return None if self._packed_ids(x) is not None else items.segments
 
+    def item_groups(self, num_groups: int) -> torch.Tensor:
+        """Group id of every item of the batch ``[B]``, on the rows' device."""
+        return self._items(num_groups).ids
+
     def shared_group(self, num_groups: int) -> int | None:
         """The one group of every item of a homogeneous batch (known on the host), else ``None``."""
         return self._items(num_groups).single

@@ -76,11 +76,7 @@ class GroupedLoRALinear(nn.Module):
         """``base_output`` (``base(x)``, computed by the caller) plus the LoRA branch of ``x``: in eval mode
         too, where `forward` would merge the weights instead."""
         groups = self.lora_A.shape[0]
-        rows = x.reshape(-1, x.shape[-1])
-        scaling = self.scaling
-        if self.training and self.dropout > 0.0:
-            rows = rows * self._keep_mask(rows)
-            scaling /= self.keep_probability
+        rows, scaling = self._branch_input(x)
         delta = grouped_lora(
             rows,
             self.lora_A.to(rows.dtype),
@@ -90,3 +86,37 @@ class GroupedLoRALinear(nn.Module):
             segments=self.context.segments(groups, x),
         )
         return base_output + delta.view(base_output.shape).to(base_output.dtype)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch's rank-space rows ``scaling · A_g dropout(x)`` ``[..., r]`` (`up` finishes them), each
+        row through its group's ``A``; for a caller that mixes rows before the rank is expanded."""
+        groups, rank, width = self.lora_A.shape
+        rows, scaling = self._branch_input(x)
+        ids = self.context.row_groups(x, groups)
+        shared = self.context.shared_group(groups)
+        if shared is not None:
+            ranks = rows @ self.lora_A[shared].to(rows.dtype).T
+        else:  # every group's rank rows in one GEMM, then each row's own
+            every = (rows @ self.lora_A.to(rows.dtype).reshape(groups * rank, width).T).view(-1, groups, rank)
+            ranks = every.gather(1, ids.view(-1, 1, 1).expand(-1, 1, rank)).view(-1, rank)
+        return (ranks * scaling).view(*x.shape[:-1], rank)
+
+    def up(self, ranks: torch.Tensor) -> torch.Tensor:
+        """``[B, T, r]`` rank-space rows of the batch's ``B`` items (`down`, then mixed) → ``B_g`` of each
+        item's group: ``[B, T, out]``."""
+        groups = self.lora_B.shape[0]
+        shared = self.context.shared_group(groups)
+        if shared is not None:
+            return ranks @ self.lora_B[shared].to(ranks.dtype).T
+        items = self.lora_B.to(ranks.dtype).index_select(0, self.context.item_groups(groups))  # [B, out, r]
+        return ranks @ items.transpose(1, 2)
+
+    def _branch_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``x``'s rows as the branch reads them (dropped out in training) and the scaling that then applies
+        (dropout's rescale folded in)."""
+        rows = x.reshape(-1, x.shape[-1])
+        scaling = self.scaling
+        if self.training and self.dropout > 0.0:
+            rows = rows * self._keep_mask(rows)
+            scaling /= self.keep_probability
+        return rows, scaling

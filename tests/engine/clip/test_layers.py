@@ -154,6 +154,12 @@ def test_pooled_towers_equal_full_towers(
             assert grad is None or not grad.any(), name
             continue
         scale = float(expected.abs().max().clamp_min(1.0))
+        if grad is None:
+            # The last layer's key bias adds q·b_k to every score of a query, which the softmax cancels: its
+            # gradient is zero, float noise in the full tower; the folded pooled layer never reads it.
+            assert attention == "perpeft" and name.endswith("layers.1.self_attn.k_proj.bias"), name
+            assert float(expected.abs().max()) < 1e-5 * scale, name
+            continue
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 

@@ -255,3 +255,29 @@ def test_the_model_builds_the_catalog_prefix_once_and_its_tables_match(
     models[1].item_tables(run_inputs.dataset.num_items, 64)
     assert len(built) == 1 and built[0] is not None
     torch.testing.assert_close(tables[1], tables[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_folded_pooled_layer_trains_as_the_unfolded_one(
+    bundle: ClipBundle, inputs: ItemInputs, monkeypatch: pytest.MonkeyPatch, packed: bool
+) -> None:
+    """LoRA in training (dropout on, the same draws, mixed groups): the last layer with ``k_proj`` and
+    ``v_proj`` folded into the pooled query (the engine's CPU attention) gives the vectors and adapter
+    gradients of that layer run at every position (SDPA, which the fold does not serve)."""
+    if not packed:
+        monkeypatch.setattr(pooled, "PACKED_ROWS_AT_MOST", 0.0)
+    torch.manual_seed(4)
+    folded = GroupedClipEncoder(bundle, "lora", GROUPS).train()
+    with torch.no_grad():
+        for parameter in folded.adapter_state().values():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    unfolded = copy.deepcopy(folded)
+    unfolded.clip.set_attn_implementation("sdpa")
+    items = torch.tensor([5, 3, 17, 40, 22, 9, 31, 6])
+    (expected, expected_grads), (actual, grads) = (
+        _pass(model, inputs, items, None, seed=6) for model in (unfolded, folded)
+    )
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected_grads.keys() and len(grads) == len(folded.adapter_state())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
