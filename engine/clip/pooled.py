@@ -228,11 +228,6 @@ def _padded_heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return rows.view(rows.shape[0], rows.shape[1], heads, -1).transpose(1, 2)
 
 
-def _heads(attention: CLIPAttention, batch: torch.Tensor) -> torch.Tensor:
-    """``[B, L, H·D]`` → ``[B, H, L, D]`` (a view)."""
-    return batch.view(batch.shape[0], batch.shape[1], attention.num_heads, attention.head_dim).transpose(1, 2)
-
-
 def _projections(attention: CLIPAttention) -> tuple[nn.Module, nn.Module, nn.Module]:
     return attention.q_proj, attention.k_proj, attention.v_proj
 
@@ -289,7 +284,7 @@ def _prefixed_layer(
     """HF's ``CLIPEncoderLayer`` on ``[B, L, D]`` rows, started from their prefix rows ``[B, L, 5·D]``."""
     attention = layer.self_attn
     hidden, projected = _from_prefix(attention, prefix)
-    queries, keys, values = (_heads(attention, part) for part in projected)
+    queries, keys, values = (_padded_heads(part, attention.num_heads) for part in projected)
     attended = _attend(attention, queries, keys, values, mask, is_causal)
     hidden = hidden + attention.out_proj(attended.reshape(hidden.shape))
     return hidden + layer.mlp(layer.layer_norm2(hidden))
@@ -387,7 +382,7 @@ def _pooled_layer(
     ``[B, 1, 1, L]``) says which keys the position may see (None: all). Returns ``[B, D]``."""
     attention = layer.self_attn
     batch, width = residual.shape
-    queries = _heads(attention, attention.q_proj(normed.unsqueeze(1)))
+    queries = _padded_heads(attention.q_proj(normed.unsqueeze(1)), attention.num_heads)
     attended = _attend(attention, queries, keys, values, key_mask, is_causal=False)
     pooled = residual.unsqueeze(1) + attention.out_proj(attended.reshape(batch, 1, width))
     pooled = pooled + layer.mlp(layer.layer_norm2(pooled))
