@@ -1,5 +1,5 @@
 """``python -m perpeft.cli``: the ``perpeft-engine`` command, the form ``torchrun -m perpeft.cli`` starts."""
 
-from perpeft.cli.main import cli
+from perpeft.cli.main import main
 
-cli(prog_name="perpeft-engine")
+main()

@@ -1,10 +1,12 @@
 """The ``perpeft-engine`` command: parse, call ``perpeft.engine``, print."""
 
+import atexit
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from click.core import ParameterSource
@@ -234,3 +236,27 @@ cli.add_command(serve)
 cli.add_command(fetch_images)
 cli.add_command(experiment)
 cli.add_command(analyze)
+
+
+def main() -> NoReturn:
+    """The ``perpeft-engine`` command as a process: `cli` in click's standalone mode, then the exit handlers,
+    and out. The interpreter's own teardown (freeing the ~4,000 imported modules and the objects they hold,
+    1.3 s of a training job on a 2-core machine) is skipped: by then every file is written and closed, the
+    exit handlers have run (logging's flush, TensorBoard's and torch's hooks) and the streams are flushed.
+    An uncaught exception still propagates with its traceback, as Python exits on one."""
+    try:
+        cli.main(prog_name="perpeft-engine")
+    except SystemExit as done:
+        code = done.code
+    else:
+        code = 0
+    atexit._run_exitfuncs()
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # what SystemExit does with a message
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a reader that went away: Python's own exit status for a failed flush
+            code = code or 120
+    os._exit(code or 0)

@@ -91,3 +91,35 @@ def test_one_version_everywhere() -> None:
     assert perpeft.__version__ == importlib.metadata.version("perpeft-engine")
     result = CliRunner().invoke(cli, ["--version"])
     assert result.exit_code == 0 and result.output == f"perpeft-engine, version {perpeft.__version__}\n"
+
+
+# The command as a process (`perpeft.cli.main.main`) leaves without the interpreter's teardown: what a
+# command registered to run at exit still runs, its output arrives whole, and the exit status is its own.
+AS_PROCESS = """
+import atexit, sys
+from pathlib import Path
+from perpeft.cli.main import main
+marker = Path(sys.argv.pop(1))
+atexit.register(lambda: marker.write_text("exit handlers ran"))
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "stream", "expected"),
+    [
+        (["--version"], 0, "stdout", f"perpeft-engine, version {perpeft.__version__}\n"),
+        (["params", "--items", "0"], 2, "stderr", "Invalid value for '--items'"),
+        (["no-such-command"], 2, "stderr", "No such command 'no-such-command'"),
+    ],
+)
+def test_the_process_exits_with_the_commands_status_output_and_exit_handlers(
+    tmp_path: Path, args: list[str], status: int, stream: str, expected: str
+) -> None:
+    marker = tmp_path / "marker"
+    done = subprocess.run(
+        [sys.executable, "-c", AS_PROCESS, str(marker), *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == status, done.stderr[-3000:]
+    assert expected in getattr(done, stream) and "Traceback" not in done.stderr
+    assert marker.read_text() == "exit handlers ran"
