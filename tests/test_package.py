@@ -93,13 +93,16 @@ def test_one_version_everywhere() -> None:
     assert result.exit_code == 0 and result.output == f"perpeft-engine, version {perpeft.__version__}\n"
 
 
-# The command as a process (`perpeft.cli.main.main`) leaves without the interpreter's teardown: what a
-# command registered to run at exit still runs, its output arrives whole, and the exit status is its own.
+# The command as a process (`perpeft.cli.main.main`) leaves without the interpreter's teardown: a thread it
+# left running still finishes, what it registered to run at exit still runs, its output arrives whole, and
+# the exit status is its own.
 AS_PROCESS = """
-import atexit, sys
+import atexit, sys, threading, time
 from pathlib import Path
 from perpeft.cli.main import main
 marker = Path(sys.argv.pop(1))
+late = marker.with_name("late")
+threading.Thread(target=lambda: (time.sleep(0.5), late.write_text("thread finished"))).start()
 atexit.register(lambda: marker.write_text("exit handlers ran"))
 main()
 """
@@ -123,3 +126,4 @@ def test_the_process_exits_with_the_commands_status_output_and_exit_handlers(
     assert done.returncode == status, done.stderr[-3000:]
     assert expected in getattr(done, stream) and "Traceback" not in done.stderr
     assert marker.read_text() == "exit handlers ran"
+    assert (tmp_path / "late").read_text() == "thread finished"
