@@ -24,21 +24,43 @@ def _in_group(like: torch.Tensor, group: int, value: torch.Tensor) -> torch.Tens
     return grad
 
 
+def _shrink(x: torch.Tensor, lora_a: torch.Tensor, shared: int | None) -> torch.Tensor:
+    """The unscaled rank-space rows of ``x``: ``[N, R]`` through the ``shared`` group's ``A``, else every
+    group's ``[N, C, R]`` in one GEMM."""
+    if shared is not None:
+        return x @ lora_a[shared].T
+    groups, rank, in_features = lora_a.shape
+    return (x @ lora_a.reshape(groups * rank, in_features).T).view(-1, groups, rank)
+
+
+def _own_rank_rows(every: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Each row's own group's ``[N, R]`` slice of every group's rank-space rows ``[N, C, R]``."""
+    rank = every.shape[2]
+    return every.gather(1, group_ids.view(-1, 1, 1).expand(-1, 1, rank)).view(-1, rank)
+
+
 def _lora_rows(
     x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, group_ids: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     """:func:`grouped_lora_reference`'s output, the rank-space rows it expanded (``[N, R]`` for a batch of one
     shared group, else every group's ``[N, C, R]``), and that shared group."""
-    groups, rank, in_features = lora_a.shape
+    groups, rank, _ = lora_a.shape
     out_features = lora_b.shape[1]
     shared = shared_group(group_ids, groups)
+    shrunk = _shrink(x, lora_a, shared)
     if shared is not None:
-        shrunk = x @ lora_a[shared].T
         return (shrunk * scaling) @ lora_b[shared].T, shrunk, shared
-    every = (x @ lora_a.reshape(groups * rank, in_features).T).view(-1, groups, rank)
-    keep = _own_group_scaling(group_ids, groups, scaling, every)
+    keep = _own_group_scaling(group_ids, groups, scaling, shrunk)
     expand = lora_b.permute(0, 2, 1).reshape(groups * rank, out_features)
-    return (every * keep).view(-1, groups * rank) @ expand, every, None
+    return (shrunk * keep).view(-1, groups * rank) @ expand, shrunk, None
+
+
+def grouped_lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """``[N, R]``: row-wise ``x[n] @ lora_a[g].T`` with ``g = group_ids[n]`` (unscaled), the rank-space rows
+    :func:`grouped_lora_reference` expands; for a caller that mixes rows before expanding them."""
+    shared = shared_group(group_ids, lora_a.shape[0])
+    shrunk = _shrink(x, lora_a, shared)
+    return shrunk if shared is not None else _own_rank_rows(shrunk, group_ids)
 
 
 def grouped_lora_forward(
@@ -48,8 +70,7 @@ def grouped_lora_forward(
     ``x[n] @ lora_a[g].T`` (unscaled) that :func:`grouped_lora_backward` reads for ``lora_b``'s gradient."""
     out, rows, shared = _lora_rows(x, lora_a, lora_b, group_ids, scaling)
     if shared is None:
-        rank = lora_a.shape[1]
-        rows = rows.gather(1, group_ids.view(-1, 1, 1).expand(-1, 1, rank)).view(-1, rank)
+        rows = _own_rank_rows(rows, group_ids)
     return out, rows.float()
 
 

@@ -8,7 +8,7 @@ import torch
 from perpeft.kernels import lora as lora_kernels
 from perpeft.kernels._triton import recorded_launches
 from perpeft.kernels.ops import grouped_lora
-from perpeft.kernels.reference import grouped_lora_reference
+from perpeft.kernels.reference import grouped_lora_reference, grouped_lora_shrink
 from perpeft.kernels.segments import segment_groups
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,3 +124,17 @@ def test_rejects_mismatched_segments() -> None:
         grouped_lora(x, lora_a, lora_b, ids, SCALING, segments=segment_groups(ids[:4], 3))
     with pytest.raises(ValueError, match="shapes"):
         grouped_lora(x, lora_a, lora_b[:, :, :2], ids, SCALING)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_shrink_is_each_rows_own_rank_space_row(case: str) -> None:
+    """`grouped_lora_shrink` (the rank-space rows a caller mixes before expanding, LoRA's `down`) is row n's
+    ``x[n] @ A[g].T``, and expanding it row by row gives the reference's output."""
+    rows, width_in, width_out, rank, groups, allowed = CASES[case]
+    x, lora_a, lora_b = (t.cpu() for t in _inputs(rows, width_in, width_out, rank, groups, torch.float32)[0])
+    ids = _ids(rows, groups, allowed).cpu()
+    shrunk = grouped_lora_shrink(x, lora_a, ids)
+    expected = torch.stack([x[n] @ lora_a[ids[n]].T for n in range(rows)])
+    torch.testing.assert_close(shrunk, expected)
+    expanded = torch.stack([SCALING * shrunk[n] @ lora_b[ids[n]].T for n in range(rows)])
+    torch.testing.assert_close(expanded, grouped_lora_reference(x, lora_a, lora_b, ids, SCALING))

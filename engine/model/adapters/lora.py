@@ -8,6 +8,7 @@ from torch import nn
 
 from perpeft.engine.model.adapters.context import GroupContext
 from perpeft.kernels.ops import grouped_lora
+from perpeft.kernels.reference import grouped_lora_shrink
 
 DRAW_LEVELS = 2**16
 
@@ -90,16 +91,9 @@ class GroupedLoRALinear(nn.Module):
     def down(self, x: torch.Tensor) -> torch.Tensor:
         """The branch's rank-space rows ``scaling · A_g dropout(x)`` ``[..., r]`` (`up` finishes them), each
         row through its group's ``A``; for a caller that mixes rows before the rank is expanded."""
-        groups, rank, width = self.lora_A.shape
         rows, scaling = self._branch_input(x)
-        ids = self.context.row_groups(x, groups)
-        shared = self.context.shared_group(groups)
-        if shared is not None:
-            ranks = rows @ self.lora_A[shared].to(rows.dtype).T
-        else:  # every group's rank rows in one GEMM, then each row's own
-            every = (rows @ self.lora_A.to(rows.dtype).reshape(groups * rank, width).T).view(-1, groups, rank)
-            ranks = every.gather(1, ids.view(-1, 1, 1).expand(-1, 1, rank)).view(-1, rank)
-        return (ranks * scaling).view(*x.shape[:-1], rank)
+        ranks = grouped_lora_shrink(rows, self.lora_A.to(rows.dtype), self.context.row_groups(x, self.lora_A.shape[0]))
+        return (ranks * scaling).view(*x.shape[:-1], ranks.shape[-1])
 
     def up(self, ranks: torch.Tensor) -> torch.Tensor:
         """``[B, T, r]`` rank-space rows of the batch's ``B`` items (`down`, then mixed) → ``B_g`` of each
