@@ -40,16 +40,22 @@ from torch import Tensor
 from . import reference
 from .segments import GroupSegments, segment_groups
 
-__all__ = ["bce_with_negatives", "grouped_ia3", "grouped_lora", "kernel_backend"]
+__all__ = ["bce_with_negatives", "grouped_ia3", "grouped_lora", "kernel_backend", "kernels_mode"]
 
 _MODES = ("auto", "triton", "torch")
 
 
-def kernel_backend(tensor: Tensor) -> str:
-    """``"triton"`` or ``"torch"``: the path the ops take for ``tensor`` under ``PERPEFT_KERNELS``."""
+def kernels_mode() -> str:
+    """``PERPEFT_KERNELS``, checked: ``auto`` (unset), ``triton`` or ``torch``."""
     mode = os.environ.get("PERPEFT_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
         raise ValueError(f"PERPEFT_KERNELS={mode!r}: expected one of {', '.join(_MODES)}")
+    return mode
+
+
+def kernel_backend(tensor: Tensor) -> str:
+    """``"triton"`` or ``"torch"``: the path the ops take for ``tensor`` under ``PERPEFT_KERNELS``."""
+    mode = kernels_mode()
     if mode == "auto":
         return "triton" if tensor.is_cuda and _triton_installed() else "torch"
     return mode

@@ -4,6 +4,7 @@
 truth, differentiated by autograd. The registered ops (:mod:`perpeft.kernels.ops`) run the same arithmetic
 where the kernels do not, through the ``*_forward`` and ``*_backward`` functions here: an op's gradient is
 its registered backward, not autograd's record of what ran inside it, so those write the gradients out.
+``silu_mlp_reference`` is the ground truth of :mod:`perpeft.kernels.frozen`'s oneDNN MLP.
 """
 
 import torch
@@ -185,3 +186,14 @@ def bce_with_negatives_reference(
 ) -> torch.Tensor:
     """Masked mean of ``BCEWithLogits(h·pos, 1)`` plus masked mean of ``BCEWithLogits(h·neg, 0)``."""
     return bce_with_negatives_forward(h, pos, neg, mask, (False, False, False))[0]
+
+
+def silu_mlp_reference(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor | None,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``fc2(SiLU(fc1(x)))``: CLIP's MLP with its QuickGELU folded into SiLU."""
+    return F.linear(F.silu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)

@@ -322,8 +322,8 @@ def _folds(attention: CLIPAttention, rows: torch.Tensor) -> bool:
         rows.device.type == "cpu"
         and not torch.compiler.is_compiling()
         and attention.config._attn_implementation == ATTENTION
-        and type(attention.k_proj) is nn.Linear
-        and (type(attention.v_proj) is nn.Linear or isinstance(attention.v_proj, LowRank))
+        and isinstance(attention.k_proj, nn.Linear)
+        and isinstance(attention.v_proj, (nn.Linear, LowRank))
     )
 
 

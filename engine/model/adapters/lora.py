@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from perpeft.engine.model.adapters.context import GroupContext
+from perpeft.kernels.frozen import frozen_linear
 from perpeft.kernels.ops import grouped_lora
 from perpeft.kernels.reference import grouped_lora_shrink
 
@@ -70,7 +71,7 @@ class GroupedLoRALinear(nn.Module):
             if group is not None:
                 weight = self._merged_weight(group, x.dtype)
                 bias = None if self.base.bias is None else self.base.bias.to(x.dtype)
-                return nn.functional.linear(x, weight, bias)
+                return frozen_linear(x, weight, bias)
         return self.from_base(x, self.base(x))
 
     def from_base(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:

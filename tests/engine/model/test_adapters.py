@@ -10,6 +10,7 @@ from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.config.run_config import LoraSettings
 from perpeft.engine.model.encoders import GroupedClipEncoder
 from perpeft.engine.model.groups import RowGroups
+from perpeft.kernels import frozen
 
 GROUPS = 3
 ITEMS = 7
@@ -53,8 +54,19 @@ def _peft_model(bundle, peft: str, encoder: GroupedClipEncoder, group: int):
     return model.eval()
 
 
+@pytest.mark.parametrize("frozen_layers", ["reference", "onednn"])
 @pytest.mark.parametrize("peft", ["lora", "ia3"])
-def test_grouped_adapter_matches_peft_per_group(small_bundle, peft):
+def test_grouped_adapter_matches_peft_per_group(small_bundle, peft, frozen_layers, monkeypatch):
+    """Also with every frozen layer through oneDNN (`perpeft.kernels.frozen`, however few its rows): the
+    adapters' gradients then pass through its written-out input gradients."""
+    gemms = []
+    if frozen_layers == "onednn":
+        if not frozen._onednn_available():
+            pytest.skip("torch has no oneDNN matmul on this machine")
+        gemm = frozen._gemm
+        monkeypatch.setattr(frozen, "_gemm", lambda *args: gemms.append(args[0].shape) or gemm(*args))
+        monkeypatch.setattr(frozen, "ONEDNN_ROWS_AT_LEAST", 1)
+    monkeypatch.delenv("PERPEFT_KERNELS", raising=False)
     bundle = small_bundle
     encoder = GroupedClipEncoder(copy.deepcopy(bundle), peft, GROUPS, lora=LoraSettings(rank=4, alpha=8.0, dropout=0.0))
     _randomise(encoder)
@@ -88,6 +100,7 @@ def test_grouped_adapter_matches_peft_per_group(small_bundle, peft):
             checked += 1
     expected_per_group = 2 * 2 * 2 * 2 if peft == "lora" else 2 * 2 * 3
     assert checked == GROUPS * expected_per_group
+    assert bool(gemms) == (frozen_layers == "onednn")
 
 
 def test_adapters_start_as_identity(small_bundle):
