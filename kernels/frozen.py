@@ -4,8 +4,8 @@ On x86 CPUs torch runs fp32 GEMMs through MKL, which on AMD processors takes its
 processor has AVX-512; oneDNN's matmul (``mkldnn::_linear_pointwise``, the op torch.compile's CPU fusions
 call) takes the processor's widest kernels: 2.1× MKL on the ``[rows, 64]·[64, 256]`` GEMMs of the benchmark
 CLIP on an AVX-512 AMD EPYC, forward and input gradient alike (``benchmarks/RESULTS.md``). oneDNN builds a
-primitive per shape (~0.8 ms there) and caches it, so the rows are padded with zeros to a multiple of
-``ROW_BUCKET``: a training job's batches of varying item counts then reuse a few dozen primitives.
+primitive per shape (~0.8 ms and ~0.7 MiB kept there), so the rows are padded with zeros to one of a few
+dozen row counts (`_padded`): batches of any item count reuse their primitives.
 
 `frozen_linear` is ``F.linear``; `frozen_silu_mlp` is ``fc2(SiLU(fc1(x)))`` (`reference.silu_mlp_reference`),
 padded once for both GEMMs and the activation between them. Both give the input's gradient, never the
@@ -58,26 +58,39 @@ def frozen_backend(x: Tensor, *parameters: Tensor | None) -> str:
 
 
 def _padded(rows: Tensor) -> Tensor:
-    """``[M, K]`` rows, contiguous, with zero rows appended up to a multiple of ``ROW_BUCKET``."""
-    missing = -rows.shape[0] % ROW_BUCKET
+    """``[M, K]`` rows, contiguous, with zero rows appended up to the next row count oneDNN is given: a
+    multiple of ``ROW_BUCKET``, and of an eighth of the power of two below ``M`` where that is larger (at most
+    12.5% of the rows added; a few dozen row counts from 256 to 16k)."""
+    bucket = max(ROW_BUCKET, (1 << (rows.shape[0].bit_length() - 1)) // 8)
+    missing = -rows.shape[0] % bucket
     return F.pad(rows, (0, 0, 0, missing)) if missing else rows.contiguous()
 
 
-def _gemm(padded: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``padded @ weight.T + bias`` by oneDNN (``weight`` may be a transposed view)."""
-    return torch.ops.mkldnn._linear_pointwise(padded, weight, bias, "none", [], "")
+def _gemm(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``rows @ weight.T + bias`` by oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+
+
+def _input_grad(grad: Tensor, weight: Tensor, zero_bias: bool) -> Tensor:
+    """``grad @ weight`` for padded rows ``grad``, run as a linear layer of weight ``weight.T`` (contiguous) and,
+    with ``zero_bias``, a bias of zeros: so shaped it shares oneDNN's kernel for each row count with a forward
+    layer (fc2's input gradient with fc1, fc1's with fc2, another layer's with itself) instead of building
+    one of its own."""
+    transposed = weight.t().contiguous()
+    return _gemm(grad, transposed, transposed.new_zeros(transposed.shape[0]) if zero_bias else None)
 
 
 class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.save_for_backward(weight)
+        ctx.has_bias = bias is not None
         return _gemm(_padded(rows), weight, bias)[: rows.shape[0]]
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         (weight,) = ctx.saved_tensors
-        return _gemm(_padded(grad), weight.t(), None)[: grad.shape[0]], None, None
+        return _input_grad(_padded(grad), weight, ctx.has_bias)[: grad.shape[0]], None, None
 
 
 class _FrozenSiluMLP(torch.autograd.Function):
@@ -87,13 +100,16 @@ class _FrozenSiluMLP(torch.autograd.Function):
     ) -> Tensor:
         hidden = _gemm(_padded(rows), fc1_weight, fc1_bias)
         ctx.save_for_backward(hidden, fc1_weight, fc2_weight)
+        ctx.has_biases = fc1_bias is not None, fc2_bias is not None
         return _gemm(F.silu(hidden), fc2_weight, fc2_bias)[: rows.shape[0]]
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         hidden, fc1_weight, fc2_weight = ctx.saved_tensors
-        grad_hidden = torch.ops.aten.silu_backward(_gemm(_padded(grad), fc2_weight.t(), None), hidden)
-        return _gemm(grad_hidden, fc1_weight.t(), None)[: grad.shape[0]], None, None, None, None
+        fc1_bias, fc2_bias = ctx.has_biases
+        # fc2's input gradient is shaped like fc1's forward, fc1's like fc2's.
+        grad_hidden = torch.ops.aten.silu_backward(_input_grad(_padded(grad), fc2_weight, fc1_bias), hidden)
+        return _input_grad(grad_hidden, fc1_weight, fc2_bias)[: grad.shape[0]], None, None, None, None
 
 
 def frozen_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -12,14 +12,20 @@ from perpeft.kernels.reference import silu_mlp_reference
 needs_onednn = pytest.mark.skipif(not frozen._onednn_available(), reason="torch has no oneDNN matmul on this machine")
 
 
+KERNELS: set[tuple[object, ...]] = set()
+
+
 @pytest.fixture
 def gemms(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
-    """The shapes of the padded inputs oneDNN multiplied, recorded."""
+    """The shapes of the padded inputs oneDNN multiplied, recorded; ``KERNELS`` collects what picks oneDNN's
+    kernel for each (the shapes and strides of input and weight, and whether a bias is added)."""
     calls: list[tuple[int, ...]] = []
+    KERNELS.clear()
     gemm = frozen._gemm
 
     def recorded(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         calls.append(tuple(padded.shape))
+        KERNELS.add((padded.shape, padded.stride(), weight.shape, weight.stride(), bias is None))
         return gemm(padded, weight, bias)
 
     monkeypatch.setattr(frozen, "_gemm", recorded)
@@ -42,6 +48,21 @@ def _input(shape: tuple[int, ...], layout: str) -> torch.Tensor:
     return x.requires_grad_(True)
 
 
+def _padded_rows(rows: int) -> int:
+    return frozen._padded(torch.zeros(rows, 1)).shape[0]
+
+
+def test_rows_are_padded_to_few_row_counts() -> None:
+    """Multiples of 128 rows up to 2,047, then an eighth of the power of two below: never more than 12.5% of
+    the rows added, and a few dozen row counts from 256 to 16k rows for oneDNN to build kernels for."""
+    counts = {_padded_rows(rows) for rows in range(frozen.ONEDNN_ROWS_AT_LEAST, 16_385)}
+    assert len(counts) <= 60
+    for rows in [256, 300, 1000, 1025, 2047, 2049, 3400, 4100, 9000, 16_384]:
+        padded = _padded_rows(rows)
+        assert padded % ROW_BUCKET == 0 and rows <= padded <= rows * 1.125 + ROW_BUCKET, rows
+    assert [_padded_rows(rows) for rows in (300, 2049, 4100)] == [384, 2304, 4608]
+
+
 def _value_and_input_grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out = fn(x)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(9))
@@ -52,7 +73,7 @@ def _value_and_input_grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed view"])
-@pytest.mark.parametrize("shape", [(300, 48), (3 * ROW_BUCKET, 48), (4, 97, 48)])
+@pytest.mark.parametrize("shape", [(300, 48), (3 * ROW_BUCKET, 48), (4, 97, 48), (2049, 48)])
 def test_frozen_linear_equals_f_linear(gemms, shape: tuple[int, ...], layout: str, bias: bool) -> None:
     weight, bias_tensor = _parameters(1, [(80, 48), (80,)])
     b = bias_tensor if bias else None
@@ -63,8 +84,7 @@ def test_frozen_linear_equals_f_linear(gemms, shape: tuple[int, ...], layout: st
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
-    rows = x.numel() // 48
-    padded = -(-rows // ROW_BUCKET) * ROW_BUCKET
+    padded = _padded_rows(x.numel() // 48)
     assert gemms == [(padded, 48), (padded, 80)]  # forward, then the input's gradient
 
 
@@ -79,9 +99,18 @@ def test_frozen_silu_mlp_equals_its_reference(gemms, shape: tuple[int, ...], lay
     expected, expected_grad = _value_and_input_grad(lambda rows: silu_mlp_reference(rows, *parameters), x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
-    padded = -(-(x.numel() // 32) // ROW_BUCKET) * ROW_BUCKET
+    padded = _padded_rows(x.numel() // 32)
     # fc1 and fc2 forward, then fc2's and fc1's input gradients: padded once each way
     assert gemms == [(padded, 32), (padded, 96), (padded, 32), (padded, 96)]
+    assert len(KERNELS) == 2  # each input gradient runs as the other layer's forward: one kernel each
+
+
+@needs_onednn
+def test_a_linear_layers_input_gradient_shares_its_kernel(gemms) -> None:
+    weight, bias = _parameters(4, [(64, 64), (64,)])
+    x = torch.randn(600, 64, requires_grad=True)
+    frozen_linear(x, weight, bias).sum().backward()
+    assert len(gemms) == 2 and len(KERNELS) == 1
 
 
 def test_silu_mlp_reference_is_clips_folded_mlp() -> None:
