@@ -124,12 +124,17 @@ AttentionInterface.register(ATTENTION, attention_forward)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
+def _is_mlp(module: nn.Module) -> bool:
+    """Whether ``module`` is a CLIP MLP: ``fc1``, ``fc2`` and the activation between them."""
+    return all(hasattr(module, part) for part in ("fc1", "fc2", "activation_fn"))
+
+
 def fold_quick_gelu(clip: nn.Module) -> int:
     """Rewrite every QuickGELU MLP of ``clip`` as ``fc2(SiLU(fc1(x)))`` in place (before adapters wrap
     ``fc1``); returns how many MLPs were folded."""
     folded = 0
     for module in clip.modules():
-        if not (hasattr(module, "fc1") and hasattr(module, "fc2") and hasattr(module, "activation_fn")):
+        if not _is_mlp(module):
             continue
         if getattr(module.config, "hidden_act", None) != "quick_gelu":
             continue
@@ -184,8 +189,7 @@ def freeze_layers(clip: nn.Module) -> None:
             parent_name, _, child = name.rpartition(".")
             setattr(clip.get_submodule(parent_name), child, FrozenLinear.of(module))
     for name, module in list(clip.named_modules()):
-        mlp = all(hasattr(module, part) for part in ("fc1", "fc2", "activation_fn"))
-        if mlp and not isinstance(module, FrozenMLP):
+        if _is_mlp(module) and not isinstance(module, FrozenMLP):
             parent_name, _, child = name.rpartition(".")
             setattr(clip.get_submodule(parent_name), child, FrozenMLP(module.fc1, module.fc2, module.activation_fn))
 
