@@ -186,12 +186,10 @@ def freeze_layers(clip: nn.Module) -> None:
     parameters (before adapters wrap any of them)."""
     for name, module in list(clip.named_modules()):
         if type(module) is nn.Linear:
-            parent_name, _, child = name.rpartition(".")
-            setattr(clip.get_submodule(parent_name), child, FrozenLinear.of(module))
+            clip.set_submodule(name, FrozenLinear.of(module))
     for name, module in list(clip.named_modules()):
         if _is_mlp(module) and not isinstance(module, FrozenMLP):
-            parent_name, _, child = name.rpartition(".")
-            setattr(clip.get_submodule(parent_name), child, FrozenMLP(module.fc1, module.fc2, module.activation_fn))
+            clip.set_submodule(name, FrozenMLP(module.fc1, module.fc2, module.activation_fn))
 
 
 def prepare_clip(clip: PreTrainedModel) -> None:

@@ -66,8 +66,7 @@ def inject_adapters(
             wrapped = GroupedIA3Linear(module, groups, target in IA3_INPUT_TARGETS, context)
         else:
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(clip.get_submodule(parent_name), child, wrapped)
+        clip.set_submodule(name, wrapped)
 
 
 def require_clip_adapters(run_path: Path, peft: str, purpose: str) -> None:
