@@ -9,7 +9,7 @@ from torch import nn
 from perpeft.engine.model.adapters.context import GroupContext
 from perpeft.kernels.frozen import frozen_linear
 from perpeft.kernels.ops import grouped_lora
-from perpeft.kernels.reference import grouped_lora_shrink
+from perpeft.kernels.reference import expand_ranks, grouped_lora_shrink
 
 DRAW_LEVELS = 2**16
 
@@ -102,7 +102,7 @@ class GroupedLoRALinear(nn.Module):
         groups = self.lora_B.shape[0]
         shared = self.context.shared_group(groups)
         if shared is not None:
-            return ranks @ self.lora_B[shared].to(ranks.dtype).T
+            return expand_ranks(ranks, self.lora_B[shared].to(ranks.dtype))
         items = self.lora_B.to(ranks.dtype).index_select(0, self.context.item_groups(groups))  # [B, out, r]
         return ranks @ items.transpose(1, 2)
 
