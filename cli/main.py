@@ -241,9 +241,10 @@ cli.add_command(analyze)
 
 def main() -> NoReturn:
     """The ``perpeft-engine`` command as a process: `cli` in click's standalone mode, then what Python's exit
-    does first (wait for non-daemon threads, run the exit handlers), and out. The interpreter's own teardown
-    (freeing the ~4,000 imported modules and the objects they hold, 1.3 s of a training job on a 2-core
-    machine) is skipped: by then every file is written and closed, the exit handlers have run (logging's
+    does first (threading's shutdown: its exit hooks, which let idle thread pools' workers go, such as
+    torch.compile's compile pool, then the wait for non-daemon threads; the exit handlers), and out. The
+    interpreter's own teardown (freeing the ~4,000 imported modules and the objects they hold, 1.3 s of a
+    training job on a 2-core machine) is skipped: by then every file is written and closed, the exit handlers have run (logging's
     flush, TensorBoard's and torch's hooks) and the streams are flushed. An uncaught exception still
     propagates with its traceback, as Python exits on one."""
     try:
@@ -252,9 +253,9 @@ def main() -> NoReturn:
         code = done.code
     else:
         code = 0
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter's exit runs before the exit handlers. Joining the non-daemon threads without its
+    # hooks would wait forever on a thread pool's idle workers.
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)  # what SystemExit does with a message

@@ -94,15 +94,19 @@ def test_one_version_everywhere() -> None:
 
 
 # The command as a process (`perpeft.cli.main.main`) leaves without the interpreter's teardown: a thread it
-# left running still finishes, what it registered to run at exit still runs, its output arrives whole, and
-# the exit status is its own.
+# left running still finishes, an idle thread pool's workers are let go (as torch.compile's compile pool
+# leaves them), what it registered to run at exit still runs, its output arrives whole, and the exit status
+# is its own.
 AS_PROCESS = """
 import atexit, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from perpeft.cli.main import main
 marker = Path(sys.argv.pop(1))
 late = marker.with_name("late")
 threading.Thread(target=lambda: (time.sleep(0.5), late.write_text("thread finished"))).start()
+pool = ThreadPoolExecutor(2)  # kept: an executor still referenced at exit
+pool.submit(time.sleep, 0.1).result()
 atexit.register(lambda: marker.write_text("exit handlers ran"))
 main()
 """
@@ -121,7 +125,7 @@ def test_the_process_exits_with_the_commands_status_output_and_exit_handlers(
 ) -> None:
     marker = tmp_path / "marker"
     done = subprocess.run(
-        [sys.executable, "-c", AS_PROCESS, str(marker), *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", AS_PROCESS, str(marker), *args], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == status, done.stderr[-3000:]
     assert expected in getattr(done, stream) and "Traceback" not in done.stderr
