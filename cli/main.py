@@ -244,9 +244,9 @@ def main() -> NoReturn:
     does first (threading's shutdown: its exit hooks, which let idle thread pools' workers go, such as
     torch.compile's compile pool, then the wait for non-daemon threads; the exit handlers), and out. The
     interpreter's own teardown (freeing the ~4,000 imported modules and the objects they hold, 1.3 s of a
-    training job on a 2-core machine) is skipped: by then every file is written and closed, the exit handlers have run (logging's
-    flush, TensorBoard's and torch's hooks) and the streams are flushed. An uncaught exception still
-    propagates with its traceback, as Python exits on one."""
+    training job on a 2-core machine) is skipped: by then every file is written and closed, the exit
+    handlers have run (logging's flush, TensorBoard's and torch's hooks) and the streams are flushed. An
+    uncaught exception still propagates with its traceback, as Python exits on one."""
     try:
         cli.main(prog_name="perpeft-engine")
     except SystemExit as done:

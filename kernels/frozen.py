@@ -106,10 +106,10 @@ class _FrozenSiluMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         hidden, fc1_weight, fc2_weight = ctx.saved_tensors
-        fc1_bias, fc2_bias = ctx.has_biases
+        fc1_has_bias, fc2_has_bias = ctx.has_biases
         # fc2's input gradient is shaped like fc1's forward, fc1's like fc2's.
-        grad_hidden = torch.ops.aten.silu_backward(_input_grad(_padded(grad), fc2_weight, fc1_bias), hidden)
-        return _input_grad(grad_hidden, fc1_weight, fc2_bias)[: grad.shape[0]], None, None, None, None
+        grad_hidden = torch.ops.aten.silu_backward(_input_grad(_padded(grad), fc2_weight, fc1_has_bias), hidden)
+        return _input_grad(grad_hidden, fc1_weight, fc2_has_bias)[: grad.shape[0]], None, None, None, None
 
 
 def frozen_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -18,9 +18,9 @@ class FlatAdamW(torch.optim.AdamW):
     The update is torch's AdamW element by element, to float rounding (the fused kernel's vector loop and its
     scalar tail round differently, and an element's place in the loop moves with the packing), provided
     every parameter gets a gradient in every step: torch's AdamW skips a parameter without one, here it
-    would take a zero gradient. The engine's models are built so (``tests/engine/model/test_encoders.py``, and what
-    DistributedDataParallel without its unused-parameter search needs). A gradient replaced behind the
-    optimizer's back (``module.zero_grad()``, an assignment) would be lost: `step` refuses it.
+    would take a zero gradient. The engine's models are built so (``tests/engine/model/test_encoders.py``,
+    and what DistributedDataParallel without its unused-parameter search needs). A gradient replaced behind
+    the optimizer's back (``module.zero_grad()``, an assignment) would be lost: `step` refuses it.
 
     `state_dict` and `load_state_dict` speak torch's per-parameter form, so checkpoints are those of
     ``torch.optim.AdamW(..., fused=True)`` over the same parameters, in either direction.
