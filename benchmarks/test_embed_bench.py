@@ -1,6 +1,6 @@
 """`embed`'s item tables: C groups in mixed-group batches against C frozen-CLIP passes over the same items.
 
-Random-weight CLIP with ViT-B/32 shapes (``CLIPConfig()``: 224-px images, titles padded to 77 tokens),
+Random-weight CLIP with ViT-B/32 shapes (``ClipConfig()``: 224-px images, titles padded to 77 tokens),
 C = 2 groups, 32 items, 32 (item, group) pairs per pass, adapters randomised. The frozen baseline is the
 same code on a one-group model without adapters (Frozen MM's encoder: CLIP, projector, ID embeddings),
 so the ratio isolates what the grouped adapters add. Each round times a frozen table then the grouped
@@ -18,9 +18,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
 from perpeft.engine.clip.loading import ClipBundle
+from perpeft.engine.clip.model import ClipConfig, ClipModel, TextConfig
 from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.model.perpeft import PerpeftModel
@@ -34,14 +34,14 @@ TOKENS, IMAGE_SIZE = 77, 224
 @pytest.fixture(scope="module")
 def bundle() -> ClipBundle:
     torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig()).eval()
+    model = ClipModel(ClipConfig()).eval()
     return ClipBundle(model, None, "random", IMAGE_SIZE, CLIP_MEAN, CLIP_STD, "random ViT-B/32")
 
 
 class RandomCatalog:
     """Titles of 8–30 tokens (BOS … EOS, padded to 77) and random uint8 images; row 0 is padding."""
 
-    def __init__(self, text: CLIPTextConfig) -> None:
+    def __init__(self, text: TextConfig) -> None:
         rng = np.random.default_rng(0)
         self.input_ids = np.full((ITEMS + 1, TOKENS), text.pad_token_id, dtype=np.int64)
         self.attention_mask = np.zeros((ITEMS + 1, TOKENS), dtype=np.int64)

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from transformers import CLIPModel
 
 from perpeft.engine.clip.loading import ClipBundle, architecture_config
+from perpeft.engine.clip.model import ClipModel
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
 from perpeft.engine.model.encoders import GroupedClipEncoder
@@ -45,7 +45,7 @@ Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, RowGroups]
 def vit_b_32() -> ClipBundle:
     """Random-weight ViT-B/32 CLIP; the benchmarks feed token ids directly, so no tokenizer."""
     torch.manual_seed(0)
-    model = CLIPModel(architecture_config("vit-b-32")).eval()
+    model = ClipModel(architecture_config("vit-b-32")).eval()
     return ClipBundle(model, None, "none", 224, CLIP_MEAN, CLIP_STD, "random vit-b-32")
 
 

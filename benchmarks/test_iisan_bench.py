@@ -22,9 +22,9 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPModel
 
 from perpeft.engine.clip.loading import ClipBundle, architecture_config
+from perpeft.engine.clip.model import ClipModel
 from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sampler import Batch, TrainSampler
@@ -60,7 +60,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     bundle = ClipBundle(
-        CLIPModel(architecture_config("vit-b-32")).eval(), tokenize, "bench", IMAGE_SIZE, CLIP_MEAN, CLIP_STD, "bench"
+        ClipModel(architecture_config("vit-b-32")).eval(), tokenize, "bench", IMAGE_SIZE, CLIP_MEAN, CLIP_STD, "bench"
     )
     words = [f"word{k}" for k in range(500)]
     titles = ["", *(" ".join(rng.choice(words, size=rng.integers(6, 16))) for _ in range(ITEMS))]

@@ -7,8 +7,8 @@ most), LoRA r 4, C = 8, E1 10 + E2 20, batch 16, lr 1e-4, weight decay 1e-4, ``-
 
 - ``test_step_levers``: ms per Global-PEFT training step (forward, backward, AdamW) over the same 20
   batches, with the engine as it is and with one lever undone at a time: token columns padded to 77
-  instead of cut to the batch's longest title; HF's SDPA attention under its math backend (the engine's
-  choice before `engine/clip/layers.py`) instead of the engine's bmm attention; CLIP's QuickGELU instead of
+  instead of cut to the batch's longest title; SDPA attention under its math backend (the engine's
+  choice before its bmm attention, `engine/clip/model.py`) instead of the engine's bmm attention; CLIP's QuickGELU instead of
   the SiLU fold; each tower's last layer at every position instead of the pooled one only
   (`engine/clip/pooled.py`); titles padded to the batch's longest instead of packed to their EOS
   (`engine/clip/pooled.py` `TitleRows`); the LoRA and loss ops through their registered operators instead of the references
@@ -39,11 +39,12 @@ import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.activations import QuickGELUActivation
 
 from benchmarks.peers.research_scripts import run_research_script
 from benchmarks.shops import SHOP_900, bench_root, write_byte_clip, write_shop
-from perpeft.engine.clip.layers import QUICK_GELU_SLOPE
+from perpeft.engine.clip import model as clip_model
+from perpeft.engine.clip import pooled
+from perpeft.engine.clip.model import QUICK_GELU_SLOPE, QuickGELU
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sampler import TrainSampler
 from perpeft.engine.data.sources import run_dataset
@@ -113,15 +114,13 @@ def unfold_quick_gelu(clip: torch.nn.Module) -> None:
                 fc1.weight.div_(QUICK_GELU_SLOPE)
                 fc1.bias.div_(QUICK_GELU_SLOPE)
                 module.fc2.weight.mul_(QUICK_GELU_SLOPE)
-            module.activation_fn = QuickGELUActivation()
+            module.activation_fn = QuickGELU()
 
 
 def step_model(config: RunConfig, run_inputs: RunInputs, settings: dict[str, object]) -> PerpeftModel:
     torch.manual_seed(0)
     inputs = PlainInputs(run_inputs.inputs, full_width=True) if settings["full_width"] else run_inputs.inputs
     model = PerpeftModel(config, run_inputs.make_encoder, inputs, run_inputs.dataset.num_items, 1).train()
-    if settings["attention"] == "sdpa-math":
-        model.encoder.clip.set_attn_implementation("sdpa")
     if not settings["fold_quick_gelu"]:
         unfold_quick_gelu(model.encoder.clip)
     return model
@@ -147,9 +146,39 @@ def patched(module: object, name: str, value: object) -> Iterator[None]:
         setattr(module, name, saved)
 
 
+def sdpa_attend(
+    attention: clip_model.ClipAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    weights: bool = False,
+) -> tuple[torch.Tensor, None]:
+    """`engine.clip.model.attend` as torch's SDPA on every device (the engine's attention before its CPU path)."""
+    dropout = attention.dropout if attention.training else 0.0
+    causal = is_causal and mask is None and query.shape[2] > 1
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=attention.scale, is_causal=causal
+    )
+    return output.transpose(1, 2), None
+
+
+@contextlib.contextmanager
+def sdpa_attention() -> Iterator[None]:
+    """CLIP's attention through SDPA, and the pooled layer's keys and values projected (the fold needs the
+    engine's attention)."""
+    with (
+        patched(clip_model, "attend", sdpa_attend),
+        patched(pooled, "attend", sdpa_attend),
+        patched(pooled, "_folds", lambda attention, rows: False),
+    ):
+        yield
+
+
 @contextlib.contextmanager
 def full_towers() -> Iterator[None]:
-    """The item encoder runs each tower's last layer at every position (HF's tower forward), as before
+    """The item encoder runs each tower's last layer at every position (the towers' forward), as before
     `engine/clip/pooled.py`."""
     with patched(encoders, "pooled_text", full_text_tower), patched(encoders, "pooled_image", full_image_tower):
         yield
@@ -189,11 +218,12 @@ class LeverCase:
 
     def train(self, batches: list) -> None:
         torch.set_num_threads(self.settings["threads"])
-        # The engine's previous attention: HF's SDPA under its math backend (faster than SDPA's CPU flash kernel).
+        # The engine's previous attention: SDPA under its math backend (faster than SDPA's CPU flash kernel).
         math_only = self.settings["attention"] == "sdpa-math"
         with contextlib.ExitStack() as stack:
             if math_only:
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+                stack.enter_context(sdpa_attention())
             if not self.settings["pooled_last_layer"]:
                 stack.enter_context(full_towers())
             if not self.settings["packed_titles"]:

@@ -74,7 +74,8 @@ def test_the_folder_never_loads_under_its_bare_name(name: str) -> None:
 
 
 def test_the_command_loads_clip_from_the_checkout_root() -> None:
-    """transformers >= 5.25 imports Hugging Face's `kernels` while CLIP loads; `params` builds CLIP."""
+    """`params` builds CLIP from the checkout's root, where the `kernels/` folder would shadow Hugging Face's
+    `kernels` (which transformers >= 5.25 imports) if it loaded under its bare name."""
     done = subprocess.run(
         [sys.executable, "-m", "perpeft.cli", "params", "--items", "100"],
         cwd=ROOT,

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import CLIPConfig, CLIPModel
 
 from benchmarks.shops import ARTS_SCALE
 from perpeft.engine.clip.loading import ClipBundle
+from perpeft.engine.clip.model import ClipConfig, ClipModel, TextConfig, VisionConfig
 from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.dataset import Dataset
@@ -49,23 +49,21 @@ ARTS = Scale(ARTS_SCALE.users, ARTS_SCALE.items, ARTS_SCALE.domains, ARTS_SCALE.
 SMOKE = Scale(users=120, items=60, domains=3, mean_purchases=9.4, title_chars=(4, 20))
 
 
-def smoke_clip_config() -> CLIPConfig:
+def smoke_clip_config() -> ClipConfig:
     """A CLIP small enough for CPU smoke runs: 2 layers of 32 per tower, 16-px images, 16 tokens."""
     tower = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
-    text = {**tower, "vocab_size": 99, "max_position_embeddings": 16, "bos_token_id": 1, "eos_token_id": 98}
-    return CLIPConfig(
-        text_config={**text, "pad_token_id": 0},
-        vision_config={**tower, "image_size": 16, "patch_size": 8},
-        projection_dim=8,
+    text = TextConfig(
+        **tower, vocab_size=99, max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=98
     )
+    return ClipConfig(text, VisionConfig(**tower, image_size=16, patch_size=8), projection_dim=8)
 
 
 def random_clip(smoke: bool) -> ClipBundle:
-    """Random-weight ViT-B/32 CLIP (``CLIPConfig()``, 151 M parameters), or the smoke CLIP; no tokenizer
+    """Random-weight ViT-B/32 CLIP (``ClipConfig()``, 151 M parameters), or the smoke CLIP; no tokenizer
     (the synthetic inputs are token ids already)."""
     torch.manual_seed(0)
-    config = smoke_clip_config() if smoke else CLIPConfig()
-    model = CLIPModel(config).eval()
+    config = smoke_clip_config() if smoke else ClipConfig()
+    model = ClipModel(config).eval()
     name = "random smoke CLIP" if smoke else "random ViT-B/32"
     return ClipBundle(model, None, name, config.vision_config.image_size, CLIP_MEAN, CLIP_STD, name)
 

@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 import torch
 from torch._dynamo.utils import counters
-from transformers import CLIPConfig, CLIPModel
 
 from perpeft.engine.clip.loading import ClipBundle
+from perpeft.engine.clip.model import ClipConfig, ClipModel, TextConfig, VisionConfig
 from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
 from perpeft.engine.model.encoders import GroupedClipEncoder
 from perpeft.engine.model.groups import RowGroups
@@ -46,9 +46,9 @@ def encoder_clip(smoke: bool, layers: int) -> ClipBundle:
     if smoke:
         return random_clip(True)
     torch.manual_seed(0)
-    config = CLIPConfig(text_config={"num_hidden_layers": layers}, vision_config={"num_hidden_layers": layers})
+    config = ClipConfig(TextConfig(num_hidden_layers=layers), VisionConfig(num_hidden_layers=layers))
     name = f"random ViT-B/32 widths, {layers} layers per tower"
-    return ClipBundle(CLIPModel(config).eval(), None, name, config.vision_config.image_size, CLIP_MEAN, CLIP_STD, name)
+    return ClipBundle(ClipModel(config).eval(), None, name, config.vision_config.image_size, CLIP_MEAN, CLIP_STD, name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,8 +19,8 @@ C = 8 groups, bf16 autocast on CUDA, a 240-item synthetic catalog in memory. Cas
 - ``frozen-mm`` (Frozen MM: CLIP's outputs computed once by the engine's ``encode_frozen``, then looked up)
   and ``wo-mm`` (w/o MM: ID embeddings only), one group, the plain sampler;
 - ``lora, with a text padding mask`` (reported, not failed): a catalog that is not right-padded gets the
-  titles' attention mask (`ItemInputs.right_padded`), and transformers' CLIP text tower reads it on the
-  host to decide whether SDPA may skip it (``masking_utils``: ``bool(mask.sum() == mask.numel())``);
+  titles' attention mask (`ItemInputs.right_padded`), and the CLIP text tower reads it on the host to
+  decide whether SDPA may skip it (`perpeft.engine.clip.model.text_attention_mask`: ``bool(keep.all())``);
 - ``engine group_vectors, one embed batch`` (reported, not failed): the embed path (every group of 128 items), no grad.
 
 How syncs are counted. One ``train_epoch`` call over the batches warms up (Triton compiles, cuBLAS and
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     case("wo-mm (ID embeddings only)", wo_mm, lambda: PerpeftModel(wo_mm, None, None, num_items, 1), False)
     release(device)
 
-    # Reported, not failed: transformers' text tower reads a padding mask on the host; the embed path.
+    # Reported, not failed: the text tower reads a padding mask on the host; the embed path.
     masked = not_right_padded(inputs)
 
     @contextmanager

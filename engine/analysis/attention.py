@@ -35,11 +35,10 @@ from tqdm.auto import tqdm
 
 from perpeft.engine.analysis import open_perpeft_run, refuse_existing
 from perpeft.engine.clip.loading import ClipBundle, load_clip
-from perpeft.engine.clip.pooled import eos_positions
+from perpeft.engine.clip.model import eos_positions
 from perpeft.engine.clip.tiny import HashWordTokenizer
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.errors import InputError
-from perpeft.engine.features.hidden_states import eos_token_id
 from perpeft.engine.features.inputs import load_item_inputs
 from perpeft.engine.model.encoders import GroupedClipEncoder, require_clip_adapters
 from perpeft.engine.model.groups import RowGroups
@@ -49,7 +48,7 @@ from perpeft.engine.runtime.device import resolve_device
 from perpeft.engine.serve.embed import load_model
 from perpeft.engine.serve.recommend import engine_indices
 
-# (item, group) rows per text-tower pass: HF keeps every layer's [rows, heads, L, L] weights while recording.
+# (item, group) rows per text-tower pass: every layer's [rows, heads, L, L] weights are kept while recording.
 ATTENTION_BATCH_ROWS = 64
 SAMPLE_SEED = 0
 MAX_FIGURE_WIDTH = 40.0  # inches: CLIP's 77-token window still fits, with smaller annotations
@@ -114,9 +113,7 @@ class AttentionProbe:
         if not isinstance(model.encoder, GroupedClipEncoder):
             raise InputError(f"{run.path}: its model has no CLIP encoder ({type(model.encoder).__name__})")
         self.encoder = model.encoder.to(self.device)
-        # Only HF's eager attention returns the weights (SDPA records none).
-        self.encoder.clip.set_attn_implementation("eager")
-        self.eos_token_id = eos_token_id(self.encoder.clip.config)
+        self.eos_token_id = self.encoder.clip.text_model.config.eos_token_id
         self.groups = config.groups
         self.assignment = run.read_grouping()[0].numpy()
         self.group_sizes = np.bincount(self.assignment[1:], minlength=self.groups).tolist()
@@ -143,8 +140,7 @@ class AttentionProbe:
             output = self.encoder.clip.text_model(input_ids=ids, attention_mask=mask, output_attentions=True)
         finally:
             self.encoder.context.clear()
-        if not output.attentions:
-            raise RuntimeError("the text tower recorded no attention weights: eager attention is not active")
+        assert output.attentions is not None  # for the type checker: output_attentions returns them
         rows = torch.arange(ids.shape[0], device=self.device)
         from_eos = output.attentions[-1][rows, :, eos_positions(ids, self.eos_token_id)].mean(dim=1).double()
         weights = from_eos * self.title_tokens(ids, mask)

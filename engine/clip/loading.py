@@ -1,13 +1,19 @@
-"""Loading CLIP: the shipped tiny CLIP, a local Hugging Face directory or a model id in the local HF cache."""
+"""Loading CLIP: the shipped tiny CLIP, a local Hugging Face directory or a model id in the local HF cache.
 
+The model is the engine's own (`perpeft.engine.clip.model`). An HF tokenizer is loaded with transformers on
+its first call, not before: its identity (`ClipBundle.tokenizer_id`, the item-input cache's key) is the
+hash of its files, so a run whose item inputs are cached never imports transformers.
+"""
+
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-from transformers.utils import logging as transformers_logging
 
+from perpeft.engine.clip.model import ClipConfig, ClipModel, load_clip_model
 from perpeft.engine.clip.preprocess import Tokenizer
 from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD, TINY_CLIP_DIR, HashWordTokenizer, tiny_clip_config
 from perpeft.engine.errors import InputError
@@ -17,7 +23,7 @@ from perpeft.engine.errors import InputError
 class ClipBundle:
     """A loaded CLIP with what it needs to turn titles and images into inputs."""
 
-    model: CLIPModel
+    model: ClipModel
     tokenizer: Tokenizer
     tokenizer_id: str
     image_size: int
@@ -26,29 +32,10 @@ class ClipBundle:
     source: str
 
 
-def tower_configs(config: CLIPConfig) -> tuple[CLIPTextConfig, CLIPVisionConfig]:
-    """The text and vision configs of a CLIP config. `CLIPConfig` always builds both (from the dicts or the
-    defaults it is given), though its fields are typed as what it accepts: a dict, a config or None."""
-    text, vision = config.text_config, config.vision_config
-    if not isinstance(text, CLIPTextConfig) or not isinstance(vision, CLIPVisionConfig):
-        raise TypeError(
-            f"a CLIPConfig whose text and vision configs are a {type(text).__name__} and a {type(vision).__name__}"
-        )
-    return text, vision
-
-
-def projection_width(config: CLIPConfig) -> int:
-    """The width of each tower's projected embedding (CLIPConfig types it as optional; it always has one)."""
-    width = config.projection_dim
-    if not isinstance(width, int):
-        raise TypeError(f"a CLIPConfig whose projection_dim is {width!r}")
-    return width
-
-
-def architecture_config(name: str) -> CLIPConfig:
+def architecture_config(name: str) -> ClipConfig:
     """Built-in architecture aliases (no weights): ``vit-b-32`` is ``openai/clip-vit-base-patch32``."""
     if name == "vit-b-32":
-        return CLIPConfig()
+        return ClipConfig()
     if name == "tiny":
         return tiny_clip_config()
     raise InputError(f"--clip {name}: unknown architecture alias (known: vit-b-32, tiny)")
@@ -74,21 +61,7 @@ def load_clip(spec: str) -> ClipBundle:
 
 
 def _load_directory(path: Path, source: str) -> ClipBundle:
-    if not (path / "config.json").is_file():
-        raise InputError(f"{path}: not a CLIP checkpoint directory (no config.json)")
-    transformers_logging.disable_progress_bar()
-    try:
-        model = CLIPModel.from_pretrained(path, local_files_only=True)
-    except Exception as error:
-        raise InputError(f"{path}: cannot load a CLIPModel ({type(error).__name__}: {error})") from None
-    if getattr(model, "use_kernels", False):
-        # Transformers >= 5 turns on Hub kernels by default: layers swapped for kernels fetched from the
-        # Hub on first use, again at every train()/eval() switch. The engine runs torch's layers and its own.
-        model.use_kernels = False
-    text_config, vision_config = tower_configs(model.config)
-    image_size = vision_config.image_size
-    if not isinstance(image_size, int):
-        raise InputError(f"{path}: image_size {image_size!r}: only square images (one int) are supported")
+    model = load_clip_model(path)
     mean, std = CLIP_MEAN, CLIP_STD
     preprocessor = path / "preprocessor_config.json"
     if preprocessor.is_file():
@@ -104,20 +77,44 @@ def _load_directory(path: Path, source: str) -> ClipBundle:
         except ValueError as error:
             raise InputError(f"{hashed}: {error}") from None
     else:
-        tokenizer, tokenizer_id = _hf_tokenizer(path, text_config.max_position_embeddings)
-    return ClipBundle(model, tokenizer, tokenizer_id, image_size, mean, std, source)
+        tokenizer, tokenizer_id = _hf_tokenizer(path, model.config.text_config.max_position_embeddings)
+    return ClipBundle(model, tokenizer, tokenizer_id, model.config.vision_config.image_size, mean, std, source)
+
+
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def _hf_tokenizer(path: Path, max_length: int) -> tuple[Tokenizer, str]:
+    """The directory's HF tokenizer, loaded on its first call, and its identity: the hash of its files."""
+    files = [path / name for name in HF_TOKENIZER_FILES if (path / name).is_file()]
+    if not any(file.name in ("tokenizer.json", "vocab.json") for file in files):
+        raise InputError(f"{path}: no CLIP tokenizer (neither perpeft_tokenizer.json, tokenizer.json nor vocab.json)")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        digest.update(file.read_bytes())
+    loaded: list[Any] = []
+
+    def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if not loaded:
+            loaded.append(_load_hf_tokenizer(path))
+        encoded = loaded[0](texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+        return encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
+
+    return tokenize, f"hf-tokenizer:{digest.hexdigest()[:16]}:{max_length}"
+
+
+def _load_hf_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as error:
         raise InputError(f"{path}: cannot load the CLIP tokenizer ({type(error).__name__})") from None
-
-    def tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        encoded = hf_tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
-        return encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
-
-    return tokenize, f"{type(hf_tokenizer).__name__}:{len(hf_tokenizer)}:{max_length}:{path.name}"

@@ -23,21 +23,20 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.clip.modeling_clip import (
-    CLIPAttention,
-    CLIPEncoder,
-    CLIPEncoderLayer,
-    CLIPTextModel,
-    CLIPVisionModel,
-    eager_attention_forward,
+
+from perpeft.engine.clip.model import (
+    ClipAttention,
+    ClipEncoder,
+    ClipEncoderLayer,
+    ClipTextTower,
+    ClipVisionTower,
+    additive_mask,
+    attend,
+    eos_positions,
+    text_attention_mask,
+    value_weights,
 )
 
-from perpeft.engine.clip.layers import ATTENTION, additive_mask, value_weights
-
-LEGACY_EOS_TOKEN_ID = 2
 PACKED_ROWS_AT_MOST = 0.85
 PREFIX_PARTS = 5  # the first layer's input, layer_norm1 of it, and its base q, k and v projections
 
@@ -67,22 +66,6 @@ class LowRank(Protocol):
     def up(self, ranks: torch.Tensor) -> torch.Tensor:
         """``[B, T, r]`` rank-space rows of ``B`` items → ``[B, T, out]``, each item through its group."""
         ...
-
-
-def text_eos_token_id(text_config: CLIPTextConfig) -> int:
-    """The text tower's EOS token id (what `eos_positions` pools); an error for a config without one."""
-    token = text_config.eos_token_id
-    if not isinstance(token, int):
-        raise ValueError(f"CLIP text config: eos_token_id {token!r}, expected one token id")
-    return token
-
-
-def eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """The token CLIP pools for its text embedding (HF's rule): the first ``eos_token_id``, or the largest id
-    for configs with the legacy ``eos_token_id == 2`` (``openai/clip-vit-base-patch32``)."""
-    if eos_token_id == LEGACY_EOS_TOKEN_ID:
-        return input_ids.to(torch.int).argmax(dim=-1)
-    return (input_ids == eos_token_id).int().argmax(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -143,8 +126,8 @@ def _kept(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, eos_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which ``[B, L]`` positions a packed tower keeps, and each title's EOS position ``[B, 1]``. A title
-    whose EOS the mask drops keeps all of its rows: that query sees no key, and HF's eager attention then
-    averages every position."""
+    whose EOS the mask drops keeps all of its rows, a rare case kept simple: that query sees no key, so its
+    attention weights are zero (`value_weights`)."""
     positions = eos_positions(input_ids, eos_token_id).unsqueeze(1)
     columns = torch.arange(input_ids.shape[1], device=input_ids.device)
     keep = columns <= positions
@@ -186,41 +169,14 @@ def packed_title_rows(
     return _title_rows(keep, positions)
 
 
-def _layers(encoder: CLIPEncoder) -> tuple[list[CLIPEncoderLayer], CLIPEncoderLayer]:
+def _layers(encoder: ClipEncoder) -> tuple[list[ClipEncoderLayer], ClipEncoderLayer]:
     """A tower's layers before the last, and the last."""
     layers = []
     for layer in encoder.layers:
-        if not isinstance(layer, CLIPEncoderLayer):
-            raise TypeError(f"a CLIP tower with a {type(layer).__name__} layer, not a CLIPEncoderLayer")
+        if not isinstance(layer, ClipEncoderLayer):
+            raise TypeError(f"a CLIP tower with a {type(layer).__name__} layer, not a ClipEncoderLayer")
         layers.append(layer)
     return layers[:-1], layers[-1]
-
-
-def _attend(
-    attention: CLIPAttention,
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor | None,
-    is_causal: bool,
-) -> torch.Tensor:
-    """The tower's attention implementation on ``[B, H, L, D]`` heads, as HF's ``CLIPAttention`` calls it:
-    ``[B, Lq, H, D]``. A bool ``mask`` says which keys each query may see."""
-    implementation = attention.config._attn_implementation
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    if mask is not None and implementation == "eager":  # eager adds its mask
-        mask = additive_mask(mask, queries.dtype)
-    attended, _ = interface(
-        attention,
-        queries,
-        keys,
-        values,
-        mask,
-        scaling=attention.scale,
-        dropout=attention.dropout if attention.training else 0.0,
-        is_causal=is_causal,
-    )
-    return attended
 
 
 def _padded_heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -228,7 +184,7 @@ def _padded_heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return rows.view(rows.shape[0], rows.shape[1], heads, -1).transpose(1, 2)
 
 
-def _projections(attention: CLIPAttention) -> tuple[nn.Module, nn.Module, nn.Module]:
+def _projections(attention: ClipAttention) -> tuple[nn.Module, nn.Module, nn.Module]:
     return attention.q_proj, attention.k_proj, attention.v_proj
 
 
@@ -240,7 +196,7 @@ def _frozen(projection: nn.Module) -> nn.Linear:
     return base
 
 
-def _first_layer_prefix(encoder: CLIPEncoder, hidden: torch.Tensor) -> torch.Tensor:
+def _first_layer_prefix(encoder: ClipEncoder, hidden: torch.Tensor) -> torch.Tensor:
     """The frozen start of a tower's first layer for its input rows ``hidden`` ``[..., D]``: ``hidden``,
     ``layer_norm1(hidden)`` and the base q, k and v projections of that, side by side: ``[..., 5·D]``."""
     layers, _ = _before_last(encoder, from_prefix=True)
@@ -250,18 +206,18 @@ def _first_layer_prefix(encoder: CLIPEncoder, hidden: torch.Tensor) -> torch.Ten
     return torch.cat([hidden, normed, *bases], dim=-1)
 
 
-def title_prefix(text_model: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
+def title_prefix(text_model: ClipTextTower, input_ids: torch.Tensor) -> torch.Tensor:
     """The text tower's first-layer prefix of titles ``[B, L]``: ``[B, L, 5·D]``, for `pooled_text`."""
-    return _first_layer_prefix(text_model.encoder, text_model.embeddings(input_ids=input_ids))
+    return _first_layer_prefix(text_model.encoder, text_model.embeddings(input_ids))
 
 
-def image_prefix(vision_model: CLIPVisionModel, pixel_values: torch.Tensor) -> torch.Tensor:
+def image_prefix(vision_model: ClipVisionTower, pixel_values: torch.Tensor) -> torch.Tensor:
     """The vision tower's first-layer prefix of images: ``[B, P, 5·D]``, for `pooled_image`."""
     return _first_layer_prefix(vision_model.encoder, _image_rows(vision_model, pixel_values))
 
 
 def _from_prefix(
-    attention: CLIPAttention, prefix: torch.Tensor
+    attention: ClipAttention, prefix: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The first layer's input and its q, k and v from prefix rows (`title_prefix`, `image_prefix`): each adapter adds its
     part to the stored base output; a plain ``nn.Linear`` is the base output."""
@@ -279,13 +235,13 @@ def _from_prefix(
 
 
 def _prefixed_layer(
-    layer: CLIPEncoderLayer, prefix: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+    layer: ClipEncoderLayer, prefix: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
 ) -> torch.Tensor:
-    """HF's ``CLIPEncoderLayer`` on ``[B, L, D]`` rows, started from their prefix rows ``[B, L, 5·D]``."""
+    """A ``ClipEncoderLayer`` on ``[B, L, D]`` rows, started from their prefix rows ``[B, L, 5·D]``."""
     attention = layer.self_attn
     hidden, projected = _from_prefix(attention, prefix)
     queries, keys, values = (_padded_heads(part, attention.num_heads) for part in projected)
-    attended = _attend(attention, queries, keys, values, mask, is_causal)
+    attended = attend(attention, queries, keys, values, mask, is_causal)[0]
     hidden = hidden + attention.out_proj(attended.reshape(hidden.shape))
     return hidden + layer.mlp(layer.layer_norm2(hidden))
 
@@ -295,7 +251,7 @@ Heads = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def _last_layer(
-    layer: CLIPEncoderLayer,
+    layer: ClipEncoderLayer,
     residual: torch.Tensor,
     normed: torch.Tensor,
     rows: torch.Tensor,
@@ -315,20 +271,19 @@ def _last_layer(
     return _pooled_layer(layer, residual, normed, keys, values, key_mask)
 
 
-def _folds(attention: CLIPAttention, rows: torch.Tensor) -> bool:
+def _folds(attention: ClipAttention, rows: torch.Tensor) -> bool:
     """Whether `_folded_layer` serves this attention: the engine's CPU attention (outside torch.compile), a
     plain ``k_proj`` and a plain or low-rank (LoRA) ``v_proj``."""
     return (
         rows.device.type == "cpu"
         and not torch.compiler.is_compiling()
-        and attention.config._attn_implementation == ATTENTION
         and isinstance(attention.k_proj, nn.Linear)
         and isinstance(attention.v_proj, (nn.Linear, LowRank))
     )
 
 
 def _folded_layer(
-    layer: CLIPEncoderLayer,
+    layer: ClipEncoderLayer,
     residual: torch.Tensor,
     normed: torch.Tensor,
     rows: torch.Tensor,
@@ -370,7 +325,7 @@ def _folded_layer(
 
 
 def _pooled_layer(
-    layer: CLIPEncoderLayer,
+    layer: ClipEncoderLayer,
     residual: torch.Tensor,
     normed: torch.Tensor,
     keys: torch.Tensor,
@@ -383,14 +338,14 @@ def _pooled_layer(
     attention = layer.self_attn
     batch, width = residual.shape
     queries = _padded_heads(attention.q_proj(normed.unsqueeze(1)), attention.num_heads)
-    attended = _attend(attention, queries, keys, values, key_mask, is_causal=False)
+    attended = attend(attention, queries, keys, values, key_mask, is_causal=False)[0]
     pooled = residual.unsqueeze(1) + attention.out_proj(attended.reshape(batch, 1, width))
     pooled = pooled + layer.mlp(layer.layer_norm2(pooled))
     return pooled[:, 0]
 
 
 def _packed_layer(
-    layer: CLIPEncoderLayer, rows: torch.Tensor, packing: TitleRows, mask: torch.Tensor | None
+    layer: ClipEncoderLayer, rows: torch.Tensor, packing: TitleRows, mask: torch.Tensor | None
 ) -> torch.Tensor:
     """``layer`` on packed title rows ``[T, D]``: row-wise work on the rows, attention on the padded batch."""
     normed = layer.layer_norm1(rows)
@@ -399,7 +354,7 @@ def _packed_layer(
 
 
 def _packed_rest(
-    layer: CLIPEncoderLayer,
+    layer: ClipEncoderLayer,
     rows: torch.Tensor,
     projected: tuple[torch.Tensor, ...],
     packing: TitleRows,
@@ -408,12 +363,12 @@ def _packed_rest(
     """`_packed_layer` from its packed input ``rows`` and their q, k and v."""
     attention = layer.self_attn
     queries, keys, values = (packing.heads(part, attention.num_heads) for part in projected)
-    attended = packing.unheads(_attend(attention, queries, keys, values, mask, is_causal=True))
+    attended = packing.unheads(attend(attention, queries, keys, values, mask, is_causal=True)[0])
     rows = rows + attention.out_proj(attended)
     return rows + layer.mlp(layer.layer_norm2(rows))
 
 
-def _before_last(encoder: CLIPEncoder, from_prefix: bool) -> tuple[list[CLIPEncoderLayer], CLIPEncoderLayer]:
+def _before_last(encoder: ClipEncoder, from_prefix: bool) -> tuple[list[ClipEncoderLayer], ClipEncoderLayer]:
     """`_layers`, checking that a tower started ``from_prefix`` has a first layer before its last."""
     layers, last = _layers(encoder)
     if from_prefix and not layers:
@@ -422,24 +377,20 @@ def _before_last(encoder: CLIPEncoder, from_prefix: bool) -> tuple[list[CLIPEnco
 
 
 def pooled_text(
-    text_model: CLIPTextModel,
+    text_model: ClipTextTower,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     packing: TitleRows | None = None,
     prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``text_model(input_ids, attention_mask).pooler_output`` of a CLIPTextModel (EOS rows, final norm);
+    """``text_model(input_ids, attention_mask).pooler_output`` of a ClipTextTower (EOS rows, final norm);
     with ``packing`` (`title_rows` of the same batch) the tower runs on its packed rows. With ``prefix``
     (the titles' `title_prefix` rows: ``[T, 5·D]`` packed, else ``[B, L, 5·D]``) neither the
     embeddings nor the first layer's frozen start run."""
     batch, width = input_ids.shape
     layers, last = _before_last(text_model.encoder, prefix is not None)
-    if prefix is None:
-        hidden = text_model.embeddings(input_ids=input_ids)
-    else:  # the mask reads only the embeddings' shape, dtype and device
-        hidden = prefix.new_empty(()).expand(batch, width, prefix.shape[-1] // PREFIX_PARTS)
-    mask = create_causal_mask(config=text_model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None)
-    positions = eos_positions(input_ids, text_eos_token_id(text_model.config))
+    mask = text_attention_mask(attention_mask, width)
+    positions = eos_positions(input_ids, text_model.config.eos_token_id)
     # The EOS query sees the keys up to its own position that the padding mask keeps.
     columns = torch.arange(width, device=input_ids.device)
     keys_seen = columns <= positions.unsqueeze(1)
@@ -447,7 +398,9 @@ def pooled_text(
         keys_seen = keys_seen & attention_mask.bool()
     key_mask = keys_seen[:, None, None, :]
     if packing is None:
-        if prefix is not None:
+        if prefix is None:
+            hidden = text_model.embeddings(input_ids)
+        else:
             hidden = _prefixed_layer(layers[0], prefix, mask, is_causal=True)
             layers = layers[1:]
         for layer in layers:
@@ -457,7 +410,7 @@ def pooled_text(
         pooled = _last_layer(last, hidden[rows, positions], normed[rows, positions], normed, _padded_heads, key_mask)
     else:
         if prefix is None:
-            packed = packing.pack(hidden)
+            packed = packing.pack(text_model.embeddings(input_ids))
         else:
             packed, projected = _from_prefix(layers[0].self_attn, prefix)
             packed = _packed_rest(layers[0], packed, projected, packing, mask)
@@ -470,9 +423,9 @@ def pooled_text(
 
 
 def pooled_image(
-    vision_model: CLIPVisionModel, pixel_values: torch.Tensor | None, prefix: torch.Tensor | None = None
+    vision_model: ClipVisionTower, pixel_values: torch.Tensor | None, prefix: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``vision_model(pixel_values).pooler_output`` of a CLIPVisionModel (class token, post-layernorm); with
+    """``vision_model(pixel_values).pooler_output`` of a ClipVisionTower (class token, post-layernorm); with
     ``prefix`` (the images' `image_prefix` rows ``[B, P, 5·D]``) the pixels are not read."""
     layers, last = _before_last(vision_model.encoder, prefix is not None)
     if prefix is not None:
@@ -488,6 +441,6 @@ def pooled_image(
     return vision_model.post_layernorm(_last_layer(last, hidden[:, 0], normed[:, 0], normed, _padded_heads, None))
 
 
-def _image_rows(vision_model: CLIPVisionModel, pixel_values: torch.Tensor) -> torch.Tensor:
+def _image_rows(vision_model: ClipVisionTower, pixel_values: torch.Tensor) -> torch.Tensor:
     """The vision tower's first-layer input ``[B, P, D]``: patch and class embeddings, pre-norm."""
     return vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))

@@ -1,7 +1,8 @@
-"""A tiny CLIP for tests and the demo: the real `transformers.CLIPModel`, pretrained on demo-style pairs.
+"""A tiny CLIP for tests and the demo: an HF ``CLIPModel`` checkpoint, pretrained on demo-style pairs.
 
-Both towers are HF's own classes built from `tiny_clip_config`, so LoRA/(IA)3 injection, hidden-state
-caching and EOS pooling behave as with ``openai/clip-vit-base-patch32``. Text goes through
+Both towers are CLIP's own architecture built from `tiny_clip_config`, so LoRA/(IA)3 injection,
+hidden-state caching and EOS pooling behave as with ``openai/clip-vit-base-patch32``. Pretraining uses
+transformers' ``CLIPModel`` (imported only there); the engine loads the result as any HF checkpoint. Text goes through
 `HashWordTokenizer`, which accepts any UTF-8 string without a vocabulary file. The weights are
 pretrained contrastively (CLIP's InfoNCE) on freshly rendered image–title pairs covering every
 domain/aspect combination of the demo world (`perpeft.engine.data.demo`), and shipped in
@@ -21,12 +22,13 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import CLIPConfig, CLIPModel
 
+from perpeft.engine.clip.model import ClipConfig, TextConfig, VisionConfig
 from perpeft.engine.clip.preprocess import normalize_pixels, preprocess_image
 from perpeft.engine.data.demo import ASPECT_VALUES, DOMAIN_NAMES, NOUNS, item_title, render_item
 from perpeft.engine.runtime.atomic import replace_directory, temporary_directory_beside
@@ -108,21 +110,32 @@ class HashWordTokenizer:
         return cls(vocab_size=data["vocab_size"], max_length=data["max_length"])
 
 
-def tiny_clip_config(tokenizer: HashWordTokenizer | None = None) -> CLIPConfig:
+def tiny_clip_config(tokenizer: HashWordTokenizer | None = None) -> ClipConfig:
     """A CLIP small enough to train inside CPU tests: 32 px images, 8 px patches, 2×64-d layers per tower."""
     tokenizer = tokenizer or HashWordTokenizer()
-    tower = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
-    text = {
-        **tower,
-        "vocab_size": tokenizer.vocab_size,
-        "max_position_embeddings": tokenizer.max_length,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "projection_dim": 32,
+    tower: dict[str, Any] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
     }
-    vision = {**tower, "image_size": IMAGE_SIZE, "patch_size": 8, "projection_dim": 32}
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    text = TextConfig(
+        **tower,
+        vocab_size=tokenizer.vocab_size,
+        max_position_embeddings=tokenizer.max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = VisionConfig(**tower, image_size=IMAGE_SIZE, patch_size=8)
+    return ClipConfig(text, vision, projection_dim=32)
+
+
+def hf_clip(config: ClipConfig) -> Any:
+    """A freshly initialised transformers ``CLIPModel`` of ``config`` (HF's initialisation)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    return CLIPModel(CLIPConfig.from_dict(config.to_dict()))
 
 
 def render_pairs(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -144,10 +157,8 @@ def render_pairs(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
 
 
 @torch.no_grad()
-def image_to_text_accuracy(
-    model: CLIPModel, tokenizer: HashWordTokenizer, pixels: np.ndarray, titles: list[str]
-) -> float:
-    """Top-1 image→text retrieval accuracy of ``model`` among the given pairs."""
+def image_to_text_accuracy(model: Any, tokenizer: HashWordTokenizer, pixels: np.ndarray, titles: list[str]) -> float:
+    """Top-1 image→text retrieval accuracy of ``model`` (a transformers ``CLIPModel``) among the given pairs."""
     input_ids, attention_mask = tokenizer(titles)
     out = model(
         input_ids=torch.from_numpy(input_ids),
@@ -177,7 +188,7 @@ def pretrain_tiny_clip(out_dir: Path, seed: int = 0, steps: int = PRETRAIN_STEPS
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
-        model = CLIPModel(tiny_clip_config(tokenizer))
+        model = hf_clip(tiny_clip_config(tokenizer))
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
         warmup = max(1, steps // 20)
         schedule = torch.optim.lr_scheduler.LambdaLR(

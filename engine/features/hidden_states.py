@@ -29,10 +29,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPModel
 
-from perpeft.engine.clip.loading import ClipBundle, tower_configs
-from perpeft.engine.clip.pooled import eos_positions, text_eos_token_id
+from perpeft.engine.clip.loading import ClipBundle
+from perpeft.engine.clip.model import ClipConfig, ClipModel, eos_positions
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.features.inputs import ItemInputs
 from perpeft.engine.runtime.atomic import atomic_write_bytes, temporary_directory_beside
@@ -51,15 +50,10 @@ def hidden_layer_indices(num_layers: int, count: int) -> list[int]:
     return [k * num_layers // (count - 1) for k in range(count)]
 
 
-def iisan_state_count(config: CLIPConfig) -> int:
+def iisan_state_count(config: ClipConfig) -> int:
     """Hidden states cached per tower: 7, or every state of the shallower tower when it has fewer."""
-    text_config, vision_config = tower_configs(config)
-    return min(MAX_STATES, text_config.num_hidden_layers + 1, vision_config.num_hidden_layers + 1)
-
-
-def eos_token_id(config: CLIPConfig) -> int:
-    """The text tower's EOS token id of a whole CLIP config (`text_eos_token_id`)."""
-    return text_eos_token_id(tower_configs(config)[0])
+    depths = (config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers)
+    return min(MAX_STATES, *(depth + 1 for depth in depths))
 
 
 @dataclass
@@ -89,7 +83,7 @@ class HiddenStates:
         return text, image
 
 
-def clip_fingerprint(model: CLIPModel) -> str:
+def clip_fingerprint(model: ClipModel) -> str:
     """sha256 of a CLIP's config and weights.
 
     A model loaded from a directory is hashed once per version of its checkpoint files (resolved path,
@@ -142,7 +136,7 @@ def _build_hidden_states(
 ) -> None:
     model = bundle.model.eval()
     config = model.config
-    text_config, vision_config = tower_configs(config)
+    text_config, vision_config = config.text_config, config.vision_config
     count = iisan_state_count(config)
     text_layers = hidden_layer_indices(text_config.num_hidden_layers, count)
     vision_layers = hidden_layer_indices(vision_config.num_hidden_layers, count)
@@ -184,7 +178,7 @@ def _build_hidden_states(
 
 @torch.no_grad()
 def _encode(
-    model: CLIPModel,
+    model: ClipModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     pixel_values: torch.Tensor,
@@ -195,7 +189,7 @@ def _encode(
     text = model.text_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     vision = model.vision_model(pixel_values=pixel_values, output_hidden_states=True)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    eos = eos_positions(input_ids, eos_token_id(model.config))
+    eos = eos_positions(input_ids, model.text_model.config.eos_token_id)
     return (
         torch.stack([text.hidden_states[layer][rows, eos] for layer in text_layers], dim=1),
         torch.stack([vision.hidden_states[layer][:, 0] for layer in vision_layers], dim=1),
@@ -235,34 +229,23 @@ def _map_safetensors(path: Path, mode: Literal["r", "r+"]) -> dict[str, np.memma
     return arrays
 
 
-def _checkpoint_files(model: CLIPModel) -> list[Path]:
+def _checkpoint_files(model: ClipModel) -> list[Path]:
     """Config and weight files of the directory the model was loaded from (none for an in-memory model)."""
-    directory = Path(model.name_or_path) if model.name_or_path else None
+    directory = model.source
     if directory is None or not directory.is_dir():
         return []
     return sorted(path for path in directory.iterdir() if path.name == "config.json" or path.suffix in WEIGHT_SUFFIXES)
 
 
-def _config_json(model: CLIPModel) -> str:
-    """The model config without bookkeeping (private keys, the transformers version)."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {
-                key: clean(item)
-                for key, item in value.items()
-                if not str(key).startswith("_") and key != "transformers_version"
-            }
-        return value
-
-    return json.dumps(clean(model.config.to_dict()), sort_keys=True, default=str)
+def _config_json(model: ClipModel) -> str:
+    return json.dumps(model.config.to_dict(), sort_keys=True)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def _hash_model(model: CLIPModel) -> str:
+def _hash_model(model: ClipModel) -> str:
     digest = hashlib.sha256(_config_json(model).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
@@ -270,7 +253,7 @@ def _hash_model(model: CLIPModel) -> str:
     return digest.hexdigest()
 
 
-def _weight_sample(model: CLIPModel) -> bytes:
+def _weight_sample(model: ClipModel) -> bytes:
     """Config plus ~64 evenly strided values of every tensor: cheap, and catches weights changed in memory."""
     parts = [_config_json(model).encode()]
     for name, tensor in sorted(model.state_dict().items()):

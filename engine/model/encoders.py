@@ -8,14 +8,13 @@ import torch
 from torch import nn
 
 from perpeft.engine.clip.layers import prepare_clip
-from perpeft.engine.clip.loading import ClipBundle, projection_width, tower_configs
+from perpeft.engine.clip.loading import ClipBundle
 from perpeft.engine.clip.pooled import (
     PREFIX_PARTS,
     image_prefix,
     packed_title_rows,
     pooled_image,
     pooled_text,
-    text_eos_token_id,
     title_prefix,
 )
 from perpeft.engine.clip.preprocess import normalize_pixels
@@ -120,12 +119,12 @@ class GroupedClipEncoder(nn.Module):
     @property
     def out_features(self) -> int:
         """Width of concat(image_embeds, text_embeds) (or of the one kept), the projector's input."""
-        return len(self.modalities) * projection_width(self.clip.config)
+        return len(self.modalities) * self.clip.config.projection_dim
 
     @property
     def modality_columns(self) -> dict[str, slice]:
         """Which output columns come from the image and which from the title, in ``present`` order."""
-        return modality_columns(self.modalities, projection_width(self.clip.config))
+        return modality_columns(self.modalities, self.clip.config.projection_dim)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Only the adapter parameters (what training changes), keyed by module path."""
@@ -154,7 +153,7 @@ class GroupedClipEncoder(nn.Module):
                 parts.append(self.clip.visual_projection(pooled))
             if "title" in self.modalities:
                 text_model = self.clip.text_model
-                packing = packed_title_rows(input_ids, attention_mask, text_eos_token_id(text_model.config))
+                packing = packed_title_rows(input_ids, attention_mask, text_model.config.eos_token_id)
                 rows = None if prefix is None else prefix.title(packing, input_ids.shape[1])
                 with self.context.packed(None if packing is None else packing.lengths):
                     pooled = pooled_text(text_model, input_ids, attention_mask, packing, rows)
@@ -169,14 +168,13 @@ class GroupedClipEncoder(nn.Module):
         """Every item's frozen first-layer prefix in both towers (`engine.model.prefix`), computed in chunks
         of ``chunk`` items on this encoder's device; None when a tower has a single layer (its only layer
         is the pooled one) or the prefix would take more than ``PREFIX_BYTES_AT_MOST``."""
-        text_config, vision_config = tower_configs(self.clip.config)
+        text_config, vision_config = self.clip.config.text_config, self.clip.config.vision_config
         items = inputs.present.shape[0]
         width = int(inputs.text_widths.max())
-        image_size, patch_size = vision_config.image_size, vision_config.patch_size
-        if not isinstance(image_size, int) or not isinstance(patch_size, int):
-            return None  # loading refuses non-square images; a config built elsewhere runs from the pixels
-        patches = (image_size // patch_size) ** 2 + 1  # and the class token
-        shapes = {"title": (width, text_config.hidden_size), "image": (patches, vision_config.hidden_size)}
+        shapes = {
+            "title": (width, text_config.hidden_size),
+            "image": (vision_config.positions, vision_config.hidden_size),
+        }
         depths = {"title": text_config.num_hidden_layers, "image": vision_config.num_hidden_layers}
         if any(depths[name] < 2 for name in self.modalities):
             return None

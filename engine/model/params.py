@@ -4,9 +4,9 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from transformers import CLIPConfig, CLIPModel
 
-from perpeft.engine.clip.loading import architecture_config, projection_width, tower_configs
+from perpeft.engine.clip.loading import architecture_config
+from perpeft.engine.clip.model import ClipConfig, ClipModel, read_clip_config
 from perpeft.engine.config.run_config import LoraSettings, ResolvedConfig
 from perpeft.engine.errors import InputError
 from perpeft.engine.features.hidden_states import iisan_state_count
@@ -16,13 +16,11 @@ from perpeft.engine.model.encoders import inject_adapters
 from perpeft.engine.model.recommender import Recommender
 
 
-def clip_config(spec: str) -> CLIPConfig:
+def clip_config(spec: str) -> ClipConfig:
     """An architecture alias (``vit-b-32``, ``tiny``) or the ``config.json`` of a local CLIP directory."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise InputError(f"{path}: not a CLIP checkpoint directory (no config.json)")
-        return CLIPConfig.from_pretrained(path)
+        return read_clip_config(path)
     return architecture_config(spec)
 
 
@@ -47,17 +45,17 @@ def parameter_counts(
     catalog has items without an image or title; CLIP-based PEFT only) in ``projector_per_group``."""
     config = clip_config(clip)
     with torch.device("meta"):
-        model = CLIPModel(config)
+        model = ClipModel(config)
         frozen = _count(model)
         if peft == "iisan":
-            text, vision = tower_configs(config)
+            text, vision = config.text_config, config.vision_config
             side = GroupedIISAN(1, text.hidden_size, vision.hidden_size, iisan_state_count(config))
             peft_per_group, multimodal_dim = _count(side), side.out_features
         else:
             model.requires_grad_(False)
             inject_adapters(model, peft, 1, GroupContext(), LoraSettings(rank=lora_rank))
-            peft_per_group, multimodal_dim = _count(model, trainable_only=True), 2 * projection_width(config)
-        width = projection_width(config)
+            peft_per_group, multimodal_dim = _count(model, trainable_only=True), 2 * config.projection_dim
+        width = config.projection_dim
         placeholders = (
             {"image": slice(0, width), "title": slice(width, 2 * width)}
             if missing_modalities and peft != "iisan"

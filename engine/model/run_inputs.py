@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from perpeft.engine.clip.loading import ClipBundle, load_clip, projection_width
+from perpeft.engine.clip.loading import ClipBundle, load_clip
 from perpeft.engine.config.choices import MODALITIES
 from perpeft.engine.config.methods import method_of
 from perpeft.engine.config.run_config import RunConfig
@@ -70,7 +70,7 @@ def encode_frozen(
     for chunk in tqdm(items.split(config.encode_batch_size), desc="frozen CLIP", disable=not progress, leave=False):
         parts.append(encoder(*inputs.batch(chunk, device), RowGroups.one(0, chunk.shape[0], 1, device)).float().cpu())
     features = torch.cat(parts)
-    width = projection_width(bundle.model.config)
+    width = bundle.model.config.projection_dim
     return (lambda groups: FrozenFeatures(features, encoder.modalities, width)), ItemIds(inputs)
 
 

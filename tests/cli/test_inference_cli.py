@@ -8,11 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from peft import PeftModel
+from transformers import CLIPModel
 
 from perpeft.cli.inference import embed, evaluate, export, recommend
 from perpeft.cli.main import cli
-from perpeft.engine.clip.loading import load_clip
 from perpeft.engine.clip.preprocess import normalize_pixels
+from perpeft.engine.clip.tiny import TINY_CLIP_DIR
 from perpeft.engine.data.sources import run_dataset
 from perpeft.engine.model.groups import RowGroups
 from perpeft.engine.model.run_inputs import load_run_inputs
@@ -117,7 +118,8 @@ def test_export_loads_in_peft_and_refuses_iisan(demo_run, tmp_path, assert_one_l
     run_inputs = load_run_inputs(run.config, run_dataset(run.config), progress=False)
     model = load_model(run, run.best_checkpoint("perpeft"), 2, run_inputs.dataset.num_items, run_inputs)
     input_ids, attention_mask, pixels = run_inputs.inputs.batch(torch.arange(1, 9), torch.device("cpu"))
-    reference = PeftModel.from_pretrained(load_clip(run.config.clip).model, out)
+    assert run.config.clip == "tiny"
+    reference = PeftModel.from_pretrained(CLIPModel.from_pretrained(TINY_CLIP_DIR), out)
     with torch.no_grad():
         ours = model.encoder(input_ids, attention_mask, pixels, RowGroups.one(1, 8, 2, torch.device("cpu")))
         pixel_values = normalize_pixels(pixels, model.encoder.image_mean, model.encoder.image_std)

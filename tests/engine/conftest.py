@@ -1,12 +1,27 @@
 """Shared fixtures: a small random-weight CLIP and its bundle."""
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
 from perpeft.engine.clip.loading import ClipBundle
+from perpeft.engine.clip.model import ClipConfig, ClipModel, clip_from_state
 from perpeft.engine.clip.tiny import CLIP_MEAN, CLIP_STD
+
+
+def engine_clip(model: CLIPModel) -> ClipModel:
+    """The engine's CLIP holding a copy of a transformers ``CLIPModel``'s weights (HF's random initialisation)."""
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    return clip_from_state(ClipConfig.from_dict(model.config.to_dict()), state)
+
+
+@pytest.fixture(scope="session")
+def to_engine_clip() -> Callable[[CLIPModel], ClipModel]:
+    """`engine_clip`, for tests that build their own transformers CLIP."""
+    return engine_clip
 
 
 def small_clip_config() -> CLIPConfig:
@@ -44,7 +59,13 @@ def small_tokenizer(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture
-def small_bundle() -> ClipBundle:
+def small_hf_clip() -> CLIPModel:
+    """A small random transformers CLIP (the reference: `small_bundle` holds its weights)."""
     torch.manual_seed(0)
-    model = CLIPModel(small_clip_config()).eval()
+    return CLIPModel(small_clip_config()).eval()
+
+
+@pytest.fixture
+def small_bundle(small_hf_clip: CLIPModel) -> ClipBundle:
+    model = engine_clip(small_hf_clip).eval()
     return ClipBundle(model, small_tokenizer, "small-test", 16, CLIP_MEAN, CLIP_STD, "small-test")

@@ -1,5 +1,6 @@
-"""CLIP's rewritten layers (bmm attention, QuickGELU folded into SiLU) and pooled towers (the last layer at the
-pooled position only, titles on packed rows) equal stock HF CLIP, forward and backward."""
+"""The engine's CLIP with its rewritten layers (QuickGELU folded into SiLU, frozen layers through oneDNN) and
+pooled towers (the last layer at the pooled position only, titles on packed rows) equal stock HF CLIP,
+forward and backward."""
 
 import copy
 from collections.abc import Callable
@@ -8,8 +9,10 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from perpeft.engine.clip.layers import QUICK_GELU_SLOPE, fold_quick_gelu, prepare_clip
-from perpeft.engine.clip.pooled import eos_positions, packed_title_rows, pooled_image, pooled_text, title_rows
+from perpeft.engine.clip import pooled as pooled_module
+from perpeft.engine.clip.layers import fold_quick_gelu, prepare_clip
+from perpeft.engine.clip.model import QUICK_GELU_SLOPE, ClipModel, eos_positions
+from perpeft.engine.clip.pooled import packed_title_rows, pooled_image, pooled_text, title_rows
 
 TOKENS, BOS, EOS, VOCAB, LAYERS = 20, 60, 61, 62, 2
 
@@ -39,14 +42,20 @@ def titles(lengths: list[int], left_padded: bool = False) -> tuple[torch.Tensor,
 
 
 @pytest.fixture(scope="module")
-def models() -> tuple[CLIPModel, CLIPModel]:
+def models(to_engine_clip: Callable[[CLIPModel], ClipModel]) -> tuple[CLIPModel, ClipModel]:
     stock = random_clip().train()
-    rewritten = copy.deepcopy(stock)
+    rewritten = to_engine_clip(stock).train()
     prepare_clip(rewritten)
     return stock, rewritten
 
 
-def features(model: CLIPModel, ids: torch.Tensor, mask: torch.Tensor | None, pixels: torch.Tensor) -> torch.Tensor:
+def features(
+    model: CLIPModel | ClipModel, ids: torch.Tensor, mask: torch.Tensor | None, pixels: torch.Tensor
+) -> torch.Tensor:
+    """concat(text, image) projected features: HF's ``get_*_features``, or the engine CLIP's towers projected."""
+    if isinstance(model, ClipModel):
+        text = model.text_projection(model.text_model(ids, mask).pooler_output)
+        return torch.cat([text, model.visual_projection(model.vision_model(pixels).pooler_output)], dim=-1)
     text = model.get_text_features(input_ids=ids, attention_mask=mask)
     image = model.get_image_features(pixel_values=pixels)
     return torch.cat([getattr(text, "pooler_output", text), getattr(image, "pooler_output", image)], dim=-1)
@@ -73,7 +82,7 @@ def outputs_and_grads(
 
 
 @pytest.mark.parametrize("padding", ["right, no mask", "right, mask", "left, mask"])
-def test_rewritten_clip_gives_stock_features_and_gradients(models: tuple[CLIPModel, CLIPModel], padding: str) -> None:
+def test_rewritten_clip_gives_stock_features_and_gradients(models: tuple[CLIPModel, ClipModel], padding: str) -> None:
     stock, rewritten = models
     ids, mask, pixels = padded_batch(padding)
     weights = torch.randn(5, 48, generator=torch.Generator().manual_seed(3))
@@ -91,57 +100,59 @@ def test_rewritten_clip_gives_stock_features_and_gradients(models: tuple[CLIPMod
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
-def test_fully_masked_rows_match_sdpa(models: tuple[CLIPModel, CLIPModel]) -> None:
+def test_fully_masked_rows_match_sdpa(models: tuple[CLIPModel, ClipModel]) -> None:
     """Left padding: the first query rows may attend to nothing; SDPA gives them zero attention, and so must
     the rewrite (a pad-as-EOS CLIP pools such a row)."""
     stock, rewritten = models
     ids, mask = titles([3, 20], left_padded=True)
     with torch.no_grad():
         expected = stock.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        actual = rewritten.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        actual = rewritten.text_model(ids, mask).last_hidden_state
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_weights_equal_eager(models: tuple[CLIPModel, CLIPModel]) -> None:
+def test_attention_weights_equal_eager(models: tuple[CLIPModel, ClipModel]) -> None:
     stock, rewritten = models
     ids, mask = titles([4, 11, 7])
     eager = copy.deepcopy(stock).eval()
     eager.set_attn_implementation("eager")
     with torch.no_grad():
         expected = eager.text_model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
-        actual = rewritten.eval().text_model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        actual = rewritten.eval().text_model(ids, mask, output_attentions=True).attentions
     rewritten.train()
-    assert len(actual) == LAYERS
+    assert actual is not None and len(actual) == LAYERS
     for got, want in zip(actual, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_only_quick_gelu_mlps_are_folded() -> None:
-    assert fold_quick_gelu(random_clip("quick_gelu")) == 2 * LAYERS
-    assert fold_quick_gelu(random_clip("gelu")) == 0
+def test_only_quick_gelu_mlps_are_folded(to_engine_clip: Callable[[CLIPModel], ClipModel]) -> None:
+    assert fold_quick_gelu(to_engine_clip(random_clip("quick_gelu"))) == 2 * LAYERS
+    assert fold_quick_gelu(to_engine_clip(random_clip("gelu"))) == 0
 
 
-def pooled(model: CLIPModel, ids: torch.Tensor, mask: torch.Tensor | None, pixels: torch.Tensor, tower: str):
-    """concat(text, image) pooled outputs: HF's towers (``full``) or `pooled_text` (``padded`` or ``packed``
+def pooled(model: ClipModel, ids: torch.Tensor, mask: torch.Tensor | None, pixels: torch.Tensor, tower: str):
+    """concat(text, image) pooled outputs: the full towers (``full``) or `pooled_text` (``padded`` or ``packed``
     rows) and `pooled_image`."""
     if tower == "full":
-        text = model.text_model(input_ids=ids, attention_mask=mask).pooler_output
-        return torch.cat([text, model.vision_model(pixel_values=pixels).pooler_output], dim=-1)
+        text = model.text_model(ids, mask).pooler_output
+        return torch.cat([text, model.vision_model(pixels).pooler_output], dim=-1)
     packing = title_rows(ids, mask, EOS) if tower == "packed" else None
     text = pooled_text(model.text_model, ids, mask, packing)
     return torch.cat([text, pooled_image(model.vision_model, pixels)], dim=-1)
 
 
 @pytest.mark.parametrize("tower", ["padded", "packed"])
-@pytest.mark.parametrize("attention", ["perpeft", "sdpa", "eager"])
+@pytest.mark.parametrize("folded", [True, False])
 @pytest.mark.parametrize("padding", ["right, no mask", "right, mask", "left, mask", "left, pad 0, mask"])
 def test_pooled_towers_equal_full_towers(
-    models: tuple[CLIPModel, CLIPModel], padding: str, attention: str, tower: str
+    models: tuple[CLIPModel, ClipModel], padding: str, folded: bool, tower: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The last layer run at the pooled position only, on padded or packed title rows, gives the full
-    tower's pooled outputs and gradients."""
+    """The last layer run at the pooled position only (its keys and values folded into the query, or
+    projected at every position), on padded or packed title rows, gives the full tower's pooled outputs and
+    gradients."""
     model = copy.deepcopy(models[1])
-    model.set_attn_implementation(attention)
+    if not folded:
+        monkeypatch.setattr(pooled_module, "_folds", lambda attention, rows: False)
     ids, mask, pixels = padded_batch(padding)
     weights = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
     out_full, grads_full = outputs_and_grads(model, lambda: pooled(model, ids, mask, pixels, "full"), weights)
@@ -157,7 +168,7 @@ def test_pooled_towers_equal_full_towers(
         if grad is None:
             # The last layer's key bias adds q·b_k to every score of a query, which the softmax cancels: its
             # gradient is zero, float noise in the full tower; the folded pooled layer never reads it.
-            assert attention == "perpeft" and name.endswith("layers.1.self_attn.k_proj.bias"), name
+            assert folded and name.endswith("layers.1.self_attn.k_proj.bias"), name
             assert float(expected.abs().max()) < 1e-5 * scale, name
             continue
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6 * scale, msg=name)

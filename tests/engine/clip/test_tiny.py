@@ -13,6 +13,7 @@ from perpeft.engine.clip.tiny import (
     TINY_CLIP_DIR,
     TOKENIZER_FILE,
     HashWordTokenizer,
+    hf_clip,
     image_to_text_accuracy,
     pretrain_tiny_clip,
     render_pairs,
@@ -100,7 +101,7 @@ def test_shipped_weights_retrieve_held_out_pairs(shipped: tuple[CLIPModel, HashW
     # Measured 0.930 on these 512 pairs (chance 0.002, ceiling ~0.94 from look-alike pairs).
     accuracy = image_to_text_accuracy(*shipped, *render_pairs(512, seed=2024))
     assert accuracy > 0.8
-    untrained = CLIPModel(tiny_clip_config()).eval()
+    untrained = hf_clip(tiny_clip_config()).eval()
     assert image_to_text_accuracy(untrained, shipped[1], *render_pairs(512, seed=2024)) < 0.1
 
 
@@ -111,7 +112,7 @@ def test_pretraining_is_deterministic_and_writes_a_loadable_folder(tmp_path: Pat
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     torch.manual_seed(0)
-    initial = CLIPModel(tiny_clip_config()).state_dict()
+    initial = hf_clip(tiny_clip_config()).state_dict()
     assert not torch.equal(a["text_projection.weight"], initial["text_projection.weight"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     CLIPModel.from_pretrained(first)

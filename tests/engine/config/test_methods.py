@@ -6,9 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import CLIPModel
 
 from perpeft.engine.clip.loading import load_clip
 from perpeft.engine.clip.preprocess import normalize_pixels
+from perpeft.engine.clip.tiny import TINY_CLIP_DIR
 from perpeft.engine.config.methods import METHODS
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.data.sources import load_dataset, run_dataset
@@ -99,8 +101,9 @@ def test_encoder_output_equals_clipmodel_and_drops_a_tower(small_demo: Path) -> 
     ids, mask, pixels = inputs.batch(items, CPU)
     groups = RowGroups.one(0, 8, 1, CPU)
     both = GroupedClipEncoder(bundle, "lora", 1).eval()
+    stock = CLIPModel.from_pretrained(TINY_CLIP_DIR).eval()
     with torch.no_grad():
-        output = bundle.model(
+        output = stock(
             input_ids=ids,
             attention_mask=mask,
             pixel_values=normalize_pixels(pixels, both.image_mean, both.image_std),

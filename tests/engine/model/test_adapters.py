@@ -33,8 +33,9 @@ def _randomise(encoder: GroupedClipEncoder) -> None:
             )
 
 
-def _peft_model(bundle, peft: str, encoder: GroupedClipEncoder, group: int):
-    base = copy.deepcopy(bundle.model)
+def _peft_model(stock, peft: str, encoder: GroupedClipEncoder, group: int):
+    """HF peft on the transformers CLIP ``stock``, with ``group``'s adapter weights of ``encoder``."""
+    base = copy.deepcopy(stock)
     if peft == "lora":
         config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     else:
@@ -56,7 +57,7 @@ def _peft_model(bundle, peft: str, encoder: GroupedClipEncoder, group: int):
 
 @pytest.mark.parametrize("frozen_layers", ["reference", "onednn"])
 @pytest.mark.parametrize("peft", ["lora", "ia3"])
-def test_grouped_adapter_matches_peft_per_group(small_bundle, peft, frozen_layers, monkeypatch):
+def test_grouped_adapter_matches_peft_per_group(small_bundle, small_hf_clip, peft, frozen_layers, monkeypatch):
     """Also with every frozen layer through oneDNN (`perpeft.kernels.frozen`, however few its rows): the
     adapters' gradients then pass through its written-out input gradients."""
     gemms = []
@@ -81,7 +82,7 @@ def test_grouped_adapter_matches_peft_per_group(small_bundle, peft, frozen_layer
     checked = 0
     for group in range(GROUPS):
         rows = groups.host == group
-        reference_model = _peft_model(bundle, peft, encoder, group)
+        reference_model = _peft_model(small_hf_clip, peft, encoder, group)
         output = reference_model(
             input_ids=input_ids[rows],
             attention_mask=attention_mask[rows],

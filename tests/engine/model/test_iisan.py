@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from transformers import CLIPModel
-from transformers.models.clip import modeling_clip
 
+from perpeft.engine.clip.model import ClipEncoderLayer, load_clip_model
 from perpeft.engine.clip.preprocess import normalize_pixels
 from perpeft.engine.clip.tiny import TINY_CLIP_DIR
 from perpeft.engine.config.run_config import RunConfig
@@ -253,7 +252,7 @@ def test_changed_clip_weights_rebuild(small_bundle, small_inputs, count_builds):
 def test_fingerprint_of_a_checkpoint_is_hashed_once_per_file_version(tmp_path, monkeypatch):
     checkpoint = tmp_path / "clip"
     shutil.copytree(TINY_CLIP_DIR, checkpoint)
-    model = CLIPModel.from_pretrained(checkpoint)
+    model = load_clip_model(checkpoint)
     hashes = []
     original = hidden_cache._hash_model
     monkeypatch.setattr(hidden_cache, "_hash_model", lambda m: hashes.append(1) or original(m))
@@ -283,7 +282,7 @@ def test_iisan_trains_end_to_end_without_running_clip(small_demo, tmp_path, monk
     def refuse(*args, **kwargs):
         raise AssertionError("CLIP ran during IISAN training")
 
-    monkeypatch.setattr(modeling_clip.CLIPEncoder, "forward", refuse)
+    monkeypatch.setattr(ClipEncoderLayer, "attended", refuse)
     run, metrics = train_new_run(config, tmp_path / "run", False, lambda line: None, progress=False)
     assert metrics["peft"] == "iisan" and metrics["perpeft"]["epochs"] == 2
     assert_learned(run.path)

@@ -8,9 +8,11 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
+from transformers import CLIPModel
 
 from perpeft.engine.clip.loading import load_clip
 from perpeft.engine.clip.preprocess import normalize_pixels
+from perpeft.engine.clip.tiny import TINY_CLIP_DIR
 from perpeft.engine.config.run_config import RunConfig
 from perpeft.engine.errors import InputError
 from perpeft.engine.model.groups import RowGroups
@@ -54,7 +56,7 @@ def items() -> tuple[torch.Tensor, ...]:
 @pytest.mark.parametrize("peft", ["lora", "ia3"])
 def test_exported_adapter_equals_engine_encoder(tmp_path, items, peft):
     path, model = finished_run(tmp_path, peft)
-    clip = load_clip("tiny").model
+    clip = CLIPModel.from_pretrained(TINY_CLIP_DIR).eval()  # what peft loads the exported adapters into
     input_ids, attention_mask, pixels = items
     pixel_values = normalize_pixels(pixels, model.encoder.image_mean, model.encoder.image_std)
     with torch.no_grad():
@@ -84,7 +86,9 @@ def test_exported_adapter_equals_engine_encoder(tmp_path, items, peft):
 def test_lora_config_is_the_runs(tmp_path):
     path, _ = finished_run(tmp_path, "lora")
     export_adapter(path, 1, tmp_path / "adapter")
-    config = PeftModel.from_pretrained(load_clip("tiny").model, tmp_path / "adapter").peft_config["default"]
+    config = PeftModel.from_pretrained(CLIPModel.from_pretrained(TINY_CLIP_DIR), tmp_path / "adapter").peft_config[
+        "default"
+    ]
     assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8.0, 0.1)
     assert set(config.target_modules) == {"q_proj", "v_proj"}
     assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["peft_type"] == "LORA"

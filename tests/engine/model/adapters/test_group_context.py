@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from perpeft.engine.clip.pooled import text_eos_token_id, title_rows
+from perpeft.engine.clip.pooled import title_rows
 from perpeft.engine.model import groups as groups_module
 from perpeft.engine.model.adapters import ia3 as ia3_module
 from perpeft.engine.model.adapters import lora as lora_module
@@ -164,9 +164,7 @@ def test_one_segmentation_per_forward_shared_by_every_adapted_layer(
     assert len(built) == 1
     assert len(seen) == OP_CALLS[peft]
     # Packed title rows (on the CPU) have none: the op segments them; every other call gets the one object.
-    packed_rows = int(
-        title_rows(inputs[0], inputs[1], text_eos_token_id(encoder.clip.config.text_config)).lengths.sum()
-    )
+    packed_rows = int(title_rows(inputs[0], inputs[1], encoder.clip.config.text_config.eos_token_id).lengths.sum())
     assert {rows for rows, segments in seen if segments is None} == {packed_rows}
     assert all(segments is built[0] for _, segments in seen if segments is not None)
     rows_per_item = {built[0].rows_per_id(rows) for rows, segments in seen if segments is not None}
