@@ -1,5 +1,5 @@
 """The soak benchmark (`benchmarks/serve_soak.py`) cannot rot: a few seconds of it against a real service,
-one catalog update published by a second process while it runs, every answer a 200 (no timing asserted)."""
+catalog updates published by a second process while it runs, every answer a 200 (no timing asserted)."""
 
 import json
 from pathlib import Path
@@ -12,7 +12,8 @@ def test_a_short_soak_with_a_catalog_update(embedded_run: Path, tmp_path: Path) 
     arguments = ["--run", str(embedded_run), "--minutes", "0.15", "--window", "3", "--update-every", "3"]
     serve_soak.main([*arguments, "--items-per-update", "2", "--rss-slack-mib", "1000", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert [update["exit_status"] for update in result["updates"]] == [0]
+    statuses = [update["exit_status"] for update in result["updates"]]
+    assert statuses and set(statuses) == {0}  # how many fit in the soak depends on the machine's speed
     windows = result["windows"]
     assert len(windows) == 3 and all(
         window["requests"] > 0 and window["requests"] == window["ok"] for window in windows
