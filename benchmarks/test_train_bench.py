@@ -156,12 +156,7 @@ def sdpa_attend(
     weights: bool = False,
 ) -> tuple[torch.Tensor, None]:
     """`engine.clip.model.attend` as torch's SDPA on every device (the engine's attention before its CPU path)."""
-    dropout = attention.dropout if attention.training else 0.0
-    causal = is_causal and mask is None and query.shape[2] > 1
-    output = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=attention.scale, is_causal=causal
-    )
-    return output.transpose(1, 2), None
+    return clip_model.sdpa(attention, query, key, value, mask, is_causal), None
 
 
 @contextlib.contextmanager

@@ -210,6 +210,23 @@ def _one_query(
     return output.transpose(1, 2), attended
 
 
+def sdpa(
+    attention: "ClipAttention",
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+) -> torch.Tensor:
+    """`attend`'s output through torch's SDPA (its path off the CPU): ``[B, L, H, D]``."""
+    dropout = attention.dropout if attention.training else 0.0
+    causal = is_causal and mask is None and query.shape[2] > 1
+    output = nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=attention.scale, is_causal=causal
+    )
+    return output.transpose(1, 2)
+
+
 def attend(
     attention: "ClipAttention",
     query: torch.Tensor,
@@ -222,13 +239,9 @@ def attend(
     """``[B, H, L, D]`` queries, keys and values → ``[B, L, H, D]`` output and the ``[B, H, L, K]`` weights
     (None from SDPA). A bool ``mask`` (True: may attend) broadcasts to the scores; ``is_causal`` applies
     causality when there is no mask (a mask already holds it)."""
-    dropout = attention.dropout if attention.training else 0.0
     if query.device.type != "cpu" and not weights:
-        causal = is_causal and mask is None and query.shape[2] > 1
-        output = nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout, scale=attention.scale, is_causal=causal
-        )
-        return output.transpose(1, 2), None
+        return sdpa(attention, query, key, value, mask, is_causal), None
+    dropout = attention.dropout if attention.training else 0.0
     batch, heads, length, width = query.shape
     if length == 1:
         return _one_query(attention, query, key, value, mask, dropout, attention.scale)
@@ -266,6 +279,11 @@ def eos_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return (input_ids == eos_token_id).int().argmax(dim=-1)
 
 
+def split_heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, L, H·D]`` rows as ``[B, H, L, D]`` heads (a view)."""
+    return rows.view(rows.shape[0], rows.shape[1], heads, -1).transpose(1, 2)
+
+
 class ClipAttention(nn.Module):
     """Multi-head self-attention with HF's projections ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj``."""
 
@@ -281,14 +299,11 @@ class ClipAttention(nn.Module):
         self.q_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
-    def heads(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[B, L, H·D]`` rows as ``[B, H, L, D]`` heads (a view)."""
-        return rows.view(rows.shape[0], rows.shape[1], self.num_heads, -1).transpose(1, 2)
-
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        queries, keys, values = (self.heads(p(hidden)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        queries, keys, values = (split_heads(p(hidden), self.num_heads) for p in projections)
         attended, probabilities = attend(self, queries, keys, values, mask, is_causal, weights)
         return self.out_proj(attended.reshape(hidden.shape)), probabilities
 

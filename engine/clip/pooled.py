@@ -33,6 +33,7 @@ from perpeft.engine.clip.model import (
     additive_mask,
     attend,
     eos_positions,
+    split_heads,
     text_attention_mask,
     value_weights,
 )
@@ -179,11 +180,6 @@ def _layers(encoder: ClipEncoder) -> tuple[list[ClipEncoderLayer], ClipEncoderLa
     return layers[:-1], layers[-1]
 
 
-def _padded_heads(rows: torch.Tensor, heads: int) -> torch.Tensor:
-    """Padded ``[B, L, H·D]`` rows as ``[B, H, L, D]`` heads (a view)."""
-    return rows.view(rows.shape[0], rows.shape[1], heads, -1).transpose(1, 2)
-
-
 def _projections(attention: ClipAttention) -> tuple[nn.Module, nn.Module, nn.Module]:
     return attention.q_proj, attention.k_proj, attention.v_proj
 
@@ -240,7 +236,7 @@ def _prefixed_layer(
     """A ``ClipEncoderLayer`` on ``[B, L, D]`` rows, started from their prefix rows ``[B, L, 5·D]``."""
     attention = layer.self_attn
     hidden, projected = _from_prefix(attention, prefix)
-    queries, keys, values = (_padded_heads(part, attention.num_heads) for part in projected)
+    queries, keys, values = (split_heads(part, attention.num_heads) for part in projected)
     attended = attend(attention, queries, keys, values, mask, is_causal)[0]
     hidden = hidden + attention.out_proj(attended.reshape(hidden.shape))
     return hidden + layer.mlp(layer.layer_norm2(hidden))
@@ -337,7 +333,7 @@ def _pooled_layer(
     ``[B, 1, 1, L]``) says which keys the position may see (None: all). Returns ``[B, D]``."""
     attention = layer.self_attn
     batch, width = residual.shape
-    queries = _padded_heads(attention.q_proj(normed.unsqueeze(1)), attention.num_heads)
+    queries = split_heads(attention.q_proj(normed.unsqueeze(1)), attention.num_heads)
     attended = attend(attention, queries, keys, values, key_mask, is_causal=False)[0]
     pooled = residual.unsqueeze(1) + attention.out_proj(attended.reshape(batch, 1, width))
     pooled = pooled + layer.mlp(layer.layer_norm2(pooled))
@@ -407,7 +403,7 @@ def pooled_text(
             hidden = layer(hidden, mask, is_causal=True)
         normed = last.layer_norm1(hidden)
         rows = torch.arange(batch, device=input_ids.device)
-        pooled = _last_layer(last, hidden[rows, positions], normed[rows, positions], normed, _padded_heads, key_mask)
+        pooled = _last_layer(last, hidden[rows, positions], normed[rows, positions], normed, split_heads, key_mask)
     else:
         if prefix is None:
             packed = packing.pack(text_model.embeddings(input_ids))
@@ -438,7 +434,7 @@ def pooled_image(
     for layer in layers:
         hidden = layer(hidden, None)
     normed = last.layer_norm1(hidden)
-    return vision_model.post_layernorm(_last_layer(last, hidden[:, 0], normed[:, 0], normed, _padded_heads, None))
+    return vision_model.post_layernorm(_last_layer(last, hidden[:, 0], normed[:, 0], normed, split_heads, None))
 
 
 def _image_rows(vision_model: ClipVisionTower, pixel_values: torch.Tensor) -> torch.Tensor:
