@@ -64,7 +64,7 @@ def test_distributions_cover_the_title_tokens_and_sum_to_one(probe):
 @pytest.mark.parametrize("group", [0, 1])
 def test_weights_equal_a_hand_computed_softmax_with_only_that_groups_adapter(probe, demo_run, tmp_path, group):
     """Group g's adapter merged into plain CLIP by HF peft, the last layer's q/k applied and softmax(QKᵀ/√d)
-    taken by hand: the probe (grouped adapters, HF eager attention) must give the same distribution."""
+    taken by hand: the probe (grouped adapters, the engine's attention) must give the same distribution."""
     export_adapter(demo_run, group, tmp_path / "adapter")
     clip = PeftModel.from_pretrained(load_clip("tiny").model, tmp_path / "adapter").merge_and_unload().eval()
     item = int(np.argmax([len(title.split()) for title in probe.dataset.titles]))
